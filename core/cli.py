@@ -1,0 +1,151 @@
+"""The ``mixgrpo`` command line: plugins, train, compare, eval, pretrain."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mixgrpo.core.plugins import KINDS, UnknownComponentError, get_plugin_manager
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    pm = get_plugin_manager()
+    if args.json:
+        data = {
+            "components": {kind: {name: {"class": e.gin_name, "plugin": e.plugin, "origin": e.origin}
+                                  for name, e in sorted(entries.items())} for kind, entries in pm.registry.items()},
+            "failures": [{"plugin": f.plugin, "origin": f.origin, "error": f.error} for f in pm.failures],
+        }
+        print(json.dumps(data, indent=2))
+        return 0
+    for kind in KINDS:
+        entries = pm.registry[kind]
+        print(f"{kind}s:")
+        if not entries:
+            print("  (none)")
+        width = max((len(n) for n in entries), default=0)
+        for name, e in sorted(entries.items()):
+            print(f"  {name:<{width}}  {e.gin_name:<22} plugin={e.plugin} ({e.origin})")
+    if pm.failures:
+        print("\nplugins that failed to load:")
+        for f in pm.failures:
+            print(f"  {f.plugin} ({f.origin}): {f.error}")
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    from mixgrpo.core.config import load_config
+
+    bindings = list(args.gin or [])
+    if getattr(args, "output", None):
+        bindings.append(f"TrainConfig.output_dir = {args.output!r}")
+    return load_config(args.config, bindings)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mixgrpo.core.trainer import Trainer
+
+    config, pm = _load(args)
+    trainer = Trainer(config, pm)
+    history = trainer.train(resume=args.resume)
+    if trainer.accelerator.is_main_process:
+        last = history[-1] if history else {}
+        summary = {k: v for k, v in last.items() if k.startswith(("reward/", "eval/")) and k.endswith("mean")}
+        print(f"run directory: {trainer.out}  ({len(history)} iterations)")
+        for k, v in summary.items():
+            print(f"  {k} = {v:.4f}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mixgrpo.core import checkpoint as ckpt
+    from mixgrpo.core.trainer import Trainer
+
+    config, pm = _load(args)
+    trainer = Trainer(config, pm)
+    if args.checkpoint:
+        path = Path(args.checkpoint)
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {path} not found")
+        trainer.accelerator.load_state(str(path))
+    elif (found := ckpt.latest(trainer.out / "checkpoints")) is not None:
+        trainer.accelerator.load_state(str(found))
+        print(f"evaluating {found}")
+    else:
+        print("no checkpoint given or found: evaluating the base model")
+    results = trainer.evaluate()
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mixgrpo.core.compare import run_compare
+
+    run_compare(args.config, list(args.gin or []), output=args.output, variants=args.variant)
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from mixgrpo.core.pretrain import run_pretrain
+
+    run_pretrain(args.config, list(args.gin or []))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixgrpo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plugins", help="list every registered component by kind, and load failures")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plugins)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="experiment .gin file")
+        p.add_argument("--gin", action="append", metavar="BINDING",
+                       help="extra gin binding, e.g. --gin \"TrainConfig.iterations = 10\" (repeatable)")
+
+    p = sub.add_parser("train", help="train one experiment")
+    with_config(p)
+    p.add_argument("--output", help="run directory (overrides TrainConfig.output_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="train several variants on the same prompts, seeds and budget; write report.md")
+    with_config(p)
+    p.add_argument("--output", help="comparison directory")
+    p.add_argument("--variant", action="append", metavar="NAME=FILE.gin|BINDING[;BINDING]",
+                   help="a variant (repeatable); overrides the variants the config lists")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("eval", help="score a checkpoint on held-out prompts with every configured reward")
+    with_config(p)
+    p.add_argument("--output", help="run directory holding checkpoints/")
+    p.add_argument("--checkpoint", help="a checkpoint folder (default: the run directory's latest)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("pretrain", help="pretrain the shapes-world base model by flow matching")
+    with_config(p)
+    p.set_defaults(func=cmd_pretrain)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UnknownComponentError, ValueError, FileNotFoundError, NotImplementedError) as exc:
+        print(f"mixgrpo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"mixgrpo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

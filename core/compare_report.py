@@ -1,0 +1,153 @@
+"""The comparison report: a results table, reward curves (PNG) and a sample grid per variant."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from statistics import mean
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from mixgrpo.core.report import read_metrics  # noqa: E402
+
+
+def _combine(means: list[float], sems: list[float]) -> tuple[float, float]:
+    """Mean of k run means and its standard error, treating runs as independent."""
+    k = len(means)
+    if not k:
+        return float("nan"), float("nan")
+    return sum(means) / k, math.sqrt(sum(s * s for s in sems)) / k
+
+
+def _curve(rows: list[dict], key: str) -> list[tuple[int, float, float, float, float]]:
+    """(iteration, mean, sem, wall-clock s, cumulative NFE per sample) at every evaluation."""
+    out, wall, nfe = [], 0.0, 0.0
+    for row in rows:
+        wall += row.get("perf/iteration_s") or 0.0
+        nfe += (row.get("perf/nfe_rollout") or 0.0) + (row.get("perf/nfe_train") or 0.0)
+        if row.get(f"eval/{key}/mean") is not None:
+            out.append((row["iteration"], row[f"eval/{key}/mean"], row.get(f"eval/{key}/sem") or 0.0, wall, nfe))
+    return out
+
+
+def _pick_metric(rows: list[dict]) -> str:
+    for row in rows:
+        for k in row:
+            if k.startswith("eval/") and k.endswith("/mean"):
+                return k[len("eval/"): -len("/mean")]
+    raise ValueError("no evaluation rows in metrics.jsonl: set TrainConfig.eval_every > 0 for comparisons")
+
+
+def summarize(runs: dict[str, list[Path]], metric: str | None = None) -> tuple[str, dict[str, dict]]:
+    """Per variant: base/final held-out reward (± SE over prompts and seeds), timings and NFE."""
+    table: dict[str, dict] = {}
+    for label, dirs in runs.items():
+        per_seed = [read_metrics(d / "metrics.jsonl") for d in dirs if (d / "metrics.jsonl").is_file()]
+        if not per_seed:
+            continue
+        metric = metric or _pick_metric(per_seed[0])
+        curves = [_curve(rows, metric) for rows in per_seed]
+        iters = [r for rows in per_seed for r in rows if "perf/iteration_s" in r]
+        base = _combine([c[0][1] for c in curves], [c[0][2] for c in curves])
+        final = _combine([c[-1][1] for c in curves], [c[-1][2] for c in curves])
+        table[label] = {
+            "curves": curves,
+            "base": base,
+            "final": final,
+            "gain": (final[0] - base[0], math.hypot(final[1], base[1])),
+            "iteration_s": mean(r["perf/iteration_s"] for r in iters),
+            "rollout_s": mean(r["perf/rollout_s"] for r in iters),
+            "train_s": mean(r["perf/train_s"] for r in iters),
+            "nfe_rollout": mean(r["perf/nfe_rollout"] for r in iters),
+            "nfe_train": mean(r["perf/nfe_train"] for r in iters),
+            "wall_s": mean(sum(r.get("perf/iteration_s", 0.0) for r in rows) for rows in per_seed),
+            "seeds": len(per_seed),
+            "iterations": max(r["iteration"] for r in iters),
+        }
+    return metric or "", table
+
+
+def predicted_ratios(table: dict[str, dict], reference: str) -> dict[str, tuple[float, float]]:
+    """(predicted, measured) iteration-time ratio of each variant to ``reference``.
+
+    The prediction is NFE accounting: the reference's measured seconds per rollout call and per
+    training call (forward + backward) priced at every variant's NFE counts. Reward time is the
+    same for every variant and is added as measured on the reference.
+    """
+    ref = table[reference]
+    per_rollout = ref["rollout_s"] / max(ref["nfe_rollout"], 1e-9)
+    per_train = ref["train_s"] / max(ref["nfe_train"], 1e-9)
+    other = ref["iteration_s"] - ref["rollout_s"] - ref["train_s"]
+    out = {}
+    for label, row in table.items():
+        predicted = row["nfe_rollout"] * per_rollout + row["nfe_train"] * per_train + other
+        out[label] = (predicted / ref["iteration_s"], row["iteration_s"] / ref["iteration_s"])
+    return out
+
+
+def _plot(table: dict[str, dict], metric: str, path: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for label, row in table.items():
+        curves = row["curves"]
+        n = min(len(c) for c in curves)
+        xs_iter = [curves[0][k][0] for k in range(n)]
+        xs_wall = [mean(c[k][3] for c in curves) for k in range(n)]
+        xs_nfe = [mean(c[k][4] for c in curves) for k in range(n)]
+        ys, es = zip(*[_combine([c[k][1] for c in curves], [c[k][2] for c in curves]) for k in range(n)])
+        for ax, xs in zip(axes, (xs_iter, xs_wall, xs_nfe)):
+            ax.plot(xs, ys, marker="o", ms=3, label=label)
+            ax.fill_between(xs, [y - e for y, e in zip(ys, es)], [y + e for y, e in zip(ys, es)], alpha=0.15)
+    for ax, xlabel in zip(axes, ("iteration", "training wall-clock (s)", "model calls per sample (cumulative)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"held-out {metric}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"held-out {metric} (mean ± SE over evaluation prompts and seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, runs: dict[str, list[Path]], metric: str | None = None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    metric, table = summarize(runs, metric)
+    if not table:
+        raise ValueError(f"no finished runs under {out}")
+    _plot(table, metric, out / "reward_curves.png")
+    reference = next((k for k in table if "dance" in k.lower()), next(iter(table)))
+    ratios = predicted_ratios(table, reference)
+    lines = [
+        "# Comparison report", "",
+        f"Held-out reward: `{metric}` on evaluation prompts never trained on, deterministic ODE sampling at "
+        f"fixed seeds; ± is the standard error over evaluation prompts and {next(iter(table.values()))['seeds']} "
+        "training seeds. Timings are means over all iterations of all seeds on this machine.", "",
+        "| variant | base | final | gain | s / iteration | rollout s | train s | NFE rollout | NFE train "
+        "| wall-clock s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, r in table.items():
+        lines.append(
+            f"| {label} | {r['base'][0]:.4f} ± {r['base'][1]:.4f} | {r['final'][0]:.4f} ± {r['final'][1]:.4f} | "
+            f"{r['gain'][0]:+.4f} ± {r['gain'][1]:.4f} | {r['iteration_s']:.2f} | {r['rollout_s']:.2f} | "
+            f"{r['train_s']:.2f} | {r['nfe_rollout']:.1f} | {r['nfe_train']:.1f} | {r['wall_s']:.0f} |"
+        )
+    lines += ["", f"## Iteration time against NFE accounting (relative to {reference})", "",
+              "Predicted: the reference's measured cost of one rollout call and one training call, priced at each "
+              "variant's NFE. Measured: the ratio of mean iteration times.", "",
+              "| variant | predicted ratio | measured ratio |", "|---|---|---|"]
+    lines += [f"| {label} | {p:.2f} | {m:.2f} |" for label, (p, m) in ratios.items()]
+    lines += ["", "## Reward curves", "", "![held-out reward](reward_curves.png)", "", "## Samples (final)", ""]
+    for label, dirs in runs.items():
+        grids = sorted((dirs[0] / "samples").glob("iter_*.png")) if dirs else []
+        if grids:
+            name = f"samples_{label.replace(' ', '_').replace('/', '_')}.png"
+            shutil.copyfile(grids[-1], out / name)
+            first = f"samples_{label.replace(' ', '_').replace('/', '_')}_base.png"
+            shutil.copyfile(grids[0], out / first)
+            lines += [f"**{label}**: before / after", "", f"![{label} base]({first}) ![{label}]({name})", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report

@@ -1,0 +1,209 @@
+"""Experiment configuration: the gin-configurable ``TrainConfig`` and loading gin files.
+
+Plugins load before gin parses, so every registered class is configurable by its class name
+(``FlowSDE.noise_level = 0.9``) and components are selected by their registered names
+(``TrainConfig.sde_sampler = 'sde.flow'``). Unknown names and misspelled bindings fail with the
+list of valid choices.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import gin
+from mixgrpo.core.plugins import PluginManager, UnknownComponentError, get_plugin_manager, unknown_message
+
+
+@gin.configurable
+@attrs.define
+class TrainConfig:
+    """Everything a run needs besides the components' own settings (bound on their classes).
+
+    Components (registered names; see ``mixgrpo plugins``):
+        backbone, sde_sampler, pre_solver (ODE before the window), post_solver (ODE after it, e.g.
+        ``dpmsolver++`` for Flash), schedule, objective, prompt_set; rewards: {name: weight} trained
+        on; eval_rewards: names scored on held-out prompts but never trained on.
+    Sampling:
+        num_steps (T), shift (s), grid (``static``|``dynamic``|``diffusers``), compression (Flash
+        ratio r for the post-window grid, or None), shared_noise (same x_T within a group).
+    Batch:
+        prompts_per_iteration (groups per iteration, all processes together), group_size (G),
+        rollout_batch_size (samples per model call in rollouts), micro_batch_size (samples per
+        backward pass), num_minibatches (optimizer steps per iteration).
+    Optimisation:
+        learning_rate, weight_decay, adam_betas, max_grad_norm, iterations.
+    Bookkeeping:
+        seed, output_dir, eval_every / eval_prompts / eval_seeds (held-out evaluation with the ODE),
+        sample_every / sample_prompts (image grids at fixed prompts and seeds), checkpoint_every,
+        ratio_tolerance (warn when the on-policy ratio deviates from 1 by more), progress (bars).
+    """
+
+    backbone: str = "toy"
+    sde_sampler: str = "sde.flow"
+    pre_solver: str = "euler"
+    post_solver: str = "euler"
+    schedule: str = "progressive"
+    objective: str = "mixgrpo"
+    prompt_set: str = "shapes"
+    rewards: dict[str, float] = attrs.field(factory=lambda: {"shapes.composition": 1.0})
+    eval_rewards: tuple[str, ...] = ()
+
+    num_steps: int = 25
+    shift: float = 3.0
+    grid: str = "static"
+    compression: float | None = None
+    shared_noise: bool = True
+
+    prompts_per_iteration: int = 4
+    group_size: int = 12
+    rollout_batch_size: int = 16
+    micro_batch_size: int = 4
+    num_minibatches: int = 1
+
+    learning_rate: float = 1e-5
+    weight_decay: float = 1e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    iterations: int = 300
+
+    seed: int = 0
+    output_dir: str = "runs/default"
+    eval_every: int = 0
+    eval_prompts: int = 16
+    eval_seeds: int = 2
+    sample_every: int = 0
+    sample_prompts: int = 8
+    checkpoint_every: int = 0
+    ratio_tolerance: float = 1e-3
+    progress: bool = True
+
+    def components(self) -> list[tuple[str, str]]:
+        """``(kind, name)`` of every component this config selects."""
+        pairs = [
+            ("backbone", self.backbone),
+            ("sampler", self.sde_sampler),
+            ("sampler", self.pre_solver),
+            ("sampler", self.post_solver),
+            ("schedule", self.schedule),
+            ("objective", self.objective),
+            ("prompt_set", self.prompt_set),
+        ]
+        pairs += [("reward", name) for name in self.rewards]
+        pairs += [("reward", name) for name in self.eval_rewards]
+        return pairs
+
+    def validate(self, pm: PluginManager) -> None:
+        for kind, name in self.components():
+            pm.get(kind, name)  # raises UnknownComponentError listing the known names
+        positive = ("num_steps", "group_size", "prompts_per_iteration", "rollout_batch_size",
+                    "micro_batch_size", "num_minibatches", "iterations")
+        for field in positive:
+            if getattr(self, field) < 1:
+                raise ValueError(f"TrainConfig.{field} must be >= 1, got {getattr(self, field)}")
+        if not self.rewards:
+            raise ValueError("TrainConfig.rewards is empty: name at least one reward to train on")
+        if self.num_minibatches > self.prompts_per_iteration * self.group_size:
+            raise ValueError("TrainConfig.num_minibatches exceeds the number of samples per iteration")
+
+
+class ConfigError(ValueError):
+    """A gin file or binding that cannot be applied; the message says what is valid."""
+
+
+def _search_paths(config: Path) -> list[Path]:
+    """The config's folder and the nearest ``experiments/`` folder above it (for ``include``)."""
+    paths = [config.parent]
+    for parent in config.resolve().parents:
+        if parent.name == "experiments":
+            paths.append(parent)
+            break
+    return paths
+
+
+def _configurable_names(pm: PluginManager) -> dict[str, Any]:
+    names: dict[str, Any] = {"TrainConfig": TrainConfig}
+    for kind in pm.registry:
+        for entry in pm.registry[kind].values():
+            names[entry.gin_name] = entry.factory
+    names.update(_extra_configurables())
+    return names
+
+
+def _extra_configurables() -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    try:  # pretraining config is optional (issue: the embedded world)
+        from mixgrpo.core import pretrain
+
+        extra["PretrainConfig"] = pretrain.PretrainConfig
+    except ImportError:
+        pass
+    return extra
+
+
+def explain_gin_error(exc: Exception, pm: PluginManager) -> str:
+    """Turn gin's error into one that lists the valid choices."""
+    msg = str(exc)
+    names = _configurable_names(pm)
+    missing = re.search(r"No configurable matching '([^']+)'", msg)
+    if missing:
+        wanted = missing.group(1).split(".")[-1]
+        close = difflib.get_close_matches(wanted, list(names), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        return f"{msg}\nConfigurable classes: {', '.join(sorted(names))}.{hint}"
+    param = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", msg)
+    if param:
+        cls = names.get(param.group(1).split(".")[-1])
+        if cls is not None:
+            valid = _parameters(cls)
+            close = difflib.get_close_matches(param.group(2), valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            return f"{msg}\nValid parameters of {param.group(1)}: {', '.join(valid)}.{hint}"
+    return msg
+
+
+def _parameters(factory: Any) -> list[str]:
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    target = inspect.unwrap(target)
+    return [p for p in inspect.signature(target).parameters if p not in ("self", "args", "kwargs")]
+
+
+def parse_gin(config_files: Sequence[str | Path], bindings: Sequence[str] = (), pm: PluginManager | None = None,
+              ) -> PluginManager:
+    """Load plugins, then parse gin files and bindings (cleared first). Returns the plugin manager."""
+    pm = pm or get_plugin_manager()
+    gin.clear_config()
+    for file in config_files:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(file)!r} not found (run from the repository root, "
+                              f"or pass a path to a .gin file)")
+        for search in _search_paths(path):
+            gin.add_config_file_search_path(str(search))
+    try:
+        gin.parse_config_files_and_bindings([str(f) for f in config_files], list(bindings))
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        if isinstance(exc, UnknownComponentError):
+            raise
+        raise ConfigError(explain_gin_error(exc, pm)) from None
+    return pm
+
+
+def load_config(config_file: str | Path, bindings: Sequence[str] = (), pm: PluginManager | None = None,
+                ) -> tuple[TrainConfig, PluginManager]:
+    """Parse a gin experiment and return its validated ``TrainConfig``."""
+    pm = parse_gin([config_file], bindings, pm)
+    try:
+        config = TrainConfig()
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(explain_gin_error(exc, pm)) from None
+    config.validate(pm)
+    return config, pm
+
+
+__all__ = ["ConfigError", "TrainConfig", "UnknownComponentError", "load_config", "parse_gin", "unknown_message"]

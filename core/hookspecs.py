@@ -1,0 +1,68 @@
+"""Hook specifications of the ``mixgrpo`` plugin system (pluggy). No logic lives here.
+
+A plugin is a module (or object) named by an entry point in the group ``mixgrpo``. It implements
+any of these hooks with ``@mixgrpo.hookimpl``. Each ``register_*`` hook receives a ``register``
+callable: ``register(name, factory)`` where ``name`` is the stable string used in gin files and on
+the command line, and ``factory`` is the class (or callable) that builds the component.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+PROJECT = "mixgrpo"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Register = Callable[[str, Callable[..., Any]], None]
+
+
+@hookspec
+def register_backbones(register: Register) -> None:
+    """Register ``Backbone`` factories: ``register("flux", FluxBackbone)``."""
+
+
+@hookspec
+def register_samplers(register: Register) -> None:
+    """Register ``Sampler`` factories (ODE solvers and SDE samplers): ``register("euler", Euler)``."""
+
+
+@hookspec
+def register_schedules(register: Register) -> None:
+    """Register ``WindowSchedule`` factories: ``register("progressive", ProgressiveWindow)``."""
+
+
+@hookspec
+def register_rewards(register: Register) -> None:
+    """Register ``Reward`` factories: ``register("hpsv2", HPSv2Reward)``."""
+
+
+@hookspec
+def register_objectives(register: Register) -> None:
+    """Register ``PolicyObjective`` factories: ``register("mixgrpo", MixGRPO)``."""
+
+
+@hookspec
+def register_prompt_sets(register: Register) -> None:
+    """Register prompt-set factories: ``register("shapes", ShapesPrompts)``.
+
+    A prompt set is called as ``prompts(split, count, seed) -> list[str]`` with split ``"train"`` or
+    ``"eval"``.
+    """
+
+
+@hookspec
+def on_iteration_end(trainer: Any, iteration: int, metrics: dict[str, float]) -> None:
+    """Called on every process after iteration ``iteration`` with its logged metrics."""
+
+
+@hookspec
+def on_checkpoint(trainer: Any, path: Path) -> None:
+    """Called on the main process after a checkpoint was written (atomically) to ``path``."""

@@ -1,0 +1,203 @@
+"""The five interfaces of mixgrpo. Plugins implement them; the core composes them.
+
+Conventions (ALGORITHMS.md §1): rectified flow ``x_σ = (1−σ)·x0 + σ·ε``; σ = 1 is noise, σ = 0 is
+data; the backbone predicts the velocity ``v ≈ ε − x0``; step arithmetic is fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import ClassVar
+
+import torch
+from mixgrpo.core.types import Conditioning, SolverHistory, StepPlan, StepResult
+from torch import nn
+
+
+class Backbone(ABC):
+    """A flow-matching text-to-image model: text → conditioning, (x, σ, cond) → velocity, x → images."""
+
+    @abstractmethod
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        """Encode ``B`` prompts into a ``Conditioning`` with batch dimension ``B`` (no grad)."""
+
+    @abstractmethod
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Predict the velocity ``v ≈ ε − x0``.
+
+        Args:
+            x: latents ``[B, *latent_shape]``, fp32 (cast to the model dtype inside).
+            sigma: noise levels ``[B]`` in [0, 1], fp32 (exact σ; any quantization is internal).
+            cond: conditioning with batch ``B``.
+        Returns:
+            ``[B, *latent_shape]`` fp32. Differentiable w.r.t. ``trainable_parameters()``.
+        """
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``[B, *latent_shape]`` → images ``[B, 3, H, W]`` float in [0, 1] (no grad)."""
+
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, ...]:
+        """The per-sample latent shape (without the batch dimension)."""
+
+    @abstractmethod
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the policy optimizer updates (all, or only LoRA adapters)."""
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Inside this context ``velocity`` uses the frozen base model (for the KL term)."""
+        raise NotImplementedError(f"{type(self).__name__} does not provide a frozen reference for KL")
+        yield  # pragma: no cover
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+class TorchBackbone(Backbone):
+    """A ``Backbone`` whose trainable network is ``self.module`` (an ``nn.Module``).
+
+    The trainer may replace ``module`` by a wrapped version (DDP/FSDP through accelerate); subclasses
+    therefore always call ``self.module`` and never keep another reference to it. The frozen
+    reference is the adapter-disabled network under peft, else a frozen copy made on first use.
+    """
+
+    module: nn.Module
+    _reference_module: nn.Module | None = None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def unwrapped(self) -> nn.Module:
+        module = self.module
+        while hasattr(module, "module") and isinstance(module.module, nn.Module):
+            module = module.module
+        return module
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        base = self.unwrapped()
+        if hasattr(base, "disable_adapter"):  # peft: the base is the model with adapters off
+            with base.disable_adapter():
+                yield
+            return
+        if self._reference_module is None:
+            self._reference_module = copy.deepcopy(base).requires_grad_(False).eval()
+        live = self.module
+        self.module = self._reference_module
+        try:
+            yield
+        finally:
+            self.module = live
+
+
+class Sampler(ABC):
+    """One step of an ODE solver or an SDE sampler on the σ grid.
+
+    Class attribute ``stochastic`` is True for SDE samplers (which return log-probs) and False for
+    ODE solvers (which never do: a log-prob is undefined at g = 0).
+    """
+
+    stochastic: ClassVar[bool] = False
+
+    @abstractmethod
+    def step(
+        self,
+        x: torch.Tensor,
+        v: torch.Tensor,
+        sigmas: torch.Tensor,
+        index: int,
+        *,
+        history: SolverHistory | None = None,
+        prev_sample: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> StepResult:
+        """Advance ``x`` from ``sigmas[index]`` to ``sigmas[index + 1]``.
+
+        Args:
+            x: current latents ``[B, ...]`` (cast to fp32 inside).
+            v: velocity at ``(x, sigmas[index])`` ``[B, ...]``.
+            sigmas: the 1-D grid (fp32) the rollout walks, from 1 to 0.
+            index: the step i.
+            history: data estimates of earlier steps (multistep ODE solvers read it; the rollout
+                appends to it after each step).
+            prev_sample: SDE only: evaluate the log-prob of this given ``x_{i+1}`` instead of drawing.
+            noise: SDE only: the standard normal ``ξ`` to use when drawing (same shape as ``x``).
+        Returns:
+            ``StepResult`` with fp32 tensors; ``log_prob`` ``[B]`` for SDE steps, ``None`` otherwise.
+        """
+
+
+class WindowSchedule(ABC):
+    """Which steps are SDE and which are trained at iteration k: a pure function of (k, seed)."""
+
+    seed: int = 0
+
+    @abstractmethod
+    def plan(self, iteration: int, num_steps: int, num_samples: int = 1) -> StepPlan:
+        """The ``StepPlan`` of iteration ``iteration`` (0-based) on a grid of ``num_steps`` steps.
+
+        ``num_samples`` matters only to schedules that train a per-sample random subset; the
+        subset of global sample n is the same on every process.
+        """
+
+
+class Reward(ABC):
+    """Images and prompts → one score per image.
+
+    A sample the reward could not score is returned as NaN: it is then left out of the group
+    statistics and gets advantage 0. A reward never turns a failure into a plausible score.
+    """
+
+    name: str = "reward"
+    higher_is_better: bool = True
+
+    @abstractmethod
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Score images ``[B, 3, H, W]`` (float in [0, 1]) against ``B`` prompts → ``[B]`` float32."""
+
+
+class PolicyObjective(ABC):
+    """Rewards → advantages; per-transition log-probs → the clipped policy loss."""
+
+    clip_range: float = 1e-4
+    kl_beta: float = 0.0
+
+    @abstractmethod
+    def advantages(self, rewards: dict[str, torch.Tensor], group_ids: torch.Tensor) -> torch.Tensor:
+        """One advantage per sample ``[N]`` from named rewards ``{name: [N]}`` and group ids ``[N]``."""
+
+    @abstractmethod
+    def loss(
+        self,
+        log_prob_new: torch.Tensor,
+        log_prob_old: torch.Tensor,
+        advantages: torch.Tensor,
+        kl: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-transition losses ``[M]`` and per-transition statistics for ``M`` (sample, step) pairs.
+
+        Args:
+            log_prob_new: ``[M]`` recomputed log-probs (with grad).
+            log_prob_old: ``[M]`` rollout log-probs (no grad).
+            advantages: ``[M]`` the sample's advantage, repeated for each of its trained steps.
+            kl: ``[M]`` KL to the frozen reference, or ``None`` when ``kl_beta == 0``.
+        Returns:
+            ``(terms, stats)``: ``terms`` ``[M]`` with grad; the trainer sums them and divides by
+            the number of (sample, trained step) pairs of the optimizer step, so the update averages
+            over samples × trained steps. ``stats`` maps ``ratio``, ``clipped`` (0/1),
+            ``approx_kl``, ``policy`` and ``kl`` to detached ``[M]`` tensors the trainer averages.
+        """
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.kl_beta > 0

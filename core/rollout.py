@@ -1,0 +1,207 @@
+"""The rollout engine: walks the σ grid, SDE inside the plan's steps, ODE elsewhere.
+
+For every step it asks the backbone for v once; steps in ``plan.sde_steps`` go to the SDE sampler
+(log-prob recorded), the others to the ODE solver for before or after the window. With a
+compression ratio (MixGRPO-Flash) the grid after the window is compressed; indices up to the end of
+the window are those of the uncompressed grid, so training recomputes on identical σ values.
+
+Noise is keyed, never drawn from a global stream: the initial noise by (seed, iteration, group) when
+shared within a group (DanceGRPO/MixGRPO) or by (seed, iteration, sample) otherwise, and the SDE
+noise by (seed, iteration, sample, step). A sample therefore gets the same noise whatever the batch
+size, the number of processes, or the order in which it is drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import attrs
+import torch
+from mixgrpo.core.interfaces import Backbone, Sampler
+from mixgrpo.core.sigmas import compressed_grid, sigma_grid
+from mixgrpo.core.types import Conditioning, SolverHistory, StepPlan, Trajectories
+
+
+def keyed_generator(*key: int | str) -> torch.Generator:
+    """A CPU generator seeded from a stable hash of ``key`` (independent of Python's hash seed)."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+def keyed_normal(shape: Sequence[int], *key: int | str) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (fp32, CPU) determined by ``key`` alone."""
+    return torch.randn(tuple(shape), generator=keyed_generator(*key), dtype=torch.float32)
+
+
+@attrs.define
+class SamplingSetup:
+    """How a rollout walks the grid.
+
+    Attributes:
+        num_steps: T of the uncompressed grid.
+        shift: static shift s (3 for FLUX and SD3.5 training).
+        grid: σ grid kind (``static`` | ``dynamic`` | ``diffusers``, see ``sigma_grid``).
+        mu: dynamic-shift parameter for ``grid="dynamic"``.
+        compression: Flash ratio r for the post-window ODE steps, or ``None`` (no compression).
+        shared_noise: give all samples of a group the same initial noise.
+    """
+
+    num_steps: int = 25
+    shift: float = 3.0
+    grid: str = "static"
+    mu: float | None = None
+    compression: float | None = None
+    shared_noise: bool = True
+
+    def sigmas(self, plan: StepPlan | None = None) -> torch.Tensor:
+        if self.compression is not None and plan is not None and plan.window is not None:
+            if self.grid != "static":
+                raise ValueError("Flash compression is defined on the static grid; set grid='static'")
+            return compressed_grid(self.num_steps, self.shift, plan.window, self.compression)
+        return sigma_grid(self.num_steps, self.shift, kind=self.grid, mu=self.mu)
+
+
+def initial_noise(shape: Sequence[int], group_ids: torch.Tensor, sample_ids: torch.Tensor,
+                  seed: int, iteration: int, shared: bool) -> torch.Tensor:
+    """``x_T`` ``[N, *shape]``: keyed by group when ``shared`` (same for a group), else by sample."""
+    keys = group_ids if shared else sample_ids
+    tag = "group" if shared else "sample"
+    return torch.stack([keyed_normal(shape, seed, iteration, tag, int(k)) for k in keys])
+
+
+def step_noise(shape: Sequence[int], sample_ids: torch.Tensor, seed: int, iteration: int, step: int) -> torch.Tensor:
+    """SDE noise ``ξ`` ``[N, *shape]`` for step ``step``, keyed by (seed, iteration, sample, step)."""
+    return torch.stack([keyed_normal(shape, seed, iteration, "sde", int(n), step) for n in sample_ids])
+
+
+def encode_unique(backbone: Backbone, prompts: Sequence[str]) -> Conditioning:
+    """Encode each distinct prompt once and expand to ``len(prompts)`` rows (cached embeddings)."""
+    unique = list(dict.fromkeys(prompts))
+    cond = backbone.encode(unique)
+    where = {p: k for k, p in enumerate(unique)}
+    return cond.select([where[p] for p in prompts])
+
+
+def batched_velocity(backbone: Backbone, x: torch.Tensor, sigma: float, cond: Conditioning,
+                     batch_size: int) -> torch.Tensor:
+    """``backbone.velocity`` over ``x`` in chunks of ``batch_size`` (no grad), fp32 ``[N, ...]``."""
+    out = []
+    for start in range(0, x.shape[0], batch_size):
+        rows = torch.arange(start, min(start + batch_size, x.shape[0]))
+        xb = x[rows]
+        sig = torch.full((xb.shape[0],), sigma, dtype=torch.float32, device=xb.device)
+        out.append(backbone.velocity(xb, sig, cond.select(rows)).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def rollout(
+    backbone: Backbone,
+    prompts: Sequence[str],
+    group_ids: torch.Tensor,
+    sample_ids: torch.Tensor,
+    plan: StepPlan,
+    *,
+    setup: SamplingSetup,
+    sde_sampler: Sampler,
+    pre_solver: Sampler,
+    post_solver: Sampler,
+    seed: int,
+    iteration: int,
+    batch_size: int = 16,
+    cond: Conditioning | None = None,
+    decode: bool = True,
+) -> Trajectories:
+    """Sample ``len(prompts)`` trajectories under ``plan``.
+
+    Args:
+        backbone: the policy.
+        prompts: N prompts (each group's prompt repeated G times).
+        group_ids: ``[N]`` global group ids; sample_ids: ``[N]`` global sample ids (noise keys).
+        plan: which steps are SDE (``plan.sde_steps``); ``plan.num_steps`` must equal setup.num_steps.
+        setup: grid and noise options.
+        sde_sampler: stochastic sampler used on ``plan.sde_steps``.
+        pre_solver / post_solver: ODE solvers before / after the window (``post_solver`` is also
+            used for non-SDE steps of window-less plans).
+        seed, iteration: noise keys.
+        batch_size: samples per model call.
+        cond: precomputed conditioning of the N prompts (else encoded here, once per distinct prompt).
+        decode: decode the final latents to images.
+    Returns:
+        ``Trajectories`` with fp32 transitions of every SDE step.
+    """
+    if plan.num_steps != setup.num_steps:
+        raise ValueError(f"plan has {plan.num_steps} steps but the sampling setup has {setup.num_steps}")
+    if not sde_sampler.stochastic:
+        raise ValueError(f"{type(sde_sampler).__name__} is an ODE solver; the SDE sampler must be stochastic")
+    device = backbone.device
+    n = len(prompts)
+    group_ids = torch.as_tensor(group_ids, dtype=torch.long)
+    sample_ids = torch.as_tensor(sample_ids, dtype=torch.long)
+    if group_ids.shape != (n,) or sample_ids.shape != (n,):
+        raise ValueError(f"group_ids and sample_ids must have shape [{n}]")
+    cond = encode_unique(backbone, prompts) if cond is None else cond
+    sigmas = setup.sigmas(plan)
+    sde = set(plan.sde_steps)
+    window_start = plan.window[0] if plan.window is not None else None
+    shape = backbone.latent_shape()
+
+    x = initial_noise(shape, group_ids, sample_ids, seed, iteration, setup.shared_noise).to(device)
+    history = SolverHistory()
+    xs, x_nexts, log_probs = [], [], []
+    for i in range(sigmas.numel() - 1):
+        v = batched_velocity(backbone, x, float(sigmas[i]), cond, batch_size)
+        if i in sde and i < plan.num_steps:
+            noise = step_noise(shape, sample_ids, seed, iteration, i).to(device)
+            res = sde_sampler.step(x, v, sigmas, i, history=history, noise=noise)
+            xs.append(x.float().cpu())
+            x_nexts.append(res.prev_sample.float().cpu())
+            log_probs.append(res.log_prob.float().cpu())
+        else:
+            solver = pre_solver if window_start is not None and i < window_start else post_solver
+            res = solver.step(x, v, sigmas, i, history=history)
+        x0 = res.x0 if res.x0 is not None else x.float() - float(sigmas[i]) * v
+        history.append(float(sigmas[i]), x0)
+        x = res.prev_sample
+
+    steps = tuple(i for i in sorted(sde) if i < plan.num_steps)
+    empty = torch.zeros(n, 0, *shape)
+    images = backbone.decode(x) if decode else torch.zeros(n, 3, 1, 1)
+    return Trajectories(
+        prompts=list(prompts),
+        group_ids=group_ids,
+        sample_ids=sample_ids,
+        sigmas=sigmas,
+        plan=plan,
+        sde_steps=steps,
+        x=torch.stack(xs, 1) if xs else empty,
+        x_next=torch.stack(x_nexts, 1) if x_nexts else empty,
+        log_prob=torch.stack(log_probs, 1) if log_probs else torch.zeros(n, 0),
+        latents=x.float(),
+        images=images.float(),
+        cond=cond,
+        nfe=(sigmas.numel() - 1) * getattr(backbone, "calls_per_velocity", 1),
+        seed=seed,
+    )
+
+
+@torch.no_grad()
+def sample_ode(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *, setup: SamplingSetup,
+               solver: Sampler, batch_size: int = 16) -> torch.Tensor:
+    """Deterministic ODE sampling for evaluation and sample grids: images ``[N, 3, H, W]``.
+
+    The initial noise of prompt n is keyed by ``(seeds[n], "eval", n)``, so the same
+    (prompt, seed) pair always starts from the same noise, before and after training.
+    """
+    cond = encode_unique(backbone, prompts)
+    shape = backbone.latent_shape()
+    x = torch.stack([keyed_normal(shape, int(s), "eval", n) for n, s in enumerate(seeds)]).to(backbone.device)
+    sigmas = setup.sigmas(None)
+    history = SolverHistory()
+    for i in range(sigmas.numel() - 1):
+        v = batched_velocity(backbone, x, float(sigmas[i]), cond, batch_size)
+        res = solver.step(x, v, sigmas, i, history=history)
+        history.append(float(sigmas[i]), res.x0 if res.x0 is not None else x - float(sigmas[i]) * v)
+        x = res.prev_sample
+    return backbone.decode(x).float()

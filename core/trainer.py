@@ -1,0 +1,201 @@
+"""The trainer: plan → rollout → reward → advantages → train the planned steps → log → checkpoint.
+
+One loop for every method: what differs between FlowGRPO, DanceGRPO and MixGRPO lives in the
+plugins a gin recipe selects, never in branches here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import gin
+import torch
+from accelerate import Accelerator
+from mixgrpo.core import checkpoint as ckpt
+from mixgrpo.core.config import TrainConfig
+from mixgrpo.core.plugins import PluginManager, get_plugin_manager
+from mixgrpo.core.rollout import SamplingSetup, keyed_generator, rollout, sample_ode
+from mixgrpo.core.training import evaluate_rewards, score_rewards, train_on_trajectories
+from mixgrpo.core.types import Trajectories
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Runs one experiment described by ``TrainConfig`` (gin) in ``config.output_dir``."""
+
+    def __init__(self, config: TrainConfig, pm: PluginManager | None = None,
+                 accelerator: Accelerator | None = None) -> None:
+        self.config = config
+        self.pm = pm or get_plugin_manager()
+        config.validate(self.pm)
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        c = config
+        self.backbone = self.pm.create("backbone", c.backbone)
+        self.sde_sampler = self.pm.create("sampler", c.sde_sampler)
+        self.pre_solver = self.pm.create("sampler", c.pre_solver)
+        self.post_solver = self.pm.create("sampler", c.post_solver)
+        self.schedule = self.pm.create("schedule", c.schedule)
+        self.objective = self.pm.create("objective", c.objective, weights=dict(c.rewards))
+        self.prompt_set = self.pm.create("prompt_set", c.prompt_set)
+        self.rewards = {name: self.pm.create("reward", name) for name in c.rewards}
+        self.eval_only_rewards = {name: self.pm.create("reward", name) for name in c.eval_rewards
+                                  if name not in self.rewards}
+        self.setup = SamplingSetup(num_steps=c.num_steps, shift=c.shift, grid=c.grid,
+                                   compression=c.compression, shared_noise=c.shared_noise)
+        params = self.backbone.trainable_parameters()
+        if not params:
+            raise ValueError(f"backbone {c.backbone!r} has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay,
+                                           betas=tuple(c.adam_betas))
+        self.backbone.module, self.optimizer = self.accelerator.prepare(self.backbone.module, self.optimizer)
+        self.out = Path(c.output_dir)
+        self.start_iteration = 0
+        world = self.accelerator.num_processes
+        if c.prompts_per_iteration % world:
+            raise ValueError(f"prompts_per_iteration={c.prompts_per_iteration} must be divisible by the "
+                             f"number of processes ({world}) so that every process holds whole groups")
+
+    # -- one iteration -------------------------------------------------------------------------
+    def local_batch(self, iteration: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """This process's prompts, global group ids and global sample ids for ``iteration``."""
+        c, acc = self.config, self.accelerator
+        prompt_seed = int(torch.randint(2**31 - 1, (1,), generator=keyed_generator(c.seed, iteration, "prompts")))
+        prompts = self.prompt_set("train", c.prompts_per_iteration, prompt_seed)
+        groups = [g for g in range(c.prompts_per_iteration) if g % acc.num_processes == acc.process_index]
+        group_ids = torch.tensor([g for g in groups for _ in range(c.group_size)])
+        sample_ids = torch.tensor([g * c.group_size + j for g in groups for j in range(c.group_size)])
+        return [prompts[g] for g in group_ids.tolist()], group_ids, sample_ids
+
+    def iteration(self, k: int) -> dict[str, float]:
+        c = self.config
+        t0 = time.perf_counter()
+        prompts, group_ids, sample_ids = self.local_batch(k)
+        plan = self.schedule.plan(k, c.num_steps, c.prompts_per_iteration * c.group_size)
+        if plan.per_sample:  # keep this process's rows of a per-sample plan
+            plan = _select_plan_rows(plan, sample_ids)
+        self.backbone.module.eval()
+        traj = rollout(self.backbone, prompts, group_ids, sample_ids, plan, setup=self.setup,
+                       sde_sampler=self.sde_sampler, pre_solver=self.pre_solver, post_solver=self.post_solver,
+                       seed=c.seed, iteration=k, batch_size=c.rollout_batch_size)
+        t1 = time.perf_counter()
+        rewards, metrics = score_rewards(self.rewards, traj.images, prompts, traj.group_ids, self.accelerator)
+        advantages = self._advantages(rewards, traj)
+        t2 = time.perf_counter()
+        self.backbone.module.train()
+        train_metrics = train_on_trajectories(self, traj, advantages, k)
+        t3 = time.perf_counter()
+        metrics.update(train_metrics)
+        window = plan.window or (-1, 0)
+        metrics.update({
+            "window/start": float(window[0]), "window/size": float(window[1]),
+            "perf/nfe_rollout": float(traj.nfe), "perf/nfe_train": train_metrics.pop("_nfe_train", 0.0),
+            "perf/rollout_s": t1 - t0, "perf/reward_s": t2 - t1, "perf/train_s": t3 - t2,
+            "perf/iteration_s": t3 - t0, "perf/peak_mem_gb": _peak_mem_gb(),
+        })
+        return metrics
+
+    def _advantages(self, rewards: dict[str, torch.Tensor], traj: Trajectories) -> torch.Tensor:
+        """Advantages over all processes' samples (gathered), then this process's rows."""
+        acc = self.accelerator
+        all_rewards = {k: acc.gather(v.to(acc.device)).cpu() for k, v in rewards.items()}
+        all_groups = acc.gather(traj.group_ids.to(acc.device)).cpu()
+        all_samples = acc.gather(traj.sample_ids.to(acc.device)).cpu()
+        adv = self.objective.advantages(all_rewards, all_groups)
+        where = {int(s): n for n, s in enumerate(all_samples)}
+        return adv[[where[int(s)] for s in traj.sample_ids]]
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> list[dict[str, float]]:
+        c, acc = self.config, self.accelerator
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.gin").write_text(gin.operative_config_str() or gin.config_str())
+        if resume:
+            self.start_iteration = ckpt.resume(self, self.out / "checkpoints")
+        history: list[dict[str, float]] = []
+        if self.start_iteration == 0 and (c.eval_every or c.sample_every):
+            self._evaluate_and_sample(0, history_row := {"iteration": 0})
+            self._log(history_row)
+        bar = tqdm(range(self.start_iteration, c.iterations), desc=f"{c.objective}", unit="it",
+                   disable=not (c.progress and acc.is_main_process), initial=self.start_iteration,
+                   total=c.iterations)
+        for k in bar:
+            metrics = {"iteration": k + 1, **self.iteration(k)}
+            if (c.eval_every and (k + 1) % c.eval_every == 0) or (c.sample_every and (k + 1) % c.sample_every == 0):
+                self._evaluate_and_sample(k + 1, metrics)
+            self._log(metrics)
+            history.append(metrics)
+            self.pm.on_iteration_end(trainer=self, iteration=k + 1, metrics=metrics)
+            first = next(iter(c.rewards))
+            bar.set_postfix(reward=f"{metrics[f'reward/{first}/mean']:.3f}", s_it=f"{metrics['perf/iteration_s']:.2f}")
+            if c.checkpoint_every and ((k + 1) % c.checkpoint_every == 0 or k + 1 == c.iterations):
+                path = ckpt.save(self, self.out / "checkpoints", k + 1)
+                if acc.is_main_process:
+                    self.pm.on_checkpoint(trainer=self, path=path)
+        return history
+
+    def _evaluate_and_sample(self, iteration: int, metrics: dict[str, Any]) -> None:
+        c = self.config
+        self.backbone.module.eval()
+        if c.eval_every:
+            metrics.update(self.evaluate())
+        if c.sample_every and self.accelerator.is_main_process:
+            from mixgrpo.core.report import save_sample_grid
+
+            prompts = self.prompt_set("eval", c.sample_prompts, c.seed)
+            images = sample_ode(self.backbone, prompts, [c.seed] * len(prompts), setup=self.setup,
+                                solver=self.post_solver, batch_size=c.rollout_batch_size)
+            save_sample_grid(images, prompts, self.out / "samples" / f"iter_{iteration:06d}.png")
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out rewards with deterministic ODE sampling: ``eval/<name>/mean`` and ``/sem``."""
+        c = self.config
+        prompts = self.prompt_set("eval", c.eval_prompts, c.seed + 1)
+        seeds = [c.seed + 1000 * s for s in range(c.eval_seeds)]
+        all_prompts = [p for _ in seeds for p in prompts]
+        all_seeds = [s for s in seeds for _ in prompts]
+        images = sample_ode(self.backbone, all_prompts, all_seeds, setup=self.setup,
+                            solver=self.post_solver, batch_size=c.rollout_batch_size)
+        return evaluate_rewards({**self.rewards, **self.eval_only_rewards}, images, all_prompts)
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({k: _jsonable(v) for k, v in metrics.items()}) + "\n")
+
+
+def _select_plan_rows(plan: Any, sample_ids: torch.Tensor) -> Any:
+    import attrs
+
+    rows = tuple(plan.train_steps[int(s)] for s in sample_ids)
+    return attrs.evolve(plan, train_steps=rows)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _peak_mem_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    except ImportError:  # pragma: no cover
+        warnings.warn("peak memory unavailable on this platform", stacklevel=2)
+        return float("nan")

@@ -1,0 +1,210 @@
+"""Data types passed between the five interfaces.
+
+All tensors named ``x`` / ``latents`` are in the backbone's latent layout ``[B, *latent_shape]``.
+Step arithmetic is fp32 throughout; stored transitions are fp32 and reused bit-for-bit when
+training recomputes log-probabilities (ALGORITHMS.md §1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import torch
+
+
+def _index_tensor(value: Any, index: torch.Tensor) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value[index.to(value.device)]
+    return value
+
+
+@attrs.define
+class Conditioning:
+    """Text conditioning produced by ``Backbone.encode``.
+
+    Attributes:
+        embeds: per-token text features ``[B, L, D]`` (float, the backbone's dtype).
+        pooled: pooled text features ``[B, P]`` or ``None`` when the backbone has none.
+        mask: attention mask ``[B, L]`` (bool) or ``None``.
+        extra: backbone-specific tensors with a leading batch dimension (or scalars).
+    """
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    extra: dict[str, Any] = attrs.field(factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.embeds.shape[0])
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> Conditioning:
+        """Rows ``index`` (1-D long tensor or list of ints) of every batched tensor."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Conditioning(
+            embeds=_index_tensor(self.embeds, index),
+            pooled=_index_tensor(self.pooled, index),
+            mask=_index_tensor(self.mask, index),
+            extra={k: _index_tensor(v, index) for k, v in self.extra.items()},
+        )
+
+    def to(self, device: torch.device | str) -> Conditioning:
+        def move(v: Any) -> Any:
+            return v.to(device) if isinstance(v, torch.Tensor) else v
+
+        return Conditioning(
+            embeds=move(self.embeds),
+            pooled=move(self.pooled),
+            mask=move(self.mask),
+            extra={k: move(v) for k, v in self.extra.items()},
+        )
+
+
+@attrs.define
+class StepResult:
+    """The outcome of one sampler step from ``sigmas[index]`` to ``sigmas[index + 1]``.
+
+    Attributes:
+        prev_sample: the next latent ``x_{i+1}`` ``[B, ...]`` (fp32). Named as in diffusers.
+        mean: the step's mean ``μ`` ``[B, ...]`` (fp32); equals ``prev_sample`` for an ODE step.
+        std: the per-step standard deviation ``g·√Δ``, broadcastable to ``x`` (fp32); 0 for ODE.
+        log_prob: ``log p(prev_sample | x)`` ``[B]`` (fp32), reduced over non-batch elements, or
+            ``None`` for a deterministic (ODE) step.
+        x0: the data estimate ``x̂0 = x − σ·v`` ``[B, ...]`` (fp32), used by multistep solvers.
+    """
+
+    prev_sample: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor | float
+    log_prob: torch.Tensor | None = None
+    x0: torch.Tensor | None = None
+
+    @property
+    def x_next(self) -> torch.Tensor:
+        return self.prev_sample
+
+
+@attrs.define
+class SolverHistory:
+    """Data estimates of the steps taken so far in one rollout (for multistep ODE solvers).
+
+    ``entries`` holds ``(sigma, x0)`` pairs in step order, window steps included; the rollout
+    appends one after every model call.
+    """
+
+    entries: list[tuple[float, torch.Tensor]] = attrs.field(factory=list)
+
+    def append(self, sigma: float, x0: torch.Tensor) -> None:
+        self.entries.append((float(sigma), x0))
+        if len(self.entries) > 4:  # no solver here looks further back than 2M needs
+            del self.entries[0]
+
+    def last(self) -> tuple[float, torch.Tensor] | None:
+        return self.entries[-1] if self.entries else None
+
+
+@attrs.frozen
+class StepPlan:
+    """Which steps of a rollout are SDE steps and which are trained, for one iteration.
+
+    Step ``i`` goes from ``sigmas[i]`` to ``sigmas[i + 1]`` on the (uncompressed) grid of
+    ``num_steps`` steps.
+
+    Attributes:
+        num_steps: T, the number of steps of the uncompressed grid.
+        sde_steps: sorted step indices sampled with the SDE (log-prob recorded).
+        train_steps: sorted step indices trained for every sample, or, when ``per_sample`` is
+            True, a tuple with one sorted tuple per sample (DanceGRPO's random subset).
+        window: ``(start, size)`` of the sliding window, or ``None`` for schedules without one.
+        per_sample: whether ``train_steps`` differs per sample.
+    """
+
+    num_steps: int
+    sde_steps: tuple[int, ...]
+    train_steps: tuple[int, ...] | tuple[tuple[int, ...], ...]
+    window: tuple[int, int] | None = None
+    per_sample: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        sde = set(self.sde_steps)
+        if any(not 0 <= i < self.num_steps for i in sde):
+            raise ValueError(f"sde_steps {self.sde_steps} outside 0..{self.num_steps - 1}")
+        rows = self.train_steps if self.per_sample else (self.train_steps,)
+        for row in rows:
+            missing = set(row) - sde
+            if missing:
+                raise ValueError(
+                    f"train steps {sorted(missing)} are not SDE steps: a log-prob exists only on an "
+                    f"SDE step (sde_steps={self.sde_steps})"
+                )
+
+    def train_steps_for(self, sample: int) -> tuple[int, ...]:
+        return self.train_steps[sample] if self.per_sample else self.train_steps  # type: ignore[return-value]
+
+    def all_train_steps(self) -> tuple[int, ...]:
+        if not self.per_sample:
+            return tuple(self.train_steps)  # type: ignore[arg-type]
+        return tuple(sorted({i for row in self.train_steps for i in row}))  # type: ignore[union-attr]
+
+    def train_mask(self, num_samples: int) -> torch.Tensor:
+        """Bool ``[num_samples, num_steps]``: True where sample n trains step i."""
+        mask = torch.zeros(num_samples, self.num_steps, dtype=torch.bool)
+        for n in range(num_samples):
+            mask[n, list(self.train_steps_for(n))] = True
+        return mask
+
+    @property
+    def num_train_steps(self) -> float:
+        """Trained steps per sample (mean over samples when per-sample)."""
+        if not self.per_sample:
+            return float(len(self.train_steps))
+        return sum(len(r) for r in self.train_steps) / max(len(self.train_steps), 1)  # type: ignore[arg-type]
+
+
+@attrs.define
+class Trajectories:
+    """What a rollout returns: everything training needs, nothing it must recompute.
+
+    Attributes:
+        prompts: the N prompts (each group's prompt repeated G times).
+        group_ids: ``[N]`` long, the group (prompt) of each sample, global across processes.
+        sample_ids: ``[N]`` long, global sample indices (key the per-sample noise).
+        sigmas: ``[S+1]`` fp32, the grid actually walked (compressed after the window for Flash).
+        plan: the iteration's ``StepPlan`` (indices refer to the uncompressed grid, which equals
+            ``sigmas`` up to the end of the window).
+        sde_steps: the step indices stored below, in order (``plan.sde_steps``).
+        x: ``[N, K, *latent]`` fp32, ``x_i`` at each stored SDE step (K = len(sde_steps)).
+        x_next: ``[N, K, *latent]`` fp32, ``x_{i+1}`` drawn at each stored SDE step.
+        log_prob: ``[N, K]`` fp32, the rollout's (old) log-probabilities.
+        latents: ``[N, *latent]`` fp32, final latents at σ = 0.
+        images: ``[N, 3, H, W]`` float in [0, 1].
+        cond: the conditioning of the N samples (cached prompt embeddings).
+        nfe: model calls per sample in this rollout.
+        seed: the rollout seed.
+    """
+
+    prompts: list[str]
+    group_ids: torch.Tensor
+    sample_ids: torch.Tensor
+    sigmas: torch.Tensor
+    plan: StepPlan
+    sde_steps: tuple[int, ...]
+    x: torch.Tensor
+    x_next: torch.Tensor
+    log_prob: torch.Tensor
+    latents: torch.Tensor
+    images: torch.Tensor
+    cond: Conditioning
+    nfe: int
+    seed: int
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def slot(self, step: int) -> int:
+        """Position of step index ``step`` in the stored K axis."""
+        try:
+            return self.sde_steps.index(step)
+        except ValueError:
+            raise KeyError(f"step {step} was not an SDE step of this rollout ({self.sde_steps})") from None

@@ -1,0 +1,1 @@
+"""The procedural shapes world: prompts, rendering, parsing (no downloads)."""
