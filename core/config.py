@@ -136,12 +136,15 @@ def _configurable_names(pm: PluginManager) -> dict[str, Any]:
 
 
 def _extra_configurables() -> dict[str, Any]:
-    extra: dict[str, Any] = {}
-    try:  # pretraining config is optional (issue: the embedded world)
-        from mixgrpo.core import pretrain
+    """Configurables outside the registries: comparisons and the shapes world's pretraining."""
+    from mixgrpo.core.compare import CompareConfig
 
-        extra["PretrainConfig"] = pretrain.PretrainConfig
-    except ImportError:
+    extra: dict[str, Any] = {"CompareConfig": CompareConfig}
+    try:
+        from mixgrpo.plugins.world.pretrain import PretrainConfig
+
+        extra["PretrainConfig"] = PretrainConfig
+    except ImportError:  # the world plugin is optional
         pass
     return extra
 
@@ -177,6 +180,7 @@ def parse_gin(config_files: Sequence[str | Path], bindings: Sequence[str] = (), 
               ) -> PluginManager:
     """Load plugins, then parse gin files and bindings (cleared first). Returns the plugin manager."""
     pm = pm or get_plugin_manager()
+    _extra_configurables()  # import them so that gin files may bind them
     gin.clear_config()
     for file in config_files:
         path = Path(file)

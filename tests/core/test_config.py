@@ -12,7 +12,8 @@ from mixgrpo.core.plugins import UnknownComponentError
 ROOT = Path(__file__).resolve().parents[2]
 GIN_FILES = sorted((ROOT / "experiments").rglob("*.gin"))
 # Macros that real experiments require (local weight folders); bound to dummies to parse.
-DUMMY_MACROS = ["FLUX_PATH = '/nonexistent/flux'", "SD3_PATH = '/nonexistent/sd3'"]
+DUMMY_MACROS = ["FLUX_PATH = '/nonexistent/flux'", "SD3_PATH = '/nonexistent/sd3'",
+                "PROMPTS_TRAIN = '/nonexistent/train.txt'", "PROMPTS_TEST = '/nonexistent/test.txt'"]
 
 
 def test_there_are_gin_files_for_every_method():
