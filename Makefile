@@ -30,11 +30,12 @@ bench: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
-# hpsv2 1.2.0 declares pytest==7.2.0, clint and protobuf<4 as runtime needs: install it without
-# them, and take its real needs from the `rewards` extra. (open_clip needs torchvision: GPU machines.)
+# hpsv2 1.2.0 declares pytest==7.2.0, clint and protobuf<4 as runtime needs and image-reward pins an
+# old timm: install both without their declared pins; their real needs come from the `rewards` extra.
+# (open_clip needs torchvision, which has no CPU wheel beside torch 2.13 here: use a GPU machine.)
 rewards: venv
 	$(PY) -m pip install -q -e ".[rewards]"
-	$(PY) -m pip install -q --no-deps hpsv2
+	$(PY) -m pip install -q --no-deps hpsv2 image-reward
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

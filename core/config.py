@@ -116,13 +116,30 @@ class ConfigError(ValueError):
     """A gin file or binding that cannot be applied; the message says what is valid."""
 
 
-def _search_paths(config: Path) -> list[Path]:
-    """The config's folder and the nearest ``experiments/`` folder above it (for ``include``)."""
+_INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""", re.MULTILINE)
+
+
+def _search_paths(config: Path, _seen: set[Path] | None = None) -> list[Path]:
+    """Where gin looks for this config's ``include``s: the folder of the file and the nearest
+    ``experiments/`` folder above it, for the file itself and, recursively, for every file it
+    includes by an absolute path (so a file outside the repository may include a shipped one)."""
+    seen = set() if _seen is None else _seen
+    config = config.resolve()
+    if config in seen:
+        return []
+    seen.add(config)
     paths = [config.parent]
-    for parent in config.resolve().parents:
+    for parent in config.parents:
         if parent.name == "experiments":
             paths.append(parent)
             break
+    if config.is_file():
+        for name in _INCLUDE.findall(config.read_text()):
+            target = Path(name)
+            if not target.is_absolute():
+                target = next((p / name for p in paths if (p / name).is_file()), target)
+            if target.is_file():
+                paths += [p for p in _search_paths(target, seen) if p not in paths]
     return paths
 
 

@@ -1,1 +1,30 @@
-"""Built-in backbones plugins."""
+"""Built-in backbone plugins (flux, sd3, toy) and the models shipped with the package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+SHIPPED_PREFIX = "shipped:"
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A local model folder; ``shipped:NAME`` names a model shipped in the package (``assets/NAME``).
+
+    Nothing is ever downloaded: a path that does not exist is an error that says so.
+    """
+    text = str(path)
+    if text.startswith(SHIPPED_PREFIX):
+        name = text[len(SHIPPED_PREFIX):]
+        folder = ASSETS / name
+        if not folder.is_dir():
+            known = sorted(p.name for p in ASSETS.iterdir() if p.is_dir()) if ASSETS.is_dir() else []
+            raise FileNotFoundError(f"no shipped model {name!r}; shipped models: {', '.join(known) or '(none)'}")
+        return folder
+    folder = Path(text).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(
+            f"model folder {text!r} does not exist. mixgrpo loads weights from local paths only (no hub "
+            f"downloads): pass the folder of a local snapshot, or 'shipped:NAME' for a model shipped with mixgrpo"
+        )
+    return folder

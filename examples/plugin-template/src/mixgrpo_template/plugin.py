@@ -56,6 +56,8 @@ class BrightnessReward(Reward):
     def __call__(self, images, prompts):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images: pass one prompt per image")
         return images.float().mean(dim=(1, 2, 3))
 
 

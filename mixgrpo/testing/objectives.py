@@ -1,0 +1,137 @@
+"""``ObjectiveContract``: the tests every ``PolicyObjective`` plugin must pass.
+
+Subclass it in a test module, name the subclass ``Test…`` and override ``make_objective``::
+
+    class TestMyObjective(ObjectiveContract):
+        def make_objective(self):
+            return MyObjective(clip_range=1e-3)
+
+Checked (ALGORITHMS.md §7, §8):
+
+- ``advantages``: shape ``[N]``, float, finite; zero mean within each group (override
+  ``zero_mean_groups = False`` for an objective with another baseline); independent of the order
+  of the samples;
+- ``loss`` at ratio 1 (new log-probs equal the old ones): ``terms = −A (+ β·kl)`` and the gradient
+  of ``sum(terms)`` w.r.t. the new log-probs is ``−A``; slightly off-policy inside the clip range
+  it is ``−A·r``;
+- ``stats`` has ``ratio``, ``clipped``, ``approx_kl``, ``policy`` and ``kl``, each a detached
+  ``[M]`` tensor; at ratio 1: ratio 1, nothing clipped, approx_kl 0.
+
+Rewards are named after the objective's ``weights`` when it has any, else ``"reward"``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixgrpo.core.interfaces import PolicyObjective
+
+STAT_KEYS = ("ratio", "clipped", "approx_kl", "policy", "kl")
+
+
+class ObjectiveContract:
+    """Generic tests for a ``PolicyObjective``. Subclasses override ``make_objective``."""
+
+    #: groups and samples per group of the test batch
+    num_groups: int = 4
+    group_size: int = 6
+    #: whether advantages have zero mean within each group
+    zero_mean_groups: bool = True
+
+    def make_objective(self) -> PolicyObjective:
+        """Return the objective under test (override in the subclass)."""
+        raise NotImplementedError(f"{type(self).__name__} must override make_objective()")
+
+    # -- the problem ---------------------------------------------------------------------------
+    def reward_names(self, objective: PolicyObjective) -> list[str]:
+        weights = getattr(objective, "weights", None)
+        return list(weights) if weights else ["reward"]
+
+    def batch(self, objective: PolicyObjective, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Rewards ``{name: [N]}`` (moderate, so no advantage clipping) and group ids ``[N]``."""
+        gen = torch.Generator().manual_seed(seed)
+        n = self.num_groups * self.group_size
+        group_ids = torch.arange(self.num_groups).repeat_interleave(self.group_size)
+        rewards = {name: torch.randn(n, generator=gen) * (k + 1) + k for k, name in
+                   enumerate(self.reward_names(objective))}
+        return rewards, group_ids
+
+    def transitions(self, objective: PolicyObjective, seed: int = 1):
+        """``(log_prob_old [M], advantages [M], kl [M] or None)`` for M transitions."""
+        gen = torch.Generator().manual_seed(seed)
+        m = 12
+        old = torch.randn(m, generator=gen) - 3.0
+        adv = torch.randn(m, generator=gen)
+        adv[0] = 0.0  # a zero advantage must give a zero policy term
+        kl = torch.rand(m, generator=gen) if objective.kl_beta > 0 else None
+        return old, adv, kl
+
+    # -- advantages ----------------------------------------------------------------------------
+    def test_advantages_shape_dtype_finite(self):
+        objective = self.make_objective()
+        rewards, group_ids = self.batch(objective)
+        adv = objective.advantages(rewards, group_ids)
+        assert adv.shape == group_ids.shape
+        assert adv.is_floating_point()
+        assert torch.isfinite(adv).all()
+
+    def test_advantages_zero_mean_within_groups(self):
+        if not self.zero_mean_groups:
+            return
+        objective = self.make_objective()
+        rewards, group_ids = self.batch(objective)
+        adv = objective.advantages(rewards, group_ids).double()
+        for g in group_ids.unique():
+            assert abs(float(adv[group_ids == g].mean())) < 1e-5
+
+    def test_advantages_follow_their_samples(self):
+        objective = self.make_objective()
+        rewards, group_ids = self.batch(objective)
+        perm = torch.randperm(len(group_ids), generator=torch.Generator().manual_seed(3))
+        adv = objective.advantages(rewards, group_ids)
+        shuffled = objective.advantages({k: v[perm] for k, v in rewards.items()}, group_ids[perm])
+        torch.testing.assert_close(shuffled, adv[perm], atol=1e-6, rtol=1e-6)
+
+    # -- loss ----------------------------------------------------------------------------------
+    def test_loss_at_ratio_one_is_minus_advantage(self):
+        objective = self.make_objective()
+        old, adv, kl = self.transitions(objective)
+        new = old.clone().requires_grad_(True)
+        terms, _ = objective.loss(new, old, adv, kl)
+        expected = -adv + (objective.kl_beta * kl if kl is not None else 0.0)
+        assert terms.shape == old.shape
+        torch.testing.assert_close(terms.detach(), expected, atol=1e-6, rtol=1e-6)
+
+    def test_gradient_at_ratio_one_is_minus_advantage(self):
+        objective = self.make_objective()
+        old, adv, kl = self.transitions(objective)
+        new = old.clone().requires_grad_(True)
+        terms, _ = objective.loss(new, old, adv, kl)
+        terms.sum().backward()
+        torch.testing.assert_close(new.grad, -adv, atol=1e-6, rtol=1e-6)
+
+    def test_gradient_inside_the_clip_range_is_minus_advantage_times_ratio(self):
+        objective = self.make_objective()
+        old, adv, kl = self.transitions(objective)
+        # log-ratios within ±ε/2: the unclipped branch is active everywhere
+        shift = torch.linspace(-0.5, 0.5, len(old)) * objective.clip_range
+        new = (old + shift).requires_grad_(True)
+        terms, stats = objective.loss(new, old, adv, kl)
+        terms.sum().backward()
+        ratio = torch.exp(new.detach() - old)
+        torch.testing.assert_close(new.grad, -adv * ratio, atol=1e-6, rtol=1e-5)
+        assert float(stats["clipped"].sum()) == 0.0
+
+    def test_stats_keys_shapes_and_values_at_ratio_one(self):
+        objective = self.make_objective()
+        old, adv, kl = self.transitions(objective)
+        new = old.clone().requires_grad_(True)
+        _, stats = objective.loss(new, old, adv, kl)
+        assert set(STAT_KEYS) <= set(stats)
+        for key in STAT_KEYS:
+            assert stats[key].shape == old.shape, key
+            assert not stats[key].requires_grad, key
+        torch.testing.assert_close(stats["ratio"], torch.ones_like(old))
+        assert float(stats["clipped"].abs().sum()) == 0.0
+        assert float(stats["approx_kl"].abs().sum()) == 0.0
+        torch.testing.assert_close(stats["policy"], -adv, atol=1e-6, rtol=1e-6)

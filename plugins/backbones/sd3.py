@@ -1,0 +1,233 @@
+"""Stable Diffusion 3 / 3.5 (diffusers ``SD3Transformer2DModel``) as a mixgrpo backbone, as FlowGRPO uses it.
+
+Loaded from a local diffusers-format directory::
+
+    transformer/                   SD3Transformer2DModel                   required
+    text_encoder/, tokenizer/      CLIPTextModelWithProjection (CLIP-L)    required
+    text_encoder_2/, tokenizer_2/  CLIPTextModelWithProjection (bigG)      required
+    text_encoder_3/, tokenizer_3/  T5EncoderModel                          optional (zeros if absent)
+    vae/                           AutoencoderKL (scaling and shift factor) required
+
+Prompts are encoded as ``StableDiffusion3Pipeline`` does: the penultimate hidden states of both
+CLIP encoders, concatenated along features and zero-padded to the T5 width, then concatenated with
+the T5 sequence along tokens; the pooled features are both CLIP projections concatenated. Latents
+stay unpacked ``[B, C, H/f, W/f]`` (f = the VAE's downsampling, 8 for SD3); the transformer patches
+them itself and takes the timestep ``σ·1000``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from mixgrpo.core.hookspecs import hookimpl
+from mixgrpo.core.types import Conditioning
+from mixgrpo.plugins.backbones.flux import (
+    DEFAULT_VOCAB,
+    DEFAULTS_FILE,
+    DiffusersBackbone,
+    build_word_tokenizer,
+    component,
+    default_device,
+    model_dir,
+    read_defaults,
+    resolve_dtype,
+    save_tokenizer,
+    tiny_clip_config,
+    tiny_t5,
+    tiny_vae,
+    tokenize,
+)
+
+# FlowGRPO's SD3.5 LoRA targets: the joint attention's image and text projections.
+SD3_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+
+
+class SD3Backbone(DiffusersBackbone):
+    """Stable Diffusion 3 / 3.5 from a local diffusers-format directory.
+
+    Args:
+        path: local directory (see the module docstring). Never a hub id: nothing is downloaded.
+        height, width: image size in pixels. Default: ``mixgrpo.json`` in ``path`` if present, else
+            ``transformer.config.sample_size × VAE factor`` (1024 for SD3.5; FlowGRPO trains at 512).
+            Multiples of ``VAE factor × patch_size``.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the transformer, encoders and VAE;
+            ``velocity`` takes and returns fp32.
+        cfg_scale: classifier-free guidance against the empty prompt, ``v = v_u + s·(v_c − v_u)``
+            (FlowGRPO: 4.5). When > 1 every ``velocity`` call runs a doubled batch (NFE doubles);
+            1 disables guidance.
+        timestep_quantization: None feeds the network ``σ·1000``; an integer q feeds
+            ``floor(q·σ)/q·1000``.
+        max_sequence_length: T5 tokens per prompt (256, the pipeline's default). Without
+            ``text_encoder_3/`` that many zero tokens stand in for T5, as in the pipeline.
+        lora_rank: 0 trains the whole transformer; r > 0 trains peft LoRA adapters of rank r on
+            ``lora_targets`` (``reference()`` is then the adapter-disabled model).
+        lora_alpha: LoRA alpha (default ``2·lora_rank``).
+        lora_targets: module names LoRA adapts (default: FlowGRPO's eight attention projections).
+        gradient_checkpointing: recompute transformer blocks in the backward pass.
+        device: where the model lives; default this process's GPU if there is one, else the CPU.
+    """
+
+    default_lora_targets = SD3_LORA_TARGETS
+
+    def __init__(self, path: str, height: int | None = None, width: int | None = None,
+                 dtype: str = "float32", cfg_scale: float = 4.5, timestep_quantization: int | None = None,
+                 max_sequence_length: int = 256, lora_rank: int = 0, lora_alpha: float | None = None,
+                 lora_targets: Sequence[str] | None = None, gradient_checkpointing: bool = False,
+                 device: str | None = None) -> None:
+        from diffusers import AutoencoderKL, SD3Transformer2DModel
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+        root = model_dir(path, "SD3")
+        self.path = root
+        self.dtype = resolve_dtype(dtype)
+        self.cfg_scale = float(cfg_scale)
+        self.timestep_quantization = timestep_quantization
+        self.max_sequence_length = int(max_sequence_length)
+        load = {"dtype": self.dtype, "local_files_only": True}
+        transformer = SD3Transformer2DModel.from_pretrained(component(root, "transformer", "SD3 transformer"), **load)
+        self.config = transformer.config
+        self.tokenizers, self.clip_encoders = [], []
+        for suffix in ("", "_2"):
+            self.tokenizers.append(AutoTokenizer.from_pretrained(
+                component(root, f"tokenizer{suffix}", "CLIP tokenizer"), local_files_only=True))
+            self.clip_encoders.append(CLIPTextModelWithProjection.from_pretrained(
+                component(root, f"text_encoder{suffix}", "CLIP text encoder"), **load))
+        self.frozen = {"text_encoder": self.clip_encoders[0], "text_encoder_2": self.clip_encoders[1]}
+        self.tokenizer_3 = self.text_encoder_3 = None
+        if component(root, "text_encoder_3", "T5", required=False):
+            self.tokenizer_3 = AutoTokenizer.from_pretrained(component(root, "tokenizer_3", "T5 tokenizer"),
+                                                             local_files_only=True)
+            self.text_encoder_3 = T5EncoderModel.from_pretrained(root / "text_encoder_3", **load)
+            self.frozen["text_encoder_3"] = self.text_encoder_3
+        self.vae = AutoencoderKL.from_pretrained(component(root, "vae", "VAE"), **load)
+        self.frozen["vae"] = self.vae
+        self._check_dims(root)
+        self._set_latent_layout(root, height, width)
+        self._setup_transformer(transformer, default_device(device), lora_rank, lora_alpha, lora_targets,
+                                gradient_checkpointing)
+
+    def _check_dims(self, root: Path) -> None:
+        cfg = self.config
+        hidden = sum(e.config.hidden_size for e in self.clip_encoders)
+        pooled = sum(e.config.projection_dim for e in self.clip_encoders)
+        if pooled != cfg.pooled_projection_dim:
+            raise ValueError(f"{root}: the transformer's pooled_projection_dim is {cfg.pooled_projection_dim} but "
+                             f"the two CLIP projections give {pooled}")
+        if hidden > cfg.joint_attention_dim:
+            raise ValueError(f"{root}: the CLIP hidden states ({hidden} features together) do not fit the "
+                             f"transformer's joint_attention_dim {cfg.joint_attention_dim}")
+        if self.text_encoder_3 is not None and self.text_encoder_3.config.d_model != cfg.joint_attention_dim:
+            raise ValueError(f"{root}: the transformer's joint_attention_dim is {cfg.joint_attention_dim} but T5 "
+                             f"(text_encoder_3) has d_model {self.text_encoder_3.config.d_model}")
+        lengths = []
+        for tok, enc in zip(self.tokenizers, self.clip_encoders, strict=True):
+            limit, tok_max = enc.config.max_position_embeddings, tok.model_max_length
+            lengths.append(min(limit, tok_max) if tok_max and tok_max < 10**6 else limit)
+        self.clip_length = min(lengths)  # both CLIP sequences are concatenated feature-wise
+
+    def _set_latent_layout(self, root: Path, height: int | None, width: int | None) -> None:
+        cfg, vae_cfg = self.config, self.vae.config
+        if vae_cfg.latent_channels != cfg.in_channels or cfg.out_channels != cfg.in_channels:
+            raise ValueError(f"{root}: transformer in/out channels {cfg.in_channels}/{cfg.out_channels} do not "
+                             f"match the VAE's {vae_cfg.latent_channels} latent channels")
+        self.channels = cfg.in_channels
+        self.vae_scale_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
+        defaults = read_defaults(root)
+        fallback = cfg.sample_size * self.vae_scale_factor
+        self.height = int(height or defaults.get("height", fallback))
+        self.width = int(width or defaults.get("width", fallback))
+        step = self.vae_scale_factor * cfg.patch_size
+        if self.height % step or self.width % step:
+            raise ValueError(f"height and width must be multiples of {step}, got {self.height}×{self.width}")
+        self.latent_height = self.height // self.vae_scale_factor
+        self.latent_width = self.width // self.vae_scale_factor
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.channels, self.latent_height, self.latent_width)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        """Prompts → ``Conditioning``: ``embeds`` ``[B, L_clip + L_t5, joint_attention_dim]``,
+        ``pooled`` ``[B, pooled_projection_dim]``, ``mask`` ``[B, L_clip + L_t5]`` bool."""
+        prompts = list(prompts)
+        device = self._sync_devices()
+        hidden, pooled, clip_mask = [], [], None
+        for tok, enc in zip(self.tokenizers, self.clip_encoders, strict=True):
+            ids = tokenize(tok, prompts, self.clip_length)
+            out = enc(input_ids=ids["input_ids"].to(device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled.append(out.text_embeds)
+            mask = ids["attention_mask"].bool()
+            clip_mask = mask if clip_mask is None else clip_mask | mask
+        clip = torch.cat(hidden, dim=-1)
+        joint = self.config.joint_attention_dim
+        clip = torch.nn.functional.pad(clip, (0, joint - clip.shape[-1]))
+        if self.text_encoder_3 is not None:
+            ids = tokenize(self.tokenizer_3, prompts, self.max_sequence_length)
+            t5 = self.text_encoder_3(input_ids=ids["input_ids"].to(device))[0]
+            t5_mask = ids["attention_mask"].bool()
+        else:
+            t5 = torch.zeros(len(prompts), self.max_sequence_length, joint, device=device, dtype=clip.dtype)
+            t5_mask = torch.zeros(len(prompts), self.max_sequence_length, dtype=torch.bool)
+        return Conditioning(embeds=torch.cat([clip, t5.to(clip.dtype)], dim=1).to(self.dtype),
+                            pooled=torch.cat(pooled, dim=-1).to(self.dtype),
+                            mask=torch.cat([clip_mask, t5_mask], dim=1).to(device))
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+                 pooled: torch.Tensor) -> torch.Tensor:
+        return self.module(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
+                           timestep=(t * 1000).to(self.dtype), return_dict=False)[0]
+
+
+def build_tiny_sd3(path: str | os.PathLike, *, vocab: Sequence[str] | None = None, image_size: int = 32,
+                   num_layers: int = 2, attention_head_dim: int = 16, num_attention_heads: int = 2,
+                   clip_dims: tuple[int, int] = (32, 48), t5_dim: int = 96, with_t5: bool = True,
+                   dual_attention_layers: tuple[int, ...] = (0,), max_text_length: int = 16,
+                   seed: int = 0) -> Path:
+    """Write a complete, loadable SD3.5-style directory with random weights of the real classes.
+
+    ``SD3Transformer2DModel`` (``num_layers`` joint blocks, RMS q/k norm, dual attention in
+    ``dual_attention_layers`` as SD3.5-medium, patch 2), two ``CLIPTextModelWithProjection`` of widths
+    ``clip_dims`` (projection = width), an optional ``T5EncoderModel`` of width ``t5_dim``
+    (= ``joint_attention_dim``), word-level tokenizers over ``vocab`` (default: the shapes-world
+    words), and a tiny ``AutoencoderKL`` (4 latent channels, downsampling 2). Returns ``path``.
+    """
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    if sum(clip_dims) > t5_dim:
+        raise ValueError(f"t5_dim={t5_dim} must hold both CLIP widths {clip_dims}")
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    words = list(vocab) if vocab is not None else list(DEFAULT_VOCAB)
+    tokenizer = build_word_tokenizer(words, max_text_length)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = tiny_vae()
+        vae.save_pretrained(root / "vae")
+        latent = image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+        SD3Transformer2DModel(
+            sample_size=latent, patch_size=2, in_channels=vae.config.latent_channels, num_layers=num_layers,
+            attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
+            joint_attention_dim=t5_dim, caption_projection_dim=attention_head_dim * num_attention_heads,
+            pooled_projection_dim=sum(clip_dims), out_channels=vae.config.latent_channels,
+            pos_embed_max_size=latent, dual_attention_layers=tuple(dual_attention_layers), qk_norm="rms_norm",
+        ).save_pretrained(root / "transformer")
+        for suffix, dim in zip(("", "_2"), clip_dims, strict=True):
+            config = tiny_clip_config(len(tokenizer), dim, 1, max_text_length, projection_dim=dim)
+            CLIPTextModelWithProjection(config).save_pretrained(root / f"text_encoder{suffix}")
+            save_tokenizer(tokenizer, root / f"tokenizer{suffix}")
+        if with_t5:
+            tiny_t5(len(tokenizer), t5_dim).save_pretrained(root / "text_encoder_3")
+            save_tokenizer(build_word_tokenizer(words, 512, bos=False), root / "tokenizer_3")
+    (root / DEFAULTS_FILE).write_text(f'{{"height": {image_size}, "width": {image_size}}}\n')
+    return root
+
+
+@hookimpl
+def register_backbones(register):
+    register("sd3", SD3Backbone)

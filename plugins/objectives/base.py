@@ -1,0 +1,184 @@
+"""The clipped GRPO objective shared by FlowGRPO, DanceGRPO and MixGRPO (ALGORITHMS.md §7, §8).
+
+Per (sample, trained step) transition, with ``r = exp(logp_new − logp_old)``::
+
+    term = max( −A·r, −A·clip(r, 1−ε, 1+ε) ) + β·KL
+
+The trainer sums the terms and divides by the number of (sample, trained step) pairs. The three
+methods differ only in their advantage options and defaults, set by the subclasses in
+``flowgrpo.py``, ``dancegrpo.py`` and ``mixgrpo.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from mixgrpo.core.advantages import AGGREGATES, STD_MODES, group_advantages
+from mixgrpo.core.interfaces import PolicyObjective
+from mixgrpo.core.types import StepResult
+
+
+def gaussian_kl(
+    mean: torch.Tensor,
+    mean_ref: torch.Tensor,
+    std: torch.Tensor | float,
+    include_dt: bool = False,
+    dt: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Closed-form KL between the policy's and the reference's step Gaussians (equal variances).
+
+    ``‖μθ − μref‖² / (2·g²)`` averaged over the non-batch elements, where ``std`` is the diffusion
+    coefficient g of the step. This is FlowGRPO's KL: the exact KL of the two step Gaussians
+    ``N(μ, g²Δ)`` also divides by Δ, which the reference omits (absorbed into β).
+    ``include_dt=True`` divides by ``g²·Δ`` and so returns the exact KL (per element, averaged).
+
+    Args:
+        mean: policy mean μθ ``[B, ...]`` (gradients flow through it).
+        mean_ref: reference mean μref ``[B, ...]`` (same shape; usually computed without grad).
+        std: the diffusion coefficient g (> 0), a float or a tensor broadcastable to ``mean``.
+        include_dt: divide by Δ as well (the exact KL).
+        dt: the step size (``σ_{i+1} − σ_i`` or its magnitude Δ; only |dt| is used), required when
+            ``include_dt`` is True; float or tensor broadcastable to ``mean``.
+    Returns:
+        ``[B]`` fp32.
+    Raises:
+        ValueError: shape mismatch, ``include_dt`` without ``dt``, or g = 0 (an ODE step, where no
+            step Gaussian exists).
+    """
+    if mean.shape != mean_ref.shape:
+        raise ValueError(f"mean has shape {tuple(mean.shape)} but mean_ref has {tuple(mean_ref.shape)}")
+    g = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+    if bool((g <= 0).any()):
+        raise ValueError("std (the diffusion coefficient g) must be > 0: the KL of an ODE step is undefined")
+    var = g * g
+    if include_dt:
+        if dt is None:
+            raise ValueError("include_dt=True needs dt (the step size Δ)")
+        var = var * torch.as_tensor(dt, dtype=torch.float32, device=mean.device).abs()
+    diff = mean.float() - mean_ref.float()
+    per_element = diff * diff / (2.0 * var)
+    return per_element.reshape(per_element.shape[0], -1).mean(dim=1)
+
+
+class ClippedGRPO(PolicyObjective):
+    """Group-relative advantages and the PPO-style clipped policy loss, with an optional KL term.
+
+    Args:
+        std (`str`, defaults to `"group"`):
+            Advantage std mode: ``"group"`` (per group) or ``"global"`` (all rewards of the batch).
+        ddof (`float`, defaults to 1):
+            Delta degrees of freedom of the std (1 unbiased, 0 population).
+        eps (`float`, defaults to 1e-8):
+            Added to the std in the advantage denominator.
+        aggregate (`str`, defaults to `"advantage"`):
+            Several rewards: ``"advantage"`` averages per-reward advantages (weights normalized to
+            sum to 1); ``"reward"`` sums the weighted raw rewards and normalizes once.
+        weights (`dict[str, float]`, defaults to None):
+            Per-reward weights (None: equal). The trainer passes ``TrainConfig.rewards``.
+        adv_clip (`float`, defaults to 5.0):
+            Advantages are clamped to ±adv_clip (None: no clamp).
+        clip_range (`float`, defaults to 1e-4):
+            The ratio clip ε (a trust region on the per-element-average log-prob).
+        kl_beta (`float`, defaults to 0.0):
+            Weight β of the KL to the frozen reference (0: no reference model is run).
+        kl_include_dt (`bool`, defaults to False):
+            False: FlowGRPO's KL ``‖Δμ‖²/(2g²)``; True: the exact step KL ``‖Δμ‖²/(2g²Δ)``.
+    """
+
+    def __init__(
+        self,
+        std: str = "group",
+        ddof: float = 1,
+        eps: float = 1e-8,
+        aggregate: str = "advantage",
+        weights: Mapping[str, float] | None = None,
+        adv_clip: float | None = 5.0,
+        clip_range: float = 1e-4,
+        kl_beta: float = 0.0,
+        kl_include_dt: bool = False,
+    ) -> None:
+        if std not in STD_MODES:
+            raise ValueError(f"unknown std mode {std!r}; valid: {', '.join(STD_MODES)}")
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"unknown aggregate {aggregate!r}; valid: {', '.join(AGGREGATES)}")
+        if not clip_range > 0:
+            raise ValueError(f"clip_range must be > 0, got {clip_range}")
+        if not (kl_beta >= 0 and math.isfinite(kl_beta)):
+            raise ValueError(f"kl_beta must be a finite number >= 0, got {kl_beta}")
+        self.std = std
+        self.ddof = ddof
+        self.eps = float(eps)
+        self.aggregate = aggregate
+        self.weights = dict(weights) if weights is not None else None
+        self.adv_clip = adv_clip
+        self.clip_range = float(clip_range)
+        self.kl_beta = float(kl_beta)
+        self.kl_include_dt = bool(kl_include_dt)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(std={self.std!r}, ddof={self.ddof}, eps={self.eps}, "
+                f"aggregate={self.aggregate!r}, weights={self.weights}, adv_clip={self.adv_clip}, "
+                f"clip_range={self.clip_range}, kl_beta={self.kl_beta}, kl_include_dt={self.kl_include_dt})")
+
+    # -- advantages ------------------------------------------------------------------------------
+    def advantages(self, rewards: dict[str, torch.Tensor], group_ids: torch.Tensor) -> torch.Tensor:
+        """``[N]`` float32 advantages (see ``mixgrpo.core.advantages.group_advantages``)."""
+        return group_advantages(rewards, group_ids, std=self.std, ddof=self.ddof, eps=self.eps,
+                                weights=self.weights, aggregate=self.aggregate, clip=self.adv_clip)
+
+    # -- loss ------------------------------------------------------------------------------------
+    def loss(
+        self,
+        log_prob_new: torch.Tensor,
+        log_prob_old: torch.Tensor,
+        advantages: torch.Tensor,
+        kl: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-transition terms ``[M]`` (with grad) and detached ``[M]`` statistics.
+
+        Statistics: ``ratio`` r; ``clipped`` 1.0 where |r − 1| > ε; ``approx_kl``
+        ½·(logp_new − logp_old)², the usual low-variance estimate of the KL between the rollout
+        and the current policy; ``policy`` the clipped policy term; ``kl`` the KL (zeros without).
+        """
+        if log_prob_new.shape != log_prob_old.shape or log_prob_new.shape != advantages.shape:
+            raise ValueError(
+                f"log_prob_new {tuple(log_prob_new.shape)}, log_prob_old {tuple(log_prob_old.shape)} and "
+                f"advantages {tuple(advantages.shape)} must have the same shape [M]"
+            )
+        if kl is None and self.kl_beta > 0:
+            raise ValueError(f"kl_beta={self.kl_beta} but no kl was passed: compute it with the reference model")
+        if kl is not None and kl.shape != log_prob_new.shape:
+            raise ValueError(f"kl has shape {tuple(kl.shape)}, expected {tuple(log_prob_new.shape)}")
+        log_ratio = log_prob_new - log_prob_old.detach()
+        ratio = torch.exp(log_ratio)
+        adv = advantages.detach().to(ratio.dtype)
+        eps = self.clip_range
+        unclipped = -adv * ratio
+        clipped = -adv * torch.clamp(ratio, 1.0 - eps, 1.0 + eps)
+        policy = torch.maximum(unclipped, clipped)  # pessimistic: the clip only ever removes gain
+        terms = policy if kl is None else policy + self.kl_beta * kl
+        stats = {
+            "ratio": ratio.detach(),
+            "clipped": ((ratio.detach() - 1.0).abs() > eps).to(ratio.dtype),
+            "approx_kl": 0.5 * log_ratio.detach() ** 2,
+            "policy": policy.detach(),
+            "kl": kl.detach() if kl is not None else torch.zeros_like(policy.detach()),
+        }
+        return terms, stats
+
+    # -- KL to the reference ---------------------------------------------------------------------
+    def kl(self, policy: StepResult, reference: StepResult, sigmas: torch.Tensor, index: int) -> torch.Tensor:
+        """KL ``[B]`` between the policy's and the reference's Gaussians of step ``index``.
+
+        ``policy`` and ``reference`` are the SDE sampler's results for the same ``x`` and
+        ``prev_sample`` under the two models; their common std is ``g·√Δ``, so g = std/√Δ
+        (for CPS this is the g for which ``g²Δ`` is its step variance).
+        """
+        delta = float(sigmas[index]) - float(sigmas[index + 1])
+        if not delta > 0:
+            raise ValueError(f"step {index} has Δ = {delta}: not a step of a decreasing σ grid")
+        g = torch.as_tensor(policy.std, dtype=torch.float32) / math.sqrt(delta)
+        return gaussian_kl(policy.mean, reference.mean, g.to(policy.mean.device), include_dt=self.kl_include_dt,
+                           dt=delta)

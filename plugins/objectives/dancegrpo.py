@@ -1,0 +1,40 @@
+"""DanceGRPO's objective (Xue et al., arXiv 2505.07818): the clipped GRPO loss with its defaults."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from mixgrpo.core.hookspecs import hookimpl
+from mixgrpo.plugins.objectives.base import ClippedGRPO
+
+
+class DanceGRPO(ClippedGRPO):
+    """DanceGRPO (arXiv 2505.07818 and its public code): a group is the G samples of one prompt,
+    kept on one process; per-group mean and unbiased std (ddof 1) plus eps 1e-8; several rewards
+    get per-reward advantages (the reference's video code keeps one loss per reward; here they are
+    averaged with normalized weights, as MixGRPO does); advantages clipped to ±5; ratio clip 1e-4;
+    no KL.
+
+    Args: as ``ClippedGRPO``, with defaults ``std="group"``, ``ddof=1``, ``eps=1e-8``,
+    ``aggregate="advantage"``, ``adv_clip=5.0``, ``clip_range=1e-4``, ``kl_beta=0.0``.
+    """
+
+    def __init__(
+        self,
+        std: str = "group",
+        ddof: float = 1,
+        eps: float = 1e-8,
+        aggregate: str = "advantage",
+        weights: Mapping[str, float] | None = None,
+        adv_clip: float | None = 5.0,
+        clip_range: float = 1e-4,
+        kl_beta: float = 0.0,
+        kl_include_dt: bool = False,
+    ) -> None:
+        super().__init__(std=std, ddof=ddof, eps=eps, aggregate=aggregate, weights=weights, adv_clip=adv_clip,
+                         clip_range=clip_range, kl_beta=kl_beta, kl_include_dt=kl_include_dt)
+
+
+@hookimpl
+def register_objectives(register):
+    register("dancegrpo", DanceGRPO)

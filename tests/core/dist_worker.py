@@ -1,0 +1,47 @@
+"""Run by test_distributed.py under torchrun (gloo, CPU) or alone: one iteration, results saved.
+
+Usage: python dist_worker.py METHOD OUT_DIR
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from mixgrpo.core.config import load_config
+from mixgrpo.core.trainer import Trainer
+from mixgrpo.core.training import score_rewards
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from tests.core.conftest import TOY  # noqa: E402
+
+
+def main(method: str, out: Path) -> None:
+    bindings = [*TOY, "TrainConfig.prompts_per_iteration = 4", "TrainConfig.group_size = 3",
+                "TrainConfig.num_minibatches = 1", f"TrainConfig.output_dir = '{out}/run'"]
+    cfg, pm = load_config(ROOT / "experiments" / "methods" / f"{method}.gin", bindings)
+    trainer = Trainer(cfg, pm)
+    acc = trainer.accelerator
+    prompts, group_ids, sample_ids = trainer.local_batch(0)
+    # the advantages the iteration will use, computed as the trainer does
+    from mixgrpo.core.rollout import rollout
+
+    plan = trainer.schedule.plan(0, cfg.num_steps, cfg.prompts_per_iteration * cfg.group_size)
+    if plan.per_sample:
+        from mixgrpo.core.trainer import _select_plan_rows
+
+        plan = _select_plan_rows(plan, sample_ids)
+    traj = rollout(trainer.backbone, prompts, group_ids, sample_ids, plan, setup=trainer.setup,
+                   sde_sampler=trainer.sde_sampler, pre_solver=trainer.pre_solver, post_solver=trainer.post_solver,
+                   seed=cfg.seed, iteration=0, batch_size=cfg.rollout_batch_size)
+    rewards, _ = score_rewards(trainer.rewards, traj.images, prompts, traj.group_ids, acc)
+    advantages = trainer._advantages(rewards, traj)
+    trainer.iteration(0)
+    weights = [p.detach().cpu().clone() for p in trainer.backbone.trainable_parameters()]
+    torch.save({"sample_ids": sample_ids, "group_ids": group_ids, "advantages": advantages,
+                "rewards": rewards, "weights": weights, "world": acc.num_processes},
+               out / f"rank{acc.process_index}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
