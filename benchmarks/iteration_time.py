@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["dancegrpo", "flowgrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star"]
 BACKBONES = {
     "toy": ["TrainConfig.backbone = 'toy'", "ToyBackbone.size = 16", "ToyBackbone.hidden = 32"],
-    "shapes": ["include 'backbones/shapes.gin'"],
+    "shapes": [f"include '{ROOT / 'experiments/shapes/world.gin'}'", "TrainConfig.eval_every = 0",
+               "TrainConfig.sample_every = 0", "TrainConfig.tensorboard = False"],
 }
 
 

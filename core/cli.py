@@ -90,7 +90,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from mixgrpo.core.pretrain import run_pretrain
+    from mixgrpo.plugins.world.pretrain import run_pretrain
 
     run_pretrain(args.config, list(args.gin or []))
     return 0

@@ -27,8 +27,10 @@ class TrainConfig:
 
     Components (registered names; see ``mixgrpo plugins``):
         backbone, sde_sampler, pre_solver (ODE before the window), post_solver (ODE after it, e.g.
-        ``dpmsolver++`` for Flash), schedule, objective, prompt_set; rewards: {name: weight} trained
-        on; eval_rewards: names scored on held-out prompts but never trained on.
+        ``dpmsolver++`` for Flash), eval_solver (the ODE solver of held-out evaluation and sample
+        grids: the same for every method, so that base models compare equal), schedule, objective,
+        prompt_set; rewards: {name: weight} trained on; eval_rewards: names scored on held-out
+        prompts but never trained on.
     Sampling:
         num_steps (T), shift (s), grid (``static``|``dynamic``|``diffusers``), compression (Flash
         ratio r for the post-window grid, or None), shared_noise (same x_T within a group).
@@ -41,13 +43,16 @@ class TrainConfig:
     Bookkeeping:
         seed, output_dir, eval_every / eval_prompts / eval_seeds (held-out evaluation with the ODE),
         sample_every / sample_prompts (image grids at fixed prompts and seeds), checkpoint_every,
-        ratio_tolerance (warn when the on-policy ratio deviates from 1 by more), progress (bars).
+        ratio_tolerance (warn when the on-policy ratio deviates from 1 by more), progress (bars),
+        tensorboard (also log metrics to TensorBoard in ``output_dir/tensorboard`` through
+        accelerate's tracker, when the ``tensorboard`` package is installed).
     """
 
     backbone: str = "toy"
     sde_sampler: str = "sde.flow"
     pre_solver: str = "euler"
     post_solver: str = "euler"
+    eval_solver: str = "euler"
     schedule: str = "progressive"
     objective: str = "mixgrpo"
     prompt_set: str = "shapes"
@@ -82,6 +87,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     ratio_tolerance: float = 1e-3
     progress: bool = True
+    tensorboard: bool = True
 
     def components(self) -> list[tuple[str, str]]:
         """``(kind, name)`` of every component this config selects."""
@@ -90,6 +96,7 @@ class TrainConfig:
             ("sampler", self.sde_sampler),
             ("sampler", self.pre_solver),
             ("sampler", self.post_solver),
+            ("sampler", self.eval_solver),
             ("schedule", self.schedule),
             ("objective", self.objective),
             ("prompt_set", self.prompt_set),

@@ -36,12 +36,14 @@ class Trainer:
         self.config = config
         self.pm = pm or get_plugin_manager()
         config.validate(self.pm)
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.out = Path(config.output_dir)
+        self.accelerator = accelerator or _make_accelerator(config, self.out)
         c = config
         self.backbone = self.pm.create("backbone", c.backbone)
         self.sde_sampler = self.pm.create("sampler", c.sde_sampler)
         self.pre_solver = self.pm.create("sampler", c.pre_solver)
         self.post_solver = self.pm.create("sampler", c.post_solver)
+        self.eval_solver = self.pm.create("sampler", c.eval_solver)
         self.schedule = self.pm.create("schedule", c.schedule)
         self.objective = self.pm.create("objective", c.objective, weights=dict(c.rewards))
         self.prompt_set = self.pm.create("prompt_set", c.prompt_set)
@@ -56,7 +58,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay,
                                            betas=tuple(c.adam_betas))
         self.backbone.module, self.optimizer = self.accelerator.prepare(self.backbone.module, self.optimizer)
-        self.out = Path(c.output_dir)
         self.start_iteration = 0
         world = self.accelerator.num_processes
         if c.prompts_per_iteration % world:
@@ -140,6 +141,8 @@ class Trainer:
                 path = ckpt.save(self, self.out / "checkpoints", k + 1)
                 if acc.is_main_process:
                     self.pm.on_checkpoint(trainer=self, path=path)
+        if self.accelerator.trackers:
+            self.accelerator.end_training()  # flush and close the TensorBoard writer
         return history
 
     def _evaluate_and_sample(self, iteration: int, metrics: dict[str, Any]) -> None:
@@ -152,7 +155,7 @@ class Trainer:
 
             prompts = self.prompt_set("eval", c.sample_prompts, c.seed)
             images = sample_ode(self.backbone, prompts, [c.seed] * len(prompts), setup=self.setup,
-                                solver=self.post_solver, batch_size=c.rollout_batch_size)
+                                solver=self.eval_solver, batch_size=c.rollout_batch_size)
             save_sample_grid(images, prompts, self.out / "samples" / f"iter_{iteration:06d}.png")
 
     def evaluate(self) -> dict[str, float]:
@@ -163,15 +166,31 @@ class Trainer:
         all_prompts = [p for _ in seeds for p in prompts]
         all_seeds = [s for s in seeds for _ in prompts]
         images = sample_ode(self.backbone, all_prompts, all_seeds, setup=self.setup,
-                            solver=self.post_solver, batch_size=c.rollout_batch_size)
+                            solver=self.eval_solver, batch_size=c.rollout_batch_size)
         return evaluate_rewards({**self.rewards, **self.eval_only_rewards}, images, all_prompts)
 
     def _log(self, metrics: dict[str, Any]) -> None:
+        if self.accelerator.trackers:
+            self.accelerator.log({k: float(_jsonable(v)) for k, v in metrics.items()
+                                  if k != "iteration" and _jsonable(v) is not None}, step=int(metrics["iteration"]))
         if not self.accelerator.is_main_process:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({k: _jsonable(v) for k, v in metrics.items()}) + "\n")
+
+
+def _make_accelerator(config: TrainConfig, out: Path) -> Accelerator:
+    """One process on CPU or GPU by default (``accelerate launch`` for more), with TensorBoard
+    tracking in ``out/tensorboard`` when asked for and installed."""
+    from accelerate.tracking import is_tensorboard_available
+
+    tensorboard = config.tensorboard and is_tensorboard_available()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard" if tensorboard else None,
+                              project_dir=str(out))
+    if tensorboard:
+        accelerator.init_trackers("tensorboard")
+    return accelerator
 
 
 def _select_plan_rows(plan: Any, sample_ids: torch.Tensor) -> Any:

@@ -66,7 +66,12 @@ def default_device(device: str | torch.device | None) -> torch.device:
 
 
 def model_dir(path: str | os.PathLike, what: str) -> Path:
-    """The existing local directory ``path``; a clear error otherwise (nothing is downloaded)."""
+    """The existing local directory ``path`` (or ``shipped:NAME``, a model shipped in the package);
+    a clear error otherwise (nothing is downloaded)."""
+    from mixgrpo.plugins.backbones import SHIPPED_PREFIX, resolve_model_path
+
+    if str(path).startswith(SHIPPED_PREFIX):
+        return resolve_model_path(path)
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(
@@ -407,6 +412,10 @@ class FluxBackbone(DiffusersBackbone):
     def encode(self, prompts: Sequence[str]) -> Conditioning:
         """Prompts → ``Conditioning``: ``embeds`` ``[B, L, joint_attention_dim]`` (T5, or the CLIP sequence),
         ``pooled`` ``[B, pooled_projection_dim]`` (CLIP at the EOS token), ``mask`` ``[B, L]`` bool."""
+        return self.encode_with_grad(prompts)
+
+    def encode_with_grad(self, prompts: Sequence[str]) -> Conditioning:
+        """``encode`` without ``no_grad``: for pretraining the text encoder with the transformer."""
         prompts = list(prompts)
         device = self._sync_devices()
         clip = tokenize(self.tokenizer, prompts, self.clip_length)

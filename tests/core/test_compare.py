@@ -1,0 +1,164 @@
+"""``mixgrpo compare``: variants on the same prompts, seeds and budget; the report; resuming."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mixgrpo.core.compare import run_compare
+from mixgrpo.core.compare_report import predicted_ratios, summarize
+from mixgrpo.core.report import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+EXP = ROOT / "experiments"
+
+WORLD = f"""# a toy world for the comparison tests (sizes for speed only)
+include '{EXP / 'backbones/toy.gin'}'
+TrainConfig.num_steps = 6
+TrainConfig.group_size = 3
+TrainConfig.prompts_per_iteration = 2
+TrainConfig.rollout_batch_size = 6
+TrainConfig.micro_batch_size = 6
+TrainConfig.iterations = 2
+TrainConfig.learning_rate = 1e-3
+TrainConfig.progress = False
+TrainConfig.rewards = {{'shapes.preference': 1.0}}
+TrainConfig.eval_every = 1
+TrainConfig.eval_prompts = 3
+TrainConfig.eval_seeds = 2
+TrainConfig.sample_every = 2
+TrainConfig.sample_prompts = 2
+ProgressiveWindow.window_size = 2
+FixedWindow.window_size = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    (tmp / "world.gin").write_text(WORLD)
+    (tmp / "compare.gin").write_text(
+        "# two methods and one swapped component\n"
+        f"CompareConfig.base = '{tmp / 'world.gin'}'\n"
+        "CompareConfig.variants = {\n"
+        f"    'DanceGRPO': '{EXP / 'methods/dancegrpo.gin'}',\n"
+        f"    'MixGRPO': '{EXP / 'methods/mixgrpo.gin'}',\n"
+        f"    'MixGRPO w=1': ['{EXP / 'methods/mixgrpo.gin'}', 'ProgressiveWindow.window_size = 1'],\n"
+        "}\n"
+        "CompareConfig.seeds = (0, 1)\n"
+        f"CompareConfig.output_dir = '{tmp / 'out'}'\n")
+    report = run_compare(tmp / "compare.gin")
+    return tmp, report
+
+
+def _rows(out, label, seed):
+    return read_metrics(out / label.replace(" ", "_").replace("=", "_") / f"seed_{seed}" / "metrics.jsonl")
+
+
+def test_every_variant_and_seed_ran_with_the_same_prompts(comparison):
+    tmp, _ = comparison
+    out = tmp / "out"
+    for label in ("DanceGRPO", "MixGRPO", "MixGRPO_w_1"):
+        for seed in (0, 1):
+            rows = read_metrics(out / label / f"seed_{seed}" / "metrics.jsonl")
+            assert [r["iteration"] for r in rows] == [0, 1, 2]
+            assert (out / label / f"seed_{seed}" / "done.json").is_file()
+    # same seed, same base model, same evaluation prompts: the iteration-0 evaluation is identical
+    base = {label: read_metrics(out / label / "seed_0" / "metrics.jsonl")[0]["eval/shapes.preference/mean"]
+            for label in ("DanceGRPO", "MixGRPO", "MixGRPO_w_1")}
+    assert len(set(base.values())) == 1, base
+    w1 = read_metrics(out / "MixGRPO_w_1" / "seed_0" / "metrics.jsonl")
+    assert all(r["window/size"] == 1 for r in w1[1:])
+    dance = read_metrics(out / "DanceGRPO" / "seed_0" / "metrics.jsonl")
+    assert all(r["window/size"] == 0 for r in dance[1:])  # no window: every step is SDE
+
+
+def test_report_table_matches_the_metrics(comparison):
+    tmp, report = comparison
+    out = tmp / "out"
+    text = report.read_text()
+    assert (out / "reward_curves.png").stat().st_size > 10_000
+    for label, folder in (("DanceGRPO", "DanceGRPO"), ("MixGRPO", "MixGRPO"), ("MixGRPO w=1", "MixGRPO_w_1")):
+        runs = [read_metrics(out / folder / f"seed_{s}" / "metrics.jsonl") for s in (0, 1)]
+        base = [r[0]["eval/shapes.preference/mean"] for r in runs]
+        final = [r[-1]["eval/shapes.preference/mean"] for r in runs]
+        sems = [r[-1]["eval/shapes.preference/sem"] for r in runs]
+        final_sem = math.sqrt(sum(s * s for s in sems)) / 2
+        row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1].startswith(f"{sum(base) / 2:.4f} ±")
+        assert cells[2] == f"{sum(final) / 2:.4f} ± {final_sem:.4f}"
+        nfe = sum(r["perf/nfe_rollout"] for rows in runs for r in rows[1:]) / 4
+        assert float(cells[7]) == pytest.approx(nfe, abs=0.05)
+        assert (out / f"samples_{label.replace(' ', '_')}.png").is_file()
+
+
+def test_predicted_ratio_follows_nfe_accounting(comparison):
+    tmp, _ = comparison
+    out = tmp / "out"
+    runs = {label: [out / folder / f"seed_{s}" for s in (0, 1)]
+            for label, folder in (("DanceGRPO", "DanceGRPO"), ("MixGRPO", "MixGRPO"))}
+    _, table = summarize(runs, "shapes.preference")
+    ratios = predicted_ratios(table, "DanceGRPO")
+    assert ratios["DanceGRPO"] == pytest.approx((1.0, 1.0))
+    ref, mix = table["DanceGRPO"], table["MixGRPO"]
+    other = ref["iteration_s"] - ref["rollout_s"] - ref["train_s"]
+    expected = (mix["nfe_rollout"] * ref["rollout_s"] / ref["nfe_rollout"]
+                + mix["nfe_train"] * ref["train_s"] / ref["nfe_train"] + other) / ref["iteration_s"]
+    assert ratios["MixGRPO"][0] == pytest.approx(expected)
+    # the window trains 2 of 6 steps, DanceGRPO int(0.6 * 5) = 3: fewer training calls per sample
+    assert mix["nfe_train"] < ref["nfe_train"]
+    assert re.search(r"\| MixGRPO \| \d+\.\d\d \| \d+\.\d\d \|", (out / "report.md").read_text())
+
+
+def test_rerun_keeps_finished_runs(comparison, capsys):
+    tmp, _ = comparison
+    out = tmp / "out"
+    stamp = (out / "MixGRPO" / "seed_1" / "metrics.jsonl").stat().st_mtime_ns
+    run_compare(tmp / "compare.gin")
+    assert (out / "MixGRPO" / "seed_1" / "metrics.jsonl").stat().st_mtime_ns == stamp
+    assert capsys.readouterr().out.count("finished earlier, kept") == 6
+
+
+def test_cli_variant_bindings_sweep_one_component(comparison, tmp_path):
+    tmp, _ = comparison
+    cmd = [sys.executable, "-m", "mixgrpo.core.cli", "compare", str(tmp / "compare.gin"), "--output", str(tmp_path),
+           "--variant", f"euler={EXP / 'methods/mixgrpo_flash.gin'}",
+           "--variant", f"w3=TrainConfig.schedule = 'fixed';FixedWindow.window_size = 3",
+           "--gin", "TrainConfig.iterations = 1", "--gin", "CompareConfig.seeds = (0,)"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = read_metrics(tmp_path / "w3" / "seed_0" / "metrics.jsonl")
+    assert rows[-1]["window/size"] == 3 and rows[-1]["window/start"] == 0
+    flash = read_metrics(tmp_path / "euler" / "seed_0" / "metrics.jsonl")
+    assert flash[-1]["perf/nfe_rollout"] < 6  # compressed after the window
+    assert "| w3 |" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "w3" / "seed_0" / "done.json").read_text())["seconds"] > 0
+
+
+def test_unknown_variant_file_is_a_clear_error(tmp_path):
+    f = tmp_path / "c.gin"
+    f.write_text(f"CompareConfig.base = '{EXP / 'backbones/toy.gin'}'\nCompareConfig.variants = {{'x': 'nope.gin'}}\n")
+    with pytest.raises(ValueError, match="variant file 'nope.gin' not found"):
+        run_compare(f)
+
+
+def test_parallel_workers_train_the_same_runs(comparison, tmp_path):
+    tmp, _ = comparison
+    run_compare(tmp / "compare.gin", ["CompareConfig.workers = 2"], output=str(tmp_path))
+    for folder in ("DanceGRPO", "MixGRPO", "MixGRPO_w_1"):
+        for seed in (0, 1):
+            serial = read_metrics(tmp / "out" / folder / f"seed_{seed}" / "metrics.jsonl")
+            parallel = read_metrics(tmp_path / folder / f"seed_{seed}" / "metrics.jsonl")
+            for a, b in zip(serial, parallel):  # one torch thread instead of two: the last bits may differ
+                assert b["eval/shapes.preference/mean"] == pytest.approx(a["eval/shapes.preference/mean"], abs=1e-4)
+    assert (tmp_path / "report.md").is_file()
+
+
+def test_bad_worker_count_is_a_clear_error(comparison):
+    tmp, _ = comparison
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        run_compare(tmp / "compare.gin", ["CompareConfig.workers = 0"])
