@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 import gin
+
 from mixgrpo.core.config import ConfigError, TrainConfig, _search_paths, parse_gin
 from mixgrpo.core.plugins import get_plugin_manager
 

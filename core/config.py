@@ -8,15 +8,18 @@ list of valid choices.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
+import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 import gin
+
 from mixgrpo.core.plugins import PluginManager, UnknownComponentError, get_plugin_manager, unknown_message
 
 
@@ -200,6 +203,44 @@ def _parameters(factory: Any) -> list[str]:
     return [p for p in inspect.signature(target).parameters if p not in ("self", "args", "kwargs")]
 
 
+def _tolerant(exists: Any) -> Any:
+    def check(path: str) -> bool:
+        try:
+            return bool(exists(path))
+        except (TypeError, ValueError, ImportError, AttributeError):
+            return False
+
+    check._mixgrpo_tolerant = True  # type: ignore[attr-defined]
+    return check
+
+
+def _harden_gin_readers() -> None:
+    """gin's second file reader treats the head of a relative include (``runs/x.gin``) as a Python
+    package; a directory of that name in the working directory (``runs/`` is where every run writes)
+    imports as a namespace package without a file, and gin crashes with ``TypeError: expected str ...
+    not NoneType`` instead of trying the next search path. Make every existence check answer False
+    when it cannot tell."""
+    readers = gin.config._FILE_READERS
+    for i, (reader, exists) in enumerate(readers):
+        if not getattr(exists, "_mixgrpo_tolerant", False):
+            readers[i] = (reader, _tolerant(exists))
+
+
+@contextlib.contextmanager
+def _quiet_search_misses() -> Iterator[None]:
+    """gin logs an ERROR for every search path an ``include`` is not found in before the one it
+    is found in; those misses are expected, and a file found nowhere still raises."""
+    def drop(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Path not found")
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def parse_gin(config_files: Sequence[str | Path], bindings: Sequence[str] = (), pm: PluginManager | None = None,
               ) -> PluginManager:
     """Load plugins, then parse gin files and bindings (cleared first). Returns the plugin manager."""
@@ -214,7 +255,9 @@ def parse_gin(config_files: Sequence[str | Path], bindings: Sequence[str] = (), 
         for search in _search_paths(path):
             gin.add_config_file_search_path(str(search))
     try:
-        gin.parse_config_files_and_bindings([str(f) for f in config_files], list(bindings))
+        _harden_gin_readers()
+        with _quiet_search_misses():
+            gin.parse_config_files_and_bindings([str(f) for f in config_files], list(bindings))
     except (ValueError, KeyError, TypeError, OSError) as exc:
         if isinstance(exc, UnknownComponentError):
             raise

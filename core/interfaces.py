@@ -13,8 +13,9 @@ from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
 import torch
-from mixgrpo.core.types import Conditioning, SolverHistory, StepPlan, StepResult
 from torch import nn
+
+from mixgrpo.core.types import Conditioning, SolverHistory, StepPlan, StepResult
 
 
 class Backbone(ABC):

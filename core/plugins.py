@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 import gin
 import pluggy
+
 from mixgrpo.core import hookspecs
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,10 @@ def _gin_configurable(factory: Callable[..., Any]) -> Callable[..., Any]:
         return factory
     module = getattr(factory, "__module__", None) or "mixgrpo.plugins"
     try:
-        wrapped = gin.external_configurable(factory, name=factory.__name__, module=module)
+        # A plugin manager built after a parse (gin locks the config when it finalizes) still
+        # registers its components.
+        with gin.unlock_config():
+            wrapped = gin.external_configurable(factory, name=factory.__name__, module=module)
     except ValueError:  # already configurable (the plugin decorated it itself)
         wrapped = factory
     _GIN_WRAPPED[factory] = wrapped

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import attrs
 import torch
+
 from mixgrpo.core.interfaces import Backbone, Sampler
 from mixgrpo.core.sigmas import compressed_grid, sigma_grid
 from mixgrpo.core.types import Conditioning, SolverHistory, StepPlan, Trajectories

@@ -17,13 +17,14 @@ from typing import Any
 import gin
 import torch
 from accelerate import Accelerator
+from tqdm.auto import tqdm
+
 from mixgrpo.core import checkpoint as ckpt
 from mixgrpo.core.config import TrainConfig
 from mixgrpo.core.plugins import PluginManager, get_plugin_manager
 from mixgrpo.core.rollout import SamplingSetup, keyed_generator, rollout, sample_ode
 from mixgrpo.core.training import evaluate_rewards, score_rewards, train_on_trajectories
 from mixgrpo.core.types import Trajectories
-from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 

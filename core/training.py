@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+
 from mixgrpo.core.advantages import zero_std_fraction
 from mixgrpo.core.interfaces import Reward
 from mixgrpo.core.rollout import keyed_generator
@@ -18,6 +19,7 @@ from mixgrpo.core.types import Trajectories
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
     from mixgrpo.core.trainer import Trainer
 
 log = logging.getLogger(__name__)

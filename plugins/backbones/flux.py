@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
+
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import TorchBackbone
 from mixgrpo.core.types import Conditioning
-from torch import nn
 
 log = logging.getLogger(__name__)
 

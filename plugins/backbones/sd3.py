@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.types import Conditioning
 from mixgrpo.plugins.backbones.flux import (

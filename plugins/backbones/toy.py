@@ -11,10 +11,11 @@ import zlib
 from collections.abc import Sequence
 
 import torch
+from torch import nn
+
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import TorchBackbone
 from mixgrpo.core.types import Conditioning
-from torch import nn
 
 
 class _ToyNet(nn.Module):

@@ -15,6 +15,7 @@ import math
 from collections.abc import Mapping
 
 import torch
+
 from mixgrpo.core.advantages import AGGREGATES, STD_MODES, group_advantages
 from mixgrpo.core.interfaces import PolicyObjective
 from mixgrpo.core.types import StepResult

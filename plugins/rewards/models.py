@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import Reward
 

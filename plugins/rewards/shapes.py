@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import Reward
 from mixgrpo.plugins.world.shapes import (

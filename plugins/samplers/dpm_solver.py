@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import Sampler
 from mixgrpo.core.types import SolverHistory, StepResult

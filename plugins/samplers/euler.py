@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import Sampler
 from mixgrpo.core.types import SolverHistory, StepResult

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import WindowSchedule
 from mixgrpo.core.rollout import keyed_generator

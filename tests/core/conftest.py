@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+
 from mixgrpo.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from mixgrpo.core.config import load_config
 from mixgrpo.core.trainer import Trainer
 from mixgrpo.core.training import score_rewards

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from mixgrpo.core.advantages import group_advantages, local_rows, zero_std_fraction
 
 

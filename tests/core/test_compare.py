@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from mixgrpo.core.compare import run_compare
 from mixgrpo.core.compare_report import predicted_ratios, summarize
 from mixgrpo.core.report import read_metrics
@@ -127,7 +128,7 @@ def test_cli_variant_bindings_sweep_one_component(comparison, tmp_path):
     tmp, _ = comparison
     cmd = [sys.executable, "-m", "mixgrpo.core.cli", "compare", str(tmp / "compare.gin"), "--output", str(tmp_path),
            "--variant", f"euler={EXP / 'methods/mixgrpo_flash.gin'}",
-           "--variant", f"w3=TrainConfig.schedule = 'fixed';FixedWindow.window_size = 3",
+           "--variant", "w3=TrainConfig.schedule = 'fixed';FixedWindow.window_size = 3",
            "--gin", "TrainConfig.iterations = 1", "--gin", "CompareConfig.seeds = (0,)"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

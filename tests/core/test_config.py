@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gin
 import pytest
+
 from mixgrpo.core.config import ConfigError, TrainConfig, load_config, parse_gin
 from mixgrpo.core.plugins import UnknownComponentError
 
@@ -107,3 +108,13 @@ def test_cli_plugins_lists_names_by_kind():
     assert {"hpsv2", "pickscore", "shapes.composition"} <= set(sections["rewards"])
     assert {"flowgrpo", "dancegrpo", "mixgrpo"} <= set(sections["objectives"])
     assert "flux" not in sections["samplers"]
+
+
+def test_include_parses_when_cwd_has_a_directory_named_like_the_include(tmp_path, monkeypatch):
+    # `runs/` (every run's output) in the working directory imports as a namespace package; gin's
+    # package-path reader used to crash on it instead of trying the next search path.
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    parse_gin([ROOT / "experiments" / "flux_mixgrpo.gin"], DUMMY_MACROS)
+    assert TrainConfig().num_steps == 25

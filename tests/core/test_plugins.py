@@ -5,10 +5,10 @@ import re
 from pathlib import Path
 
 import pytest
-from mixgrpo.core import hookspecs
-from mixgrpo.core.plugins import KINDS, PluginManager, UnknownComponentError
 
 from mixgrpo import hookimpl
+from mixgrpo.core import hookspecs
+from mixgrpo.core.plugins import KINDS, PluginManager, UnknownComponentError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -98,3 +98,24 @@ def test_every_hook_is_documented_with_its_exact_signature():
     for name in hooks:
         params = ", ".join(inspect.signature(getattr(hookspecs, name)).parameters)
         assert re.search(rf"{name}\({re.escape(params)}\)", docs), f"{name}({params}) missing from docs/plugins.md"
+
+
+def test_a_plugin_manager_built_after_a_parse_still_registers():
+    import gin
+
+    from mixgrpo.core.config import parse_gin
+
+    parse_gin([], ["TrainConfig.iterations = 1"])  # finalizes, which locks gin's config
+
+    class Late:
+        class LateThing:
+            pass
+
+        @hookimpl
+        def register_samplers(self, register):
+            register("test.late", self.LateThing)
+
+    assert gin.config_is_locked()
+    pm = PluginManager(load_entry_points=False, plugins=[Late()])
+    assert pm.failures == []
+    assert "test.late" in pm.names("sampler")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from mixgrpo.core.rollout import SamplingSetup, rollout
 from mixgrpo.core.sigmas import num_post_window_points
 

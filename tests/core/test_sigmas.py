@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+
 from mixgrpo.core.sigmas import (
     compressed_grid,
     flux_mu,

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+
 from mixgrpo.core.trainer import Trainer
 
 from .conftest import METHODS

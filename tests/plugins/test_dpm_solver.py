@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
+
 from mixgrpo.core.plugins import PluginManager
 from mixgrpo.core.sigmas import compressed_grid, sigma_grid
 from mixgrpo.core.types import SolverHistory

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
+
 from mixgrpo.core.plugins import PluginManager
 from mixgrpo.plugins.backbones.flux import FluxBackbone, build_tiny_flux
-
 from mixgrpo.testing import BackboneContract
 
 PROMPTS = ["a red circle", "two blue squares on the left"]

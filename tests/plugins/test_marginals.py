@@ -23,6 +23,7 @@ import math
 
 import pytest
 import torch
+
 from mixgrpo.core.sigmas import sigma_grid
 from mixgrpo.plugins.samplers.euler import Euler
 from mixgrpo.plugins.samplers.sde import sde_step

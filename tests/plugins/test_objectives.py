@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from mixgrpo.core.advantages import group_advantages
 from mixgrpo.core.plugins import PluginManager
 from mixgrpo.core.types import StepResult
@@ -12,7 +13,6 @@ from mixgrpo.plugins.objectives.base import ClippedGRPO, gaussian_kl
 from mixgrpo.plugins.objectives.dancegrpo import DanceGRPO
 from mixgrpo.plugins.objectives.flowgrpo import FlowGRPO
 from mixgrpo.plugins.objectives.mixgrpo import MixGRPO
-
 from mixgrpo.testing.objectives import ObjectiveContract
 
 DEFAULTS = {

@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from mixgrpo.core.plugins import get_plugin_manager
 from mixgrpo.plugins.backbones.flux import FluxBackbone
 from mixgrpo.plugins.world.pretrain import (
@@ -16,7 +18,6 @@ from mixgrpo.plugins.world.pretrain import (
     training_batch,
 )
 from mixgrpo.plugins.world.shapes import parse_prompt, split_of
-from safetensors.torch import load_file
 
 TINY = dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, text_dim=32,
             batch_size=4, warmup_steps=1, eval_prompts=2, eval_seeds=1, eval_steps=2, progress=False)

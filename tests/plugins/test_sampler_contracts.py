@@ -5,7 +5,6 @@ from __future__ import annotations
 from mixgrpo.plugins.samplers.dpm_solver import DPMSolverPP
 from mixgrpo.plugins.samplers.euler import Euler
 from mixgrpo.plugins.samplers.sde import CPSSDE, DanceSDE, FlowSDE
-
 from mixgrpo.testing import SamplerContract
 
 

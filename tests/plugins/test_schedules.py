@@ -4,6 +4,7 @@ import math
 from collections import Counter
 
 import pytest
+
 from mixgrpo.core.plugins import PluginManager
 from mixgrpo.plugins.schedules.windows import (
     AllSteps,
@@ -13,7 +14,6 @@ from mixgrpo.plugins.schedules.windows import (
     RandomSubset,
     RandomWindow,
 )
-
 from mixgrpo.testing.schedules import ScheduleContract
 
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from mixgrpo.core.plugins import PluginManager
 from mixgrpo.core.sigmas import sigma_grid
 from mixgrpo.plugins.samplers.sde import CPSSDE, DanceSDE, FlowSDE, sde_step

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from mixgrpo.core.config import load_config, parse_gin
 from mixgrpo.core.plugins import get_plugin_manager
 from mixgrpo.core.rollout import SamplingSetup, sample_ode

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from mixgrpo.core.plugins import PluginManager
 from mixgrpo.plugins.rewards.shapes import (
     CompositionReward,
@@ -15,7 +16,6 @@ from mixgrpo.plugins.rewards.shapes import (
     relative_position,
 )
 from mixgrpo.plugins.world import shapes as S
-
 from mixgrpo.testing.rewards import RewardContract
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from mixgrpo.plugins.world import shapes as S
 
 ALL_SCENES = [s for level in S.LEVELS for split in S.SPLITS for s in S.scenes(level, split)]
