@@ -58,6 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"run directory: {trainer.out}  ({len(history)} iterations)")
         for k, v in summary.items():
             print(f"  {k} = {v:.4f}")
+    trainer.close()
     return 0
 
 

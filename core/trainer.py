@@ -142,9 +142,16 @@ class Trainer:
                 path = ckpt.save(self, self.out / "checkpoints", k + 1)
                 if acc.is_main_process:
                     self.pm.on_checkpoint(trainer=self, path=path)
-        if self.accelerator.trackers:
-            self.accelerator.end_training()  # flush and close the TensorBoard writer
+        for tracker in self.accelerator.trackers:
+            tracker.finish()  # flush and close the TensorBoard writer
         return history
+
+    def close(self) -> None:
+        """End of the process's work: every rank reaches here, then the process group is torn down
+        (a gloo/NCCL group left to the interpreter's exit can abort a rank with ``terminate called
+        without an active exception``)."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
 
     def _evaluate_and_sample(self, iteration: int, metrics: dict[str, Any]) -> None:
         c = self.config

@@ -42,6 +42,7 @@ def main(method: str, out: Path) -> None:
     torch.save({"sample_ids": sample_ids, "group_ids": group_ids, "advantages": advantages,
                 "rewards": rewards, "weights": weights, "world": acc.num_processes},
                out / f"rank{acc.process_index}.pt")
+    trainer.close()
 
 
 if __name__ == "__main__":

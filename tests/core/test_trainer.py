@@ -86,3 +86,21 @@ def test_run_directory_holds_config_metrics_samples_checkpoints(toy_config, tmp_
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["iter_000000.png", "iter_000002.png"]
     ckpt = run / "checkpoints" / "iter_000002"
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "trainer_state.json").is_file()
+
+
+def test_tensorboard_receives_every_logged_scalar(toy_config, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, pm = toy_config("mixgrpo", "TrainConfig.iterations = 2", "TrainConfig.tensorboard = True",
+                         f"TrainConfig.output_dir = '{tmp_path}/run'")
+    trainer = Trainer(cfg, pm)
+    history = trainer.train()
+    trainer.close()
+    events = list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    series = acc.Scalars("reward/shapes.preference/mean")
+    assert [s.step for s in series] == [1, 2]
+    assert [s.value for s in series] == pytest.approx([h["reward/shapes.preference/mean"] for h in history], rel=1e-6)
