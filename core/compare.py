@@ -10,7 +10,6 @@ finished, so an interrupted comparison resumes where it stopped.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ import gin
 
 from mixgrpo.core.config import ConfigError, TrainConfig, _search_paths, parse_gin
 from mixgrpo.core.plugins import get_plugin_manager
+from mixgrpo.core.report import EVAL_SCORES, slug
 
 DONE = "done.json"
 
@@ -75,10 +75,6 @@ def _variant_arg(text: str) -> tuple[str, list[str]]:
     return name.strip(), [b.strip() for b in rest.split(";") if b.strip()]
 
 
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "variant"
-
-
 def _train_config(files: Sequence[Path], base: Path, bindings: Sequence[str], seed: int, run_dir: Path,
                   pm: Any) -> TrainConfig:
     """Parse one (variant, seed) run's gin (variant files, base, bindings) into a validated config."""
@@ -105,8 +101,8 @@ def _run_one(files: Sequence[Path], base: Path, bindings: Sequence[str], seed: i
     pm = get_plugin_manager()
     config = _train_config(files, base, [*bindings, *(["TrainConfig.progress = False"] if threads else [])],
                            seed, run_dir, pm)
-    if (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()  # an unfinished run restarts cleanly
+    for name in ("metrics.jsonl", EVAL_SCORES):  # an unfinished run restarts cleanly
+        (run_dir / name).unlink(missing_ok=True)
     Trainer(config, pm).train()
     seconds = time.perf_counter() - started
     (run_dir / DONE).write_text(json.dumps({"seconds": seconds}))
@@ -131,11 +127,16 @@ def run_compare(config_file: str | Path, bindings: Sequence[str] = (), output: s
     base = _resolve(cfg.base, search)
     search += [p for p in _search_paths(base) if p not in search]  # variants may sit beside the base
     plans = {label: _split_variant(value, search) for label, value in chosen.items()}
+    folders: dict[str, str] = {}
+    for label in plans:
+        if (other := folders.setdefault(slug(label), label)) != label:
+            raise ConfigError(f"variants {other!r} and {label!r} would share the run folder {slug(label)!r} "
+                              "(labels differ only in characters outside A-Z a-z 0-9 _ . -): rename one")
     runs: dict[str, list[Path]] = {label: [] for label in plans}
     jobs = []
     for label, (files, extra) in plans.items():
         for seed in cfg.seeds:
-            run_dir = out / _slug(label) / f"seed_{seed}"
+            run_dir = out / slug(label) / f"seed_{seed}"
             runs[label].append(run_dir)
             if (run_dir / DONE).is_file():
                 print(f"[compare] {label} seed {seed}: finished earlier, kept")

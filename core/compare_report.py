@@ -10,9 +10,11 @@ from statistics import mean
 import matplotlib
 
 matplotlib.use("Agg")
+import json  # noqa: E402
+
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mixgrpo.core.report import read_metrics  # noqa: E402
+from mixgrpo.core.report import EVAL_SCORES, read_metrics, slug  # noqa: E402
 
 
 def _combine(means: list[float], sems: list[float]) -> tuple[float, float]:
@@ -32,6 +34,35 @@ def _curve(rows: list[dict], key: str) -> list[tuple[int, float, float, float, f
         if row.get(f"eval/{key}/mean") is not None:
             out.append((row["iteration"], row[f"eval/{key}/mean"], row.get(f"eval/{key}/sem") or 0.0, wall, nfe))
     return out
+
+
+def paired_gain(run_dir: Path, key: str) -> tuple[float, float, int] | None:
+    """Final minus base held-out reward of one run, image by image (the same prompts and seeds at
+    every evaluation): (mean difference, its standard error, images), or None without per-image
+    scores. Pairing removes the prompt-to-prompt spread that both evaluations share, so this SE is
+    the one that says whether training changed the model."""
+    path = run_dir / EVAL_SCORES
+    if not path.is_file():
+        return None
+    by_iter: dict[int, list[float]] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                if key in row:
+                    by_iter[int(row["iteration"])] = row[key]  # a resumed run's repeat wins
+    if 0 not in by_iter or len(by_iter) < 2:
+        return None
+    base, final = by_iter[0], by_iter[max(by_iter)]
+    if len(base) != len(final):
+        return None
+    diffs = [b - a for a, b in zip(base, final) if math.isfinite(a) and math.isfinite(b)]
+    n = len(diffs)
+    if n < 2:
+        return None
+    m = sum(diffs) / n
+    sd = math.sqrt(sum((d - m) ** 2 for d in diffs) / (n - 1))
+    return m, sd / math.sqrt(n), n
 
 
 def _pick_metric(rows: list[dict]) -> str:
@@ -54,11 +85,16 @@ def summarize(runs: dict[str, list[Path]], metric: str | None = None) -> tuple[s
         iters = [r for rows in per_seed for r in rows if "perf/iteration_s" in r]
         base = _combine([c[0][1] for c in curves], [c[0][2] for c in curves])
         final = _combine([c[-1][1] for c in curves], [c[-1][2] for c in curves])
+        paired = [paired_gain(d, metric) for d in dirs if (d / "metrics.jsonl").is_file()]
+        paired_ok = [p for p in paired if p is not None]
+        paired_gain_ = (_combine([p[0] for p in paired_ok], [p[1] for p in paired_ok])
+                        if paired_ok and len(paired_ok) == len(paired) else None)
         table[label] = {
             "curves": curves,
             "base": base,
             "final": final,
             "gain": (final[0] - base[0], math.hypot(final[1], base[1])),
+            "paired_gain": paired_gain_,
             "iteration_s": mean(r["perf/iteration_s"] for r in iters),
             "rollout_s": mean(r["perf/rollout_s"] for r in iters),
             "train_s": mean(r["perf/train_s"] for r in iters),
@@ -123,8 +159,9 @@ def write_report(out: Path, runs: dict[str, list[Path]], metric: str | None = No
     lines = [
         "# Comparison report", "",
         f"Held-out reward: `{metric}` on evaluation prompts never trained on, deterministic ODE sampling at "
-        f"fixed seeds; ± is the standard error over evaluation prompts and {next(iter(table.values()))['seeds']} "
-        "training seeds. Timings are means over all iterations of all seeds on this machine.", "",
+        f"fixed seeds; ± is the standard error over evaluation prompts × sampling seeds (pooled over "
+        f"{next(iter(table.values()))['seeds']} training seed(s)). Timings are means over all iterations of all "
+        "seeds on this machine.", "",
         "| variant | base | final | gain | s / iteration | rollout s | train s | NFE rollout | NFE train "
         "| wall-clock s |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -132,9 +169,22 @@ def write_report(out: Path, runs: dict[str, list[Path]], metric: str | None = No
     for label, r in table.items():
         lines.append(
             f"| {label} | {r['base'][0]:.4f} ± {r['base'][1]:.4f} | {r['final'][0]:.4f} ± {r['final'][1]:.4f} | "
-            f"{r['gain'][0]:+.4f} ± {r['gain'][1]:.4f} | {r['iteration_s']:.2f} | {r['rollout_s']:.2f} | "
+            f"{r['gain'][0]:+.4f} | {r['iteration_s']:.2f} | {r['rollout_s']:.2f} | "
             f"{r['train_s']:.2f} | {r['nfe_rollout']:.1f} | {r['nfe_train']:.1f} | {r['wall_s']:.0f} |"
         )
+    lines += ["", "## Did training change the held-out reward?", "",
+              "Gain = final − base. *Against the curves' SE*: the gain in units of the final evaluation's standard "
+              "error (over prompts and seeds, as in the table); above 2 means the final mean lies more than two of "
+              "those SEs above the base. *Paired*: the per-image difference between the final and base evaluations "
+              "(the same prompts and seeds), mean ± its SE, which removes the prompt-to-prompt spread both "
+              "evaluations share.", "",
+              "| variant | gain | gain / SE of the curve | paired gain ± SE | paired z |", "|---|---|---|---|---|"]
+    for label, r in table.items():
+        g, se = r["gain"][0], r["final"][1]
+        pg = r["paired_gain"]
+        paired = f"{pg[0]:+.4f} ± {pg[1]:.4f} | {pg[0] / pg[1]:+.1f}" if pg and pg[1] > 0 else "n/a | n/a"
+        lines.append(f"| {label} | {g:+.4f} | {g / se:+.1f} | {paired} |" if se > 0 else
+                     f"| {label} | {g:+.4f} | n/a | {paired} |")
     lines += ["", f"## Iteration time against NFE accounting (relative to {reference})", "",
               "Predicted: the reference's measured cost of one rollout call and one training call, priced at each "
               "variant's NFE. Measured: the ratio of mean iteration times.", "",
@@ -144,9 +194,9 @@ def write_report(out: Path, runs: dict[str, list[Path]], metric: str | None = No
     for label, dirs in runs.items():
         grids = sorted((dirs[0] / "samples").glob("iter_*.png")) if dirs else []
         if grids:
-            name = f"samples_{label.replace(' ', '_').replace('/', '_')}.png"
+            name = f"samples_{slug(label)}.png"
             shutil.copyfile(grids[-1], out / name)
-            first = f"samples_{label.replace(' ', '_').replace('/', '_')}_base.png"
+            first = f"samples_{slug(label)}_base.png"
             shutil.copyfile(grids[0], out / first)
             lines += [f"**{label}**: before / after", "", f"![{label} base]({first}) ![{label}]({name})", ""]
     report = out / "report.md"

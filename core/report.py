@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,18 @@ def save_sample_grid(images: torch.Tensor, captions: Sequence[str], path: Path, 
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+#: per-image held-out scores of every evaluation of a run: one JSON line per evaluation,
+#: ``{"iteration": k, "<reward name>": [score per image, ...]}``
+EVAL_SCORES = "eval_scores.jsonl"
+
+
+def slug(label: str) -> str:
+    """A variant label as a file name: every run of characters outside ``A-Z a-z 0-9 _ . -``
+    becomes ``_`` (so ``MixGRPO-Flash*`` and ``MixGRPO-Flash`` stay apart)."""
+    out = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+    return out if out.strip("_.") else "variant"
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from mixgrpo.core import checkpoint as ckpt
 from mixgrpo.core.config import TrainConfig
 from mixgrpo.core.plugins import PluginManager, get_plugin_manager
+from mixgrpo.core.report import EVAL_SCORES
 from mixgrpo.core.rollout import SamplingSetup, keyed_generator, rollout, sample_ode
 from mixgrpo.core.training import evaluate_rewards, score_rewards, train_on_trajectories
 from mixgrpo.core.types import Trajectories
@@ -157,7 +158,12 @@ class Trainer:
         c = self.config
         self.backbone.module.eval()
         if c.eval_every:
-            metrics.update(self.evaluate())
+            scores: dict[str, list[float]] = {}
+            metrics.update(self.evaluate(scores))
+            if self.accelerator.is_main_process:
+                self.out.mkdir(parents=True, exist_ok=True)
+                with open(self.out / EVAL_SCORES, "a") as f:
+                    f.write(json.dumps({"iteration": iteration, **scores}) + "\n")
         if c.sample_every and self.accelerator.is_main_process:
             from mixgrpo.core.report import save_sample_grid
 
@@ -166,8 +172,10 @@ class Trainer:
                                 solver=self.eval_solver, batch_size=c.rollout_batch_size)
             save_sample_grid(images, prompts, self.out / "samples" / f"iter_{iteration:06d}.png")
 
-    def evaluate(self) -> dict[str, float]:
-        """Held-out rewards with deterministic ODE sampling: ``eval/<name>/mean`` and ``/sem``."""
+    def evaluate(self, scores: dict[str, list[float]] | None = None) -> dict[str, float]:
+        """Held-out rewards with deterministic ODE sampling: ``eval/<name>/mean`` and ``/sem``.
+
+        The same prompts and seeds every time; ``scores`` (optional) receives the per-image scores."""
         c = self.config
         prompts = self.prompt_set("eval", c.eval_prompts, c.seed + 1)
         seeds = [c.seed + 1000 * s for s in range(c.eval_seeds)]
@@ -175,7 +183,7 @@ class Trainer:
         all_seeds = [s for s in seeds for _ in prompts]
         images = sample_ode(self.backbone, all_prompts, all_seeds, setup=self.setup,
                             solver=self.eval_solver, batch_size=c.rollout_batch_size)
-        return evaluate_rewards({**self.rewards, **self.eval_only_rewards}, images, all_prompts)
+        return evaluate_rewards({**self.rewards, **self.eval_only_rewards}, images, all_prompts, scores)
 
     def _log(self, metrics: dict[str, Any]) -> None:
         if self.accelerator.trackers:

@@ -58,11 +58,18 @@ def score_rewards(rewards: Mapping[str, Reward], images: torch.Tensor, prompts: 
     return scores, metrics
 
 
-def evaluate_rewards(rewards: Mapping[str, Reward], images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
-    """``eval/<name>/mean`` and ``eval/<name>/sem`` (standard error over the evaluated images)."""
+def evaluate_rewards(rewards: Mapping[str, Reward], images: torch.Tensor, prompts: Sequence[str],
+                     scores: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """``eval/<name>/mean`` and ``eval/<name>/sem`` (standard error over the evaluated images).
+
+    ``scores``, when given, receives each reward's per-image scores (NaN for a failed image), in
+    the order of ``images``: the same prompts and seeds at every evaluation make them pairable.
+    """
     out: dict[str, float] = {}
     for name, reward in rewards.items():
         s = call_reward(reward, name, images, prompts)
+        if scores is not None:
+            scores[name] = [float(v) for v in s.float().cpu()]
         ok = s[~s.isnan()]
         n = ok.numel()
         out[f"eval/{name}/mean"] = ok.mean().item() if n else float("nan")

@@ -94,7 +94,7 @@ def test_report_table_matches_the_metrics(comparison):
         assert cells[2] == f"{sum(final) / 2:.4f} ± {final_sem:.4f}"
         nfe = sum(r["perf/nfe_rollout"] for rows in runs for r in rows[1:]) / 4
         assert float(cells[7]) == pytest.approx(nfe, abs=0.05)
-        assert (out / f"samples_{label.replace(' ', '_')}.png").is_file()
+        assert (out / f"samples_{folder}.png").is_file() and (out / f"samples_{folder}_base.png").is_file()
 
 
 def test_predicted_ratio_follows_nfe_accounting(comparison):
@@ -163,3 +163,63 @@ def test_bad_worker_count_is_a_clear_error(comparison):
     tmp, _ = comparison
     with pytest.raises(ValueError, match="workers must be >= 1"):
         run_compare(tmp / "compare.gin", ["CompareConfig.workers = 0"])
+
+
+def test_eval_scores_are_per_image_and_pair_base_with_final(comparison):
+    import numpy as np
+
+    from mixgrpo.core.compare_report import paired_gain
+
+    tmp, report = comparison
+    text = report.read_text()
+    gains, sems = [], []
+    for seed in (0, 1):
+        run = tmp / "out" / "MixGRPO" / f"seed_{seed}"
+        rows = read_metrics(run / "metrics.jsonl")
+        lines = [json.loads(x) for x in (run / "eval_scores.jsonl").read_text().splitlines()]
+        assert [x["iteration"] for x in lines] == [0, 1, 2]
+        for line, row in zip(lines, rows):
+            scores = np.asarray(line["shapes.preference"], dtype=np.float64)
+            assert scores.shape == (3 * 2,)  # eval prompts × eval seeds
+            assert scores.mean() == pytest.approx(row["eval/shapes.preference/mean"], rel=1e-5)
+        diff = np.asarray(lines[-1]["shapes.preference"]) - np.asarray(lines[0]["shapes.preference"])
+        got = paired_gain(run, "shapes.preference")
+        assert got[0] == pytest.approx(diff.mean(), abs=1e-9)
+        assert got[1] == pytest.approx(diff.std(ddof=1) / np.sqrt(diff.size), rel=1e-9)
+        assert got[2] == 6
+        gains.append(got[0])
+        sems.append(got[1])
+    row = next(line for line in text.splitlines() if line.startswith("| MixGRPO |") and "±" in line
+               and line.count("|") == 6)
+    expected = f"{np.mean(gains):+.4f} ± {np.sqrt(sems[0] ** 2 + sems[1] ** 2) / 2:.4f}"
+    assert expected in row, (expected, row)
+
+
+def test_paired_gain_takes_the_repeat_of_a_resumed_run_and_skips_failed_images(tmp_path):
+    from mixgrpo.core.compare_report import paired_gain
+
+    lines = [{"iteration": 0, "r": [0.1, 0.2, 0.3, float("nan")]},
+             {"iteration": 5, "r": [9.0, 9.0, 9.0, 9.0]},  # superseded by the resumed run's repeat
+             {"iteration": 5, "r": [0.2, 0.4, 0.3, 0.5]}]
+    (tmp_path / "eval_scores.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    mean, sem, n = paired_gain(tmp_path, "r")
+    diffs = [0.1, 0.2, 0.0]
+    m = sum(diffs) / 3
+    assert n == 3 and mean == pytest.approx(m)
+    assert sem == pytest.approx(math.sqrt(sum((d - m) ** 2 for d in diffs) / 2 / 3))
+    assert paired_gain(tmp_path, "other") is None
+    (tmp_path / "eval_scores.jsonl").write_text(json.dumps(lines[1]) + "\n")
+    assert paired_gain(tmp_path, "r") is None  # no base evaluation to pair with
+
+
+def test_labels_that_differ_only_in_symbols_get_their_own_folders_or_a_clear_error(comparison, tmp_path):
+    from mixgrpo.core.config import ConfigError
+    from mixgrpo.core.report import slug
+
+    assert slug("MixGRPO-Flash*") != slug("MixGRPO-Flash")  # once both wrote into one folder
+    assert slug("MixGRPO w=1") == "MixGRPO_w_1" and slug("***") == "variant"
+    tmp, _ = comparison
+    with pytest.raises(ConfigError, match="would share the run folder 'a_b'.*rename one"):
+        run_compare(tmp / "compare.gin", output=str(tmp_path),
+                    variants=[f"a b={EXP / 'methods/mixgrpo.gin'}", f"a/b={EXP / 'methods/mixgrpo.gin'}"])
+    assert not any(tmp_path.iterdir()), "nothing may run before the labels are checked"
