@@ -176,8 +176,9 @@ def write_report(out: Path, runs: dict[str, list[Path]], metric: str | None = No
               "Gain = final − base. *Against the curves' SE*: the gain in units of the final evaluation's standard "
               "error (over prompts and seeds, as in the table); above 2 means the final mean lies more than two of "
               "those SEs above the base. *Paired*: the per-image difference between the final and base evaluations "
-              "(the same prompts and seeds), mean ± its SE, which removes the prompt-to-prompt spread both "
-              "evaluations share.", "",
+              "(the same prompts and seeds), mean ± its SE: it removes the prompt-to-prompt spread both "
+              "evaluations share, so it is smaller than the curve's SE when training changes images a little, and "
+              "about equal when it redraws them.", "",
               "| variant | gain | gain / SE of the curve | paired gain ± SE | paired z |", "|---|---|---|---|---|"]
     for label, r in table.items():
         g, se = r["gain"][0], r["final"][1]

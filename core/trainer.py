@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from mixgrpo.core import checkpoint as ckpt
 from mixgrpo.core.config import TrainConfig
 from mixgrpo.core.plugins import PluginManager, get_plugin_manager
-from mixgrpo.core.report import EVAL_SCORES
 from mixgrpo.core.rollout import SamplingSetup, keyed_generator, rollout, sample_ode
 from mixgrpo.core.training import evaluate_rewards, score_rewards, train_on_trajectories
 from mixgrpo.core.types import Trajectories
@@ -161,6 +160,8 @@ class Trainer:
             scores: dict[str, list[float]] = {}
             metrics.update(self.evaluate(scores))
             if self.accelerator.is_main_process:
+                from mixgrpo.core.report import EVAL_SCORES  # matplotlib loads only when reporting
+
                 self.out.mkdir(parents=True, exist_ok=True)
                 with open(self.out / EVAL_SCORES, "a") as f:
                     f.write(json.dumps({"iteration": iteration, **scores}) + "\n")
