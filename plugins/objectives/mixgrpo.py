@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.plugins.objectives.base import ClippedGRPO
 
@@ -14,24 +12,9 @@ class MixGRPO(ClippedGRPO):
     weighted AVERAGE of the per-reward advantages (weights normalized to sum to 1; the paper
     writes a sum, K× larger); advantages clipped to ±5; ratio clip 1e-4; no KL.
 
-    Args: as ``ClippedGRPO``, with defaults ``std="group"``, ``ddof=1``, ``eps=1e-8``,
+    Args and defaults: ``ClippedGRPO``'s, which are this method's: ``std="group"``, ``ddof=1``, ``eps=1e-8``,
     ``aggregate="advantage"``, ``adv_clip=5.0``, ``clip_range=1e-4``, ``kl_beta=0.0``.
     """
-
-    def __init__(
-        self,
-        std: str = "group",
-        ddof: float = 1,
-        eps: float = 1e-8,
-        aggregate: str = "advantage",
-        weights: Mapping[str, float] | None = None,
-        adv_clip: float | None = 5.0,
-        clip_range: float = 1e-4,
-        kl_beta: float = 0.0,
-        kl_include_dt: bool = False,
-    ) -> None:
-        super().__init__(std=std, ddof=ddof, eps=eps, aggregate=aggregate, weights=weights, adv_clip=adv_clip,
-                         clip_range=clip_range, kl_beta=kl_beta, kl_include_dt=kl_include_dt)
 
 
 @hookimpl

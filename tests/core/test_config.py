@@ -118,3 +118,14 @@ def test_include_parses_when_cwd_has_a_directory_named_like_the_include(tmp_path
     monkeypatch.syspath_prepend(str(tmp_path))
     parse_gin([ROOT / "experiments" / "flux_mixgrpo.gin"], DUMMY_MACROS)
     assert TrainConfig().num_steps == 25
+
+
+def test_objectives_sharing_one_init_are_configured_apart():
+    # MixGRPO and DanceGRPO inherit ClippedGRPO.__init__; a binding on one must not reach the other
+    pm = parse_gin([], ["MixGRPO.clip_range = 0.2", "DanceGRPO.adv_clip = 3.0", "FlowGRPO.kl_beta = 0.5"])
+    mix, dance, flow = (pm.create("objective", n) for n in ("mixgrpo", "dancegrpo", "flowgrpo"))
+    assert (mix.clip_range, mix.adv_clip) == (0.2, 5.0)
+    assert (dance.clip_range, dance.adv_clip) == (1e-4, 3.0)
+    assert (flow.kl_beta, flow.clip_range) == (0.5, 1e-4)
+    with pytest.raises(ConfigError, match="clip_range"):
+        parse_gin([], ["MixGRPO.clip_rnge = 0.2"])
