@@ -45,7 +45,8 @@ class TrainConfig:
         learning_rate, weight_decay, adam_betas, max_grad_norm, iterations.
     Bookkeeping:
         seed, output_dir, eval_every / eval_prompts / eval_seeds (held-out evaluation with the ODE),
-        sample_every / sample_prompts (image grids at fixed prompts and seeds), checkpoint_every,
+        sample_every / sample_prompts (image grids at fixed prompts and seeds; both also at iteration
+        0 and at the last iteration), checkpoint_every,
         ratio_tolerance (warn when the on-policy ratio deviates from 1 by more), progress (bars),
         tensorboard (also log metrics to TensorBoard in ``output_dir/tensorboard`` through
         accelerate's tracker, when the ``tensorboard`` package is installed).

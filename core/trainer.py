@@ -131,8 +131,11 @@ class Trainer:
                    total=c.iterations)
         for k in bar:
             metrics = {"iteration": k + 1, **self.iteration(k)}
-            if (c.eval_every and (k + 1) % c.eval_every == 0) or (c.sample_every and (k + 1) % c.sample_every == 0):
-                self._evaluate_and_sample(k + 1, metrics)
+            last = k + 1 == c.iterations  # the final model is always evaluated and drawn
+            due_eval = bool(c.eval_every) and ((k + 1) % c.eval_every == 0 or last)
+            due_sample = bool(c.sample_every) and ((k + 1) % c.sample_every == 0 or last)
+            if due_eval or due_sample:
+                self._evaluate_and_sample(k + 1, metrics, evaluate=due_eval, sample=due_sample)
             self._log(metrics)
             history.append(metrics)
             self.pm.on_iteration_end(trainer=self, iteration=k + 1, metrics=metrics)
@@ -153,10 +156,11 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
 
-    def _evaluate_and_sample(self, iteration: int, metrics: dict[str, Any]) -> None:
+    def _evaluate_and_sample(self, iteration: int, metrics: dict[str, Any], evaluate: bool = True,
+                             sample: bool = True) -> None:
         c = self.config
         self.backbone.module.eval()
-        if c.eval_every:
+        if c.eval_every and evaluate:
             scores: dict[str, list[float]] = {}
             metrics.update(self.evaluate(scores))
             if self.accelerator.is_main_process:
@@ -165,7 +169,7 @@ class Trainer:
                 self.out.mkdir(parents=True, exist_ok=True)
                 with open(self.out / EVAL_SCORES, "a") as f:
                     f.write(json.dumps({"iteration": iteration, **scores}) + "\n")
-        if c.sample_every and self.accelerator.is_main_process:
+        if c.sample_every and sample and self.accelerator.is_main_process:
             from mixgrpo.core.report import save_sample_grid
 
             prompts = self.prompt_set("eval", c.sample_prompts, c.seed)

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from mixgrpo.core.report import read_metrics
 from mixgrpo.core.trainer import Trainer
 
 from .conftest import METHODS
@@ -104,3 +105,17 @@ def test_tensorboard_receives_every_logged_scalar(toy_config, tmp_path):
     series = acc.Scalars("reward/shapes.preference/mean")
     assert [s.step for s in series] == [1, 2]
     assert [s.value for s in series] == pytest.approx([h["reward/shapes.preference/mean"] for h in history], rel=1e-6)
+
+
+def test_evaluations_and_grids_follow_their_own_intervals_and_the_last_iteration(toy_config, tmp_path):
+    cfg, pm = toy_config("mixgrpo", "TrainConfig.iterations = 5", "TrainConfig.eval_every = 2",
+                         "TrainConfig.sample_every = 3", "TrainConfig.eval_prompts = 2", "TrainConfig.eval_seeds = 2",
+                         "TrainConfig.sample_prompts = 2", f"TrainConfig.output_dir = '{tmp_path}/run'")
+    Trainer(cfg, pm).train()
+    run = tmp_path / "run"
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["iteration"] for r in rows if "eval/shapes.preference/mean" in r] == [0, 2, 4, 5]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "iter_000000.png", "iter_000003.png", "iter_000005.png"]
+    scored = [json.loads(x)["iteration"] for x in (run / "eval_scores.jsonl").read_text().splitlines()]
+    assert scored == [0, 2, 4, 5]
