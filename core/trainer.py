@@ -124,7 +124,8 @@ class Trainer:
             self.start_iteration = ckpt.resume(self, self.out / "checkpoints")
         history: list[dict[str, float]] = []
         if self.start_iteration == 0 and (c.eval_every or c.sample_every):
-            self._evaluate_and_sample(0, history_row := {"iteration": 0})
+            self._evaluate_and_sample(0, history_row := {"iteration": 0}, evaluate=bool(c.eval_every),
+                                      sample=bool(c.sample_every))
             self._log(history_row)
         bar = tqdm(range(self.start_iteration, c.iterations), desc=f"{c.objective}", unit="it",
                    disable=not (c.progress and acc.is_main_process), initial=self.start_iteration,
@@ -154,13 +155,12 @@ class Trainer:
         (a gloo/NCCL group left to the interpreter's exit can abort a rank with ``terminate called
         without an active exception``)."""
         self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
+        self.accelerator.state.destroy_process_group()  # trackers were finished by train()
 
-    def _evaluate_and_sample(self, iteration: int, metrics: dict[str, Any], evaluate: bool = True,
-                             sample: bool = True) -> None:
+    def _evaluate_and_sample(self, iteration: int, metrics: dict[str, Any], evaluate: bool, sample: bool) -> None:
         c = self.config
         self.backbone.module.eval()
-        if c.eval_every and evaluate:
+        if evaluate:
             scores: dict[str, list[float]] = {}
             metrics.update(self.evaluate(scores))
             if self.accelerator.is_main_process:
@@ -169,7 +169,7 @@ class Trainer:
                 self.out.mkdir(parents=True, exist_ok=True)
                 with open(self.out / EVAL_SCORES, "a") as f:
                     f.write(json.dumps({"iteration": iteration, **scores}) + "\n")
-        if c.sample_every and sample and self.accelerator.is_main_process:
+        if sample and self.accelerator.is_main_process:
             from mixgrpo.core.report import save_sample_grid
 
             prompts = self.prompt_set("eval", c.sample_prompts, c.seed)
