@@ -1,10 +1,20 @@
-"""Atomic checkpoints and resume.
+"""Atomic checkpoints and resume, the same for one process, DDP and FSDP.
 
-A checkpoint is ``checkpoints/iter_XXXXXX/``: accelerate's state (weights as safetensors, optimizer,
-RNG) plus ``trainer_state.json``. It is written to a temporary folder and renamed into place, then
-``checkpoints/latest`` is replaced atomically, so a crash mid-write never leaves a half checkpoint
-that resume would pick up. Windows, prompts and noise are pure functions of (seed, iteration), so
-the iteration number is all the extra state resume needs.
+A checkpoint is ``checkpoints/iter_XXXXXX/``:
+
+* ``model.safetensors``: the trainable parameters (all weights of a full fine-tune, the adapters of
+  a LoRA run), whole (gathered from the shards of an FSDP run), fp32, by their names in the unwrapped
+  network;
+* ``optimizer.safetensors`` + ``optimizer.json``: the AdamW state of those parameters (whole, by
+  parameter name) and the optimizer's parameter groups;
+* ``ema.safetensors`` when the run keeps a moving average of the weights;
+* ``trainer_state.json``: format version, iteration, seed, objective, EMA step count.
+
+Nothing is pickled, and a checkpoint of an FSDP run loads into a one-process run and the other way
+round (the layout does not depend on how the run was spread). It is written to a temporary folder
+and renamed into place, then ``checkpoints/latest`` is replaced atomically, so a crash mid-write
+never leaves a half checkpoint that resume would pick up. Windows, prompts and noise are pure
+functions of (seed, iteration), so the iteration number is all the extra state resume needs.
 """
 
 from __future__ import annotations
@@ -13,25 +23,72 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mixgrpo.core.parallel import full_tensor, is_sharded
 
 if TYPE_CHECKING:
     from mixgrpo.core.trainer import Trainer
 
 STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+OPTIMIZER_GROUPS = "optimizer.json"
+EMA_FILE = "ema.safetensors"
+FORMAT = 2
+_SEP = "::"  # optimizer tensors are stored as "<parameter name>::<state key>"
+
+
+def _options(**kw: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def _torch_optimizer(trainer: Trainer) -> torch.optim.Optimizer:
+    opt = trainer.optimizer
+    return getattr(opt, "optimizer", opt)  # accelerate's wrapper holds the torch optimizer
+
+
+def trainable_names(trainer: Trainer) -> list[str]:
+    """Names of the trainable parameters in the unwrapped network, in optimizer order."""
+    return [name for name, p in trainer.backbone.unwrapped().named_parameters() if p.requires_grad]
 
 
 def save(trainer: Trainer, root: Path, iteration: int) -> Path:
+    """Write checkpoint ``iter_<iteration>`` under ``root`` (every process must call it)."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
     acc = trainer.accelerator
     final = root / f"iter_{iteration:06d}"
     tmp = root / f".tmp_iter_{iteration:06d}"
     if acc.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp), safe_serialization=True)
+        tmp.mkdir()
+    # collectives under FSDP: every process takes part, the main process receives the whole tensors
+    model = trainer.backbone.unwrapped()
+    options = _options(cpu_offload=True, ignore_frozen_params=True)
+    weights = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, _torch_optimizer(trainer), options=options)
+    ema = None
+    if trainer.ema is not None:
+        names = trainable_names(trainer)
+        ema = {n: full_tensor(t).cpu() for n, t in zip(names, trainer.ema.shadow, strict=True)}
     if acc.is_main_process:
-        state = {"iteration": iteration, "seed": trainer.config.seed, "objective": trainer.config.objective}
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / MODEL_FILE))
+        tensors = {f"{name}{_SEP}{key}": torch.as_tensor(value).contiguous()
+                   for name, state in optim["state"].items() for key, value in state.items()}
+        save_file(tensors, str(tmp / OPTIMIZER_FILE))
+        (tmp / OPTIMIZER_GROUPS).write_text(json.dumps({"param_groups": optim["param_groups"]}, indent=1))
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / EMA_FILE))
+        c = trainer.config
+        state = {"format": FORMAT, "iteration": iteration, "seed": c.seed, "objective": c.objective,
+                 "ema_steps": trainer.ema.num_steps if trainer.ema is not None else None}
         (tmp / STATE_FILE).write_text(json.dumps(state))
         if final.exists():
             shutil.rmtree(final)
@@ -51,14 +108,79 @@ def latest(root: Path) -> Path | None:
     return path if (path / STATE_FILE).is_file() else None
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """``trainer_state.json`` of checkpoint ``path``; a clear error for a folder that is not a
+    checkpoint of this format."""
+    file = path / STATE_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a mixgrpo checkpoint (no {STATE_FILE})")
+    state = json.loads(file.read_text())
+    if state.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path} has format {state.get('format', 1)}, this mixgrpo reads format "
+                         f"{FORMAT} (weights, optimizer and EMA as safetensors); it was written by an older "
+                         f"version: resume it with that version, or start a new run")
+    return state
+
+
+def load_weights(trainer: Trainer, path: Path) -> dict[str, Any]:
+    """Load the trainable weights of checkpoint ``path`` into the trainer's network (and its EMA);
+    returns the checkpoint's state. Every process must call it."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    state = read_state(path)
+    names = trainable_names(trainer)
+    weights = load_file(str(path / MODEL_FILE))
+    missing, unexpected = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} holds the weights of another model or fine-tuning mode "
+                         f"(missing {missing[:3]}{'…' if len(missing) > 3 else ''}, unexpected "
+                         f"{unexpected[:3]}{'…' if len(unexpected) > 3 else ''}): check the backbone and lora_rank")
+    set_model_state_dict(trainer.backbone.unwrapped(), weights, options=_options(strict=False))
+    if trainer.ema is not None:
+        file = path / EMA_FILE
+        if not file.is_file():
+            raise ValueError(f"checkpoint {path} has no {EMA_FILE}: it comes from a run without an EMA "
+                             f"(TrainConfig.ema_decay); resume with the same config")
+        averages = load_file(str(file))
+        for name, avg in zip(names, trainer.ema.shadow, strict=True):
+            _copy_full_into(avg, averages[name])
+        trainer.ema.num_steps = int(state["ema_steps"])
+    return state
+
+
 def resume(trainer: Trainer, root: Path) -> int:
-    """Load the latest checkpoint under ``root``; returns the iteration to continue from (0 if none)."""
+    """Load the latest checkpoint under ``root`` (weights, optimizer, EMA); returns the iteration to
+    continue from (0 if there is none)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
     path = latest(root)
     if path is None:
         return 0
-    state = json.loads((path / STATE_FILE).read_text())
+    state = read_state(path)
     if state.get("seed") != trainer.config.seed:
         raise ValueError(f"checkpoint {path} was written with seed {state.get('seed')} but the config has seed "
                          f"{trainer.config.seed}; resume with the same config or use a new output_dir")
-    trainer.accelerator.load_state(str(path))
+    load_weights(trainer, path)
+    tensors = load_file(str(path / OPTIMIZER_FILE))
+    per_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, field = key.split(_SEP)
+        per_param.setdefault(name, {})[field] = value
+    groups = json.loads((path / OPTIMIZER_GROUPS).read_text())["param_groups"]
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    set_optimizer_state_dict(trainer.backbone.unwrapped(), _torch_optimizer(trainer),
+                             {"state": per_param, "param_groups": groups}, options=_options())
     return int(state["iteration"])
+
+
+def _copy_full_into(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a whole tensor into ``dst``, which may be this process's shard of a sharded tensor."""
+    if is_sharded(dst):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full.to(dst.device_mesh.device_type), dst.device_mesh, dst.placements)
+    dst.copy_(full.to(dst.dtype))

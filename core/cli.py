@@ -72,13 +72,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         path = Path(args.checkpoint)
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint folder {path} not found")
-        trainer.accelerator.load_state(str(path))
+        ckpt.load_weights(trainer, path)
     elif (found := ckpt.latest(trainer.out / "checkpoints")) is not None:
-        trainer.accelerator.load_state(str(found))
+        ckpt.load_weights(trainer, found)
         print(f"evaluating {found}")
     else:
         print("no checkpoint given or found: evaluating the base model")
-    results = trainer.evaluate()
+    with trainer.evaluation_weights():
+        results = trainer.evaluate()
     print(json.dumps(results, indent=2))
     return 0
 

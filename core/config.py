@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import gin
 
+from mixgrpo.core.parallel import PARALLELISMS
 from mixgrpo.core.plugins import PluginManager, UnknownComponentError, get_plugin_manager, unknown_message
 
 
@@ -42,12 +43,20 @@ class TrainConfig:
         rollout_batch_size (samples per model call in rollouts), micro_batch_size (samples per
         backward pass), num_minibatches (optimizer steps per iteration).
     Optimisation:
-        learning_rate, weight_decay, adam_betas, max_grad_norm, iterations.
+        learning_rate, weight_decay, adam_betas, max_grad_norm, iterations; ema_decay (None: no
+        moving average; else the EMA of the trainable weights that evaluation and sample grids
+        use, FlowGRPO's 0.9) and ema_interval (optimizer steps between EMA updates, FlowGRPO's 8).
+    Scale:
+        parallelism: ``"auto"`` (FSDP when accelerate was launched with an FSDP config, else DDP),
+        ``"ddp"`` or ``"fsdp"`` (full fine-tuning only; see ``mixgrpo.core.parallel``).
     Bookkeeping:
-        seed, output_dir, eval_every / eval_prompts / eval_seeds (held-out evaluation with the ODE),
+        seed (of everything random in a run: prompts, noise, schedules, minibatches), output_dir,
+        eval_every / eval_prompts / eval_seeds / eval_num_steps (held-out evaluation with the ODE,
+        on a grid of eval_num_steps steps; None: the training grid's T),
         sample_every / sample_prompts (image grids at fixed prompts and seeds; both also at iteration
         0 and at the last iteration), checkpoint_every,
-        ratio_tolerance (warn when the on-policy ratio deviates from 1 by more), progress (bars),
+        ratio_tolerance (warn when the on-policy ratio deviates from 1 by more; None: a tenth of the
+        objective's clip range), progress (bars),
         tensorboard (also log metrics to TensorBoard in ``output_dir/tensorboard`` through
         accelerate's tracker, when the ``tensorboard`` package is installed).
     """
@@ -80,16 +89,20 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = 1.0
     iterations: int = 300
+    ema_decay: float | None = None
+    ema_interval: int = 1
+    parallelism: str = "auto"
 
     seed: int = 0
     output_dir: str = "runs/default"
     eval_every: int = 0
     eval_prompts: int = 16
     eval_seeds: int = 2
+    eval_num_steps: int | None = None
     sample_every: int = 0
     sample_prompts: int = 8
     checkpoint_every: int = 0
-    ratio_tolerance: float = 1e-3
+    ratio_tolerance: float | None = None
     progress: bool = True
     tensorboard: bool = True
 
@@ -121,6 +134,11 @@ class TrainConfig:
             raise ValueError("TrainConfig.rewards is empty: name at least one reward to train on")
         if self.num_minibatches > self.prompts_per_iteration * self.group_size:
             raise ValueError("TrainConfig.num_minibatches exceeds the number of samples per iteration")
+        if self.eval_num_steps is not None and self.eval_num_steps < 1:
+            raise ValueError(f"TrainConfig.eval_num_steps must be >= 1 or None, got {self.eval_num_steps}")
+        if self.parallelism not in PARALLELISMS:
+            raise ValueError(f"TrainConfig.parallelism must be one of {', '.join(PARALLELISMS)}, "
+                             f"got {self.parallelism!r}")
 
 
 class ConfigError(ValueError):

@@ -49,6 +49,9 @@ class Backbone(ABC):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the policy optimizer updates (all, or only LoRA adapters)."""
 
+    def freeze_reference(self) -> None:
+        """Fix the weights ``reference()`` uses to the current ones (called before any update)."""
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
         """Inside this context ``velocity`` uses the frozen base model (for the KL term)."""
@@ -59,13 +62,20 @@ class Backbone(ABC):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    @property
+    def calls_per_velocity(self) -> int:
+        """Network evaluations per ``velocity`` call: 1, or 2 with classifier-free guidance (the
+        conditional and the unconditional branch). The NFE metrics count network evaluations."""
+        return 1
+
 
 class TorchBackbone(Backbone):
     """A ``Backbone`` whose trainable network is ``self.module`` (an ``nn.Module``).
 
-    The trainer may replace ``module`` by a wrapped version (DDP/FSDP through accelerate); subclasses
-    therefore always call ``self.module`` and never keep another reference to it. The frozen
-    reference is the adapter-disabled network under peft, else a frozen copy made on first use.
+    The trainer may replace ``module`` by a wrapped version (DDP through accelerate) or shard it in
+    place (FSDP); subclasses therefore always call ``self.module`` and never keep another reference
+    to it. The frozen reference is the adapter-disabled network under peft, else a frozen copy of
+    the weights taken by ``freeze_reference`` (the trainer takes it before any update or resume).
     """
 
     module: nn.Module
@@ -84,6 +94,14 @@ class TorchBackbone(Backbone):
             module = module.module
         return module
 
+    def freeze_reference(self) -> None:
+        """Keep the current weights as the frozen reference of ``reference()`` (the trainer calls it
+        before any update or resume, so the reference is the base model). Nothing to keep under
+        peft, where the reference is the network with its adapters disabled."""
+        base = self.unwrapped()
+        if self._reference_module is None and not hasattr(base, "disable_adapter"):
+            self._reference_module = copy.deepcopy(base).requires_grad_(False).eval()
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
         base = self.unwrapped()
@@ -91,8 +109,7 @@ class TorchBackbone(Backbone):
             with base.disable_adapter():
                 yield
             return
-        if self._reference_module is None:
-            self._reference_module = copy.deepcopy(base).requires_grad_(False).eval()
+        self.freeze_reference()  # a direct caller that never froze one: the weights as they are now
         live = self.module
         self.module = self._reference_module
         try:
@@ -141,14 +158,14 @@ class Sampler(ABC):
 class WindowSchedule(ABC):
     """Which steps are SDE and which are trained at iteration k: a pure function of (k, seed)."""
 
-    seed: int = 0
-
     @abstractmethod
-    def plan(self, iteration: int, num_steps: int, num_samples: int = 1) -> StepPlan:
+    def plan(self, iteration: int, num_steps: int, num_samples: int = 1, seed: int = 0) -> StepPlan:
         """The ``StepPlan`` of iteration ``iteration`` (0-based) on a grid of ``num_steps`` steps.
 
         ``num_samples`` matters only to schedules that train a per-sample random subset; the
-        subset of global sample n is the same on every process.
+        subset of global sample n is the same on every process. ``seed`` is the run's seed: every
+        random draw of a schedule comes from it (and the iteration), so two runs with different
+        seeds draw differently and a resumed run draws what it would have drawn.
         """
 
 

@@ -182,7 +182,7 @@ def rollout(
         latents=x.float(),
         images=images.float(),
         cond=cond,
-        nfe=(sigmas.numel() - 1) * getattr(backbone, "calls_per_velocity", 1),
+        nfe=(sigmas.numel() - 1) * backbone.calls_per_velocity,
         seed=seed,
     )
 

@@ -6,6 +6,7 @@ plugins a gin recipe selects, never in branches here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -14,15 +15,19 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import attrs
 import gin
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from mixgrpo.core import checkpoint as ckpt
 from mixgrpo.core.config import TrainConfig
+from mixgrpo.core.ema import EMA
+from mixgrpo.core.parallel import clip_grad_norm, resolve_parallelism, shard
 from mixgrpo.core.plugins import PluginManager, get_plugin_manager
-from mixgrpo.core.rollout import SamplingSetup, keyed_generator, rollout, sample_ode
+from mixgrpo.core.rollout import SamplingSetup, rollout, sample_ode
 from mixgrpo.core.training import evaluate_rewards, score_rewards, train_on_trajectories
 from mixgrpo.core.types import Trajectories
 
@@ -53,24 +58,71 @@ class Trainer:
                                   if name not in self.rewards}
         self.setup = SamplingSetup(num_steps=c.num_steps, shift=c.shift, grid=c.grid,
                                    compression=c.compression, shared_noise=c.shared_noise)
+        # evaluation and sample grids: the ODE on their own grid (FlowGRPO evaluates SD3.5 at 40 steps)
+        self.eval_setup = attrs.evolve(self.setup, num_steps=c.eval_num_steps or c.num_steps, compression=None)
+        world = self.accelerator.num_processes
+        _check_batch_layout(c, world)
+        if self.objective.uses_reference:
+            self.backbone.freeze_reference()  # the base weights, before any resume or update
+        self.parallelism = resolve_parallelism(
+            c.parallelism, self.accelerator.distributed_type == DistributedType.FSDP)
+        if self.parallelism == "fsdp":
+            self._shard_backbone()
         params = self.backbone.trainable_parameters()
         if not params:
             raise ValueError(f"backbone {c.backbone!r} has no trainable parameters")
         self.optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay,
                                            betas=tuple(c.adam_betas))
-        self.backbone.module, self.optimizer = self.accelerator.prepare(self.backbone.module, self.optimizer)
+        if self.parallelism == "ddp":
+            self.backbone.module, self.optimizer = self.accelerator.prepare(self.backbone.module, self.optimizer)
+        self.ema = EMA(self.backbone.trainable_parameters(), c.ema_decay, c.ema_interval) if c.ema_decay else None
         self.start_iteration = 0
-        world = self.accelerator.num_processes
-        if c.prompts_per_iteration % world:
-            raise ValueError(f"prompts_per_iteration={c.prompts_per_iteration} must be divisible by the "
-                             f"number of processes ({world}) so that every process holds whole groups")
+
+    def _shard_backbone(self) -> None:
+        if getattr(self.backbone, "lora_rank", 0) > 0:
+            raise ValueError("FSDP is for full fine-tuning; LoRA runs train with DDP (the adapters are small): "
+                             "launch with experiments/accelerate/ddp.yaml or set TrainConfig.parallelism = 'ddp'")
+        module = self.backbone.module
+        compute = getattr(self.backbone, "dtype", torch.float32)
+        self.backbone.module = shard(module, compute, self.backbone.device)
+
+    # -- what the optimisation loop needs from the parallel layout ------------------------------
+    @property
+    def ratio_tolerance(self) -> float:
+        """The on-policy ratio deviation that warns: ``TrainConfig.ratio_tolerance``, by default a
+        tenth of the objective's clip range (a larger deviation would clip transitions unseen)."""
+        c = self.config
+        return c.ratio_tolerance if c.ratio_tolerance is not None else self.objective.clip_range / 10
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Accumulate gradients locally (DDP); FSDP reduce-scatters every micro-batch, which keeps
+        the gradients sharded."""
+        if self.parallelism == "fsdp":
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.backbone.module)
+
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
+        if self.parallelism == "fsdp":
+            return clip_grad_norm(params, max_norm)
+        return float(self.accelerator.clip_grad_norm_(params, max_norm))
+
+    def all_processes(self, flag: bool) -> bool:
+        """True when ``flag`` holds on every process (so all take the same decision)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return flag
+        failed = acc.reduce(torch.tensor([0.0 if flag else 1.0], device=acc.device), reduction="sum")
+        return float(failed) == 0.0
+
+    def after_optimizer_step(self) -> None:
+        if self.ema is not None:
+            self.ema.step(self.backbone.trainable_parameters())
 
     # -- one iteration -------------------------------------------------------------------------
     def local_batch(self, iteration: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """This process's prompts, global group ids and global sample ids for ``iteration``."""
         c, acc = self.config, self.accelerator
-        prompt_seed = int(torch.randint(2**31 - 1, (1,), generator=keyed_generator(c.seed, iteration, "prompts")))
-        prompts = self.prompt_set("train", c.prompts_per_iteration, prompt_seed)
+        prompts = self.prompt_set("train", c.prompts_per_iteration, c.seed, iteration=iteration)
         groups = [g for g in range(c.prompts_per_iteration) if g % acc.num_processes == acc.process_index]
         group_ids = torch.tensor([g for g in groups for _ in range(c.group_size)])
         sample_ids = torch.tensor([g * c.group_size + j for g in groups for j in range(c.group_size)])
@@ -80,7 +132,7 @@ class Trainer:
         c = self.config
         t0 = time.perf_counter()
         prompts, group_ids, sample_ids = self.local_batch(k)
-        plan = self.schedule.plan(k, c.num_steps, c.prompts_per_iteration * c.group_size)
+        plan = self.schedule.plan(k, c.num_steps, c.prompts_per_iteration * c.group_size, seed=c.seed)
         if plan.per_sample:  # keep this process's rows of a per-sample plan
             plan = _select_plan_rows(plan, sample_ids)
         self.backbone.module.eval()
@@ -98,7 +150,7 @@ class Trainer:
         window = plan.window or (-1, 0)
         metrics.update({
             "window/start": float(window[0]), "window/size": float(window[1]),
-            "perf/nfe_rollout": float(traj.nfe), "perf/nfe_train": train_metrics.pop("_nfe_train", 0.0),
+            "perf/nfe_rollout": float(traj.nfe),
             "perf/rollout_s": t1 - t0, "perf/reward_s": t2 - t1, "perf/train_s": t3 - t2,
             "perf/iteration_s": t3 - t0, "perf/peak_mem_gb": _peak_mem_gb(),
         })
@@ -158,8 +210,18 @@ class Trainer:
         self.accelerator.state.destroy_process_group()  # trackers were finished by train()
 
     def _evaluate_and_sample(self, iteration: int, metrics: dict[str, Any], evaluate: bool, sample: bool) -> None:
-        c = self.config
         self.backbone.module.eval()
+        with self.evaluation_weights():
+            self._evaluate_and_sample_now(iteration, metrics, evaluate, sample)
+
+    def evaluation_weights(self) -> contextlib.AbstractContextManager:
+        """The weights held-out numbers are reported for: the EMA when the run keeps one."""
+        if self.ema is None:
+            return contextlib.nullcontext()
+        return self.ema.applied(self.backbone.trainable_parameters())
+
+    def _evaluate_and_sample_now(self, iteration: int, metrics: dict[str, Any], evaluate: bool, sample: bool) -> None:
+        c = self.config
         if evaluate:
             scores: dict[str, list[float]] = {}
             metrics.update(self.evaluate(scores))
@@ -173,7 +235,7 @@ class Trainer:
             from mixgrpo.core.report import save_sample_grid
 
             prompts = self.prompt_set("eval", c.sample_prompts, c.seed)
-            images = sample_ode(self.backbone, prompts, [c.seed] * len(prompts), setup=self.setup,
+            images = sample_ode(self.backbone, prompts, [c.seed] * len(prompts), setup=self.eval_setup,
                                 solver=self.eval_solver, batch_size=c.rollout_batch_size)
             save_sample_grid(images, prompts, self.out / "samples" / f"iter_{iteration:06d}.png")
 
@@ -186,7 +248,7 @@ class Trainer:
         seeds = [c.seed + 1000 * s for s in range(c.eval_seeds)]
         all_prompts = [p for _ in seeds for p in prompts]
         all_seeds = [s for s in seeds for _ in prompts]
-        images = sample_ode(self.backbone, all_prompts, all_seeds, setup=self.setup,
+        images = sample_ode(self.backbone, all_prompts, all_seeds, setup=self.eval_setup,
                             solver=self.eval_solver, batch_size=c.rollout_batch_size)
         return evaluate_rewards({**self.rewards, **self.eval_only_rewards}, images, all_prompts, scores)
 
@@ -214,9 +276,19 @@ def _make_accelerator(config: TrainConfig, out: Path) -> Accelerator:
     return accelerator
 
 
-def _select_plan_rows(plan: Any, sample_ids: torch.Tensor) -> Any:
-    import attrs
+def _check_batch_layout(c: TrainConfig, world: int) -> None:
+    """Whole groups on every process, and minibatches that split each process's samples evenly."""
+    if c.prompts_per_iteration % world:
+        raise ValueError(f"prompts_per_iteration={c.prompts_per_iteration} must be divisible by the "
+                         f"number of processes ({world}) so that every process holds whole groups")
+    local = c.prompts_per_iteration // world * c.group_size
+    if local % c.num_minibatches:
+        raise ValueError(f"num_minibatches={c.num_minibatches} must divide the {local} samples each process holds "
+                         f"per iteration ({c.prompts_per_iteration} prompts x group_size {c.group_size} over "
+                         f"{world} process(es)), so that every optimizer step averages the same number of samples")
 
+
+def _select_plan_rows(plan: Any, sample_ids: torch.Tensor) -> Any:
     rows = tuple(plan.train_steps[int(s)] for s in sample_ids)
     return attrs.evolve(plan, train_steps=rows)
 

@@ -114,13 +114,15 @@ def train_on_trajectories(trainer: Trainer, traj: Trajectories, advantages: torc
     The samples are split into ``num_minibatches`` minibatches (one optimizer step each). Each step
     averages the loss over its (sample, trained step) pairs. The first minibatch runs before any
     update, so its ratios must be 1: that is the on-policy check (``policy/onpolicy_ratio_dev``).
+    A minibatch whose loss or gradient norm is not finite takes no optimizer step (its gradient
+    never reaches the weights or the optimizer state) and is counted in ``policy/skipped_steps``.
     """
     c, acc, objective = trainer.config, trainer.accelerator, trainer.objective
     n = len(traj)
     mask = traj.plan.train_mask(n)
     order = torch.randperm(n, generator=keyed_generator(c.seed, iteration, "minibatches"))
     sums: dict[str, float] = defaultdict(float)
-    items, first_dev, grad_norms = 0, 0.0, []
+    items, first_dev, grad_norms, skipped = 0, 0.0, [], 0
     params = trainer.backbone.trainable_parameters()
     for mb_index, mb in enumerate(order.chunk(c.num_minibatches)):
         chunks = _micro_batches(traj, mb.sort().values, mask, c.micro_batch_size)
@@ -128,32 +130,46 @@ def train_on_trajectories(trainer: Trainer, traj: Trajectories, advantages: torc
         if total == 0:
             continue
         trainer.optimizer.zero_grad(set_to_none=True)
+        loss_finite = True
         for j, (step, rows) in enumerate(chunks):
             last = j == len(chunks) - 1
-            with contextlib.nullcontext() if last else acc.no_sync(trainer.backbone.module):
+            with contextlib.nullcontext() if last else trainer.no_sync():
                 log_prob, kl = recompute_log_prob(trainer, traj, step, rows)
                 old = traj.log_prob[rows, traj.slot(step)].to(log_prob.device)
                 terms, stats = objective.loss(log_prob, old, advantages[rows].to(log_prob.device), kl)
-                acc.backward(terms.sum() / total)
+                loss = terms.sum() / total
+                loss_finite &= bool(torch.isfinite(loss.detach()))
+                acc.backward(loss)
             for key, value in stats.items():
                 sums[key] += float(value.detach().float().sum())
             items += len(rows)
             if mb_index == 0:
                 first_dev = max(first_dev, float((stats["ratio"] - 1).abs().max()))
-        grad_norms.append(float(acc.clip_grad_norm_(params, c.max_grad_norm)))
+        grad_norm = trainer.clip_grad_norm(params, c.max_grad_norm)
+        if not (math.isfinite(grad_norm) and trainer.all_processes(loss_finite)):
+            trainer.optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            log.warning("iteration %d, minibatch %d: non-finite %s; the optimizer step is skipped",
+                        iteration, mb_index, "loss" if not loss_finite else f"gradient norm ({grad_norm})")
+            continue
+        grad_norms.append(grad_norm)
         trainer.optimizer.step()
-    if first_dev > c.ratio_tolerance:
-        log.warning("on-policy ratio deviates from 1 by %.2e before the first update (tolerance %.0e): "
-                    "rollout and training compute different log-probs", first_dev, c.ratio_tolerance)
-    calls = getattr(trainer.backbone, "calls_per_velocity", 1) * (2 if objective.uses_reference else 1)
+        trainer.after_optimizer_step()
+    tolerance = trainer.ratio_tolerance
+    if first_dev > tolerance:
+        log.warning("on-policy ratio deviates from 1 by %.2e before the first update (tolerance %.0e, a tenth "
+                    "of the clip range by default): rollout and training compute different log-probs",
+                    first_dev, tolerance)
+    calls = trainer.backbone.calls_per_velocity * (2 if objective.uses_reference else 1)
     mean = {k: v / max(items, 1) for k, v in sums.items()}
     return {
         "policy/ratio_mean": mean.get("ratio", float("nan")),
         "policy/clipfrac": mean.get("clipped", float("nan")),
         "policy/approx_kl": mean.get("approx_kl", float("nan")),
         "policy/onpolicy_ratio_dev": first_dev,
-        "policy/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+        "policy/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+        "policy/skipped_steps": float(skipped),
         "loss/policy": mean.get("policy", float("nan")),
         "loss/kl": mean.get("kl", 0.0),
-        "_nfe_train": calls * items / max(n, 1),
+        "perf/nfe_train": calls * items / max(n, 1),
     }

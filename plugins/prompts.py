@@ -1,15 +1,19 @@
 """Prompt sets: the procedural shapes world and plain text files.
 
-A prompt set is called as ``prompts(split, count, seed) -> list[str]``; ``split`` is ``"train"``
-or ``"eval"`` and the two never share a prompt.
+A prompt set is called as ``prompts(split, count, seed, iteration=None) -> list[str]``; ``split``
+is ``"train"`` or ``"eval"`` and the two never share a prompt. The trainer asks for the training
+prompts of iteration k with the run's seed and ``iteration=k``; evaluation asks without an
+iteration and gets the same prompts every time.
 """
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
+import torch
+
 from mixgrpo.core.hookspecs import hookimpl
+from mixgrpo.core.rollout import keyed_generator
 
 SPLITS = ("train", "eval")
 
@@ -30,10 +34,13 @@ class ShapesPrompts:
     def __init__(self, levels: tuple[int, ...] = (1, 2, 3, 4)) -> None:
         self.levels = tuple(levels)
 
-    def __call__(self, split: str, count: int, seed: int) -> list[str]:
+    def __call__(self, split: str, count: int, seed: int, iteration: int | None = None) -> list[str]:
+        """``count`` generated prompts; with ``iteration``, those of that iteration of run ``seed``."""
         _check_split(split)
         from mixgrpo.plugins.world.shapes import sample_prompts
 
+        if iteration is not None:
+            seed = int(torch.randint(2**31 - 1, (1,), generator=keyed_generator(seed, iteration, "prompts")))
         return sample_prompts(split, count, seed, levels=self.levels)
 
 
@@ -65,13 +72,24 @@ class FilePrompts:
             raise FileNotFoundError(f"prompt file {path!r} not found")
         return [line.strip() for line in p.read_text().splitlines() if line.strip()]
 
-    def __call__(self, split: str, count: int, seed: int) -> list[str]:
+    def __call__(self, split: str, count: int, seed: int, iteration: int | None = None) -> list[str]:
+        """Evaluation: the first ``count`` held-out prompts, in file order (cycled when short), the
+        same every time. Training: iteration k takes the next ``count`` prompts of the run's stream,
+        the concatenation of one random permutation of the file per epoch (keyed by the run's seed
+        and the epoch), so every prompt is drawn once per epoch and none twice within one."""
         _check_split(split)
-        pool = self.train if split == "train" else self.eval
-        rng = random.Random(seed)
         if split == "eval":  # a fixed, ordered selection so evaluations compare like with like
-            return [pool[k % len(pool)] for k in range(count)]
-        return [rng.choice(pool) for _ in range(count)]
+            return [self.eval[k % len(self.eval)] for k in range(count)]
+        size = len(self.train)
+        start = (iteration or 0) * count
+        epochs: dict[int, list[int]] = {}
+        out = []
+        for position in range(start, start + count):
+            epoch = position // size
+            if epoch not in epochs:
+                epochs[epoch] = torch.randperm(size, generator=keyed_generator(seed, "prompts", epoch)).tolist()
+            out.append(self.train[epochs[epoch][position % size]])
+        return out
 
 
 @hookimpl

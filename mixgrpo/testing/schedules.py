@@ -17,7 +17,8 @@ Checked for several grid sizes T and iterations (ALGORITHMS.md §4, §5):
   samples were planned (batch layout independence);
 - the last step T−1 (into σ = 0) is not trained, except by a full window that reached the end of
   the grid (the paper clamps the window start at T − w);
-- a windowed plan's ``window = (start, size)`` lies in the grid and holds every SDE step.
+- a windowed plan's ``window = (start, size)`` lies in the grid and holds every SDE step;
+- randomness comes only from the run seed passed to ``plan(..., seed=...)``.
 
 Override ``grid_sizes``, ``iterations`` or ``num_samples`` to adapt the problem (e.g. T ≥ w).
 """
@@ -37,13 +38,15 @@ class ScheduleContract:
     iterations: tuple[int, ...] = (0, 1, 3, 24, 25, 26, 99, 300, 7, 1000)
     #: samples per plan (matters only to per-sample schedules)
     num_samples: int = 5
+    #: the run seed passed to ``plan`` (a schedule's randomness comes from it, never from its constructor)
+    seed: int = 5
 
     def make_schedule(self) -> WindowSchedule:
         """Return the schedule under test (override in the subclass)."""
         raise NotImplementedError(f"{type(self).__name__} must override make_schedule()")
 
     def _plans(self, schedule: WindowSchedule, num_steps: int) -> list[StepPlan]:
-        return [schedule.plan(k, num_steps, self.num_samples) for k in self.iterations]
+        return [schedule.plan(k, num_steps, self.num_samples, seed=self.seed) for k in self.iterations]
 
     # -- shape of a plan -----------------------------------------------------------------------
     def test_plan_is_a_step_plan_for_the_grid(self):
@@ -91,11 +94,11 @@ class ScheduleContract:
     def test_per_sample_rows(self):
         schedule = self.make_schedule()
         for num_steps in self.grid_sizes:
-            plan = schedule.plan(2, num_steps, self.num_samples)
+            plan = schedule.plan(2, num_steps, self.num_samples, seed=self.seed)
             if not plan.per_sample:
                 continue
             assert len(plan.train_steps) == self.num_samples
-            bigger = schedule.plan(2, num_steps, self.num_samples + 3)
+            bigger = schedule.plan(2, num_steps, self.num_samples + 3, seed=self.seed)
             assert bigger.train_steps[: self.num_samples] == plan.train_steps
 
     # -- purity --------------------------------------------------------------------------------
@@ -103,11 +106,22 @@ class ScheduleContract:
         for num_steps in self.grid_sizes:
             schedule = self.make_schedule()
             forward = self._plans(schedule, num_steps)
-            backward = [schedule.plan(k, num_steps, self.num_samples) for k in reversed(self.iterations)]
+            backward = [schedule.plan(k, num_steps, self.num_samples, seed=self.seed)
+                        for k in reversed(self.iterations)]
             assert forward == backward[::-1]
-            schedule.plan(5, num_steps, self.num_samples)
-            after = schedule.plan(3, num_steps, self.num_samples)
-            assert after == self.make_schedule().plan(3, num_steps, self.num_samples)
+            schedule.plan(5, num_steps, self.num_samples, seed=self.seed)
+            after = schedule.plan(3, num_steps, self.num_samples, seed=self.seed)
+            assert after == self.make_schedule().plan(3, num_steps, self.num_samples, seed=self.seed)
+
+    def test_plans_depend_on_the_run_seed_alone(self):
+        # the seed is the run's: plans for another seed are valid plans, and drawing them does
+        # not change the plans of this seed (no state carried from one call to the next)
+        for num_steps in self.grid_sizes:
+            schedule = self.make_schedule()
+            mine = self._plans(schedule, num_steps)
+            for plan in (schedule.plan(k, num_steps, self.num_samples, seed=self.seed + 1) for k in self.iterations):
+                assert plan.num_steps == num_steps and set(plan.all_train_steps()) <= set(plan.sde_steps)
+            assert self._plans(schedule, num_steps) == mine
 
     def test_same_arguments_give_the_same_plans(self):
         # two instances stand for two processes (or a run and its resumption)

@@ -46,6 +46,7 @@ DTYPES = {
 FLUX_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")  # ids 0..3
 DEFAULTS_FILE = "mixgrpo.json"
+CFG_GRADIENTS = ("conditional", "both")
 
 
 # -- helpers shared with the sd3 backbone ----------------------------------------------------------
@@ -184,22 +185,48 @@ class DiffusersBackbone(TorchBackbone):
     frozen: dict[str, nn.Module]
     _negative: Conditioning | None = None
 
+    def _set_guidance(self, cfg_scale: float, cfg_gradient: str) -> None:
+        if cfg_gradient not in CFG_GRADIENTS:
+            raise ValueError(f"cfg_gradient must be one of {', '.join(CFG_GRADIENTS)}, got {cfg_gradient!r}")
+        self.cfg_scale, self.cfg_gradient = float(cfg_scale), cfg_gradient
+
+    @property
+    def calls_per_velocity(self) -> int:
+        return 2 if self.cfg_scale > 1.0 else 1
+
+    @staticmethod
+    def transformer_load_dtype(dtype: torch.dtype, lora_rank: int) -> torch.dtype:
+        """The dtype the transformer's weights are held in: fp32 master weights when they train
+        (full fine-tuning), the compute dtype when they are frozen under LoRA (whose adapters peft
+        keeps in fp32). The forward runs in the compute dtype under autocast either way."""
+        return torch.float32 if lora_rank == 0 else dtype
+
     def _setup_transformer(self, transformer: nn.Module, device: torch.device, lora_rank: int,
                            lora_alpha: float | None, lora_targets: Sequence[str] | None,
                            gradient_checkpointing: bool) -> None:
+        if lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        held = self.transformer_load_dtype(self.dtype, lora_rank)
+        if next(transformer.parameters()).dtype != held:  # loaded in another dtype by the caller
+            transformer.to(dtype=held)
         transformer.to(device).eval()
         if lora_rank > 0:
             transformer = add_lora(transformer, lora_rank, lora_alpha, lora_targets or self.default_lora_targets)
-        elif lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
         else:
             transformer.requires_grad_(True)
         self.lora_rank = lora_rank
         self.module = transformer
         for m in self.frozen.values():
             m.requires_grad_(False).eval().to(device)
+
+    def freeze_reference(self) -> None:
+        """The frozen copy of a full fine-tune is held in the compute dtype (its forward runs in it
+        anyway), half the memory of the fp32 master weights."""
+        super().freeze_reference()
+        if self._reference_module is not None:
+            self._reference_module.to(self.dtype)
 
     def _sync_devices(self) -> torch.device:
         """Frozen components follow the transformer (which the trainer may move)."""
@@ -224,7 +251,13 @@ class DiffusersBackbone(TorchBackbone):
         return self._negative
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """``v ≈ ε − x0`` ``[B, *latent_shape]`` fp32; with ``cfg_scale > 1`` one doubled batch (2 NFE)."""
+        """``v ≈ ε − x0`` ``[B, *latent_shape]`` fp32; with ``cfg_scale > 1`` one doubled batch (2 NFE).
+
+        The transformer runs under autocast in the compute dtype (its trainable weights are fp32
+        master weights). With guidance and gradients enabled, ``cfg_gradient="conditional"`` (the
+        default, FlowGRPO's) detaches the unconditional branch, so ``dv/dθ = s·dv_c/dθ``; ``"both"``
+        lets the gradient through both branches (``s·dv_c − (s−1)·dv_u``). The value is the same.
+        """
         batch = x.shape[0]
         device = self.device
         t = self._timestep(sigma.to(device), batch)
@@ -235,9 +268,12 @@ class DiffusersBackbone(TorchBackbone):
             embeds = torch.cat([neg.embeds.to(self.dtype).expand(batch, -1, -1), embeds])
             pooled = torch.cat([neg.pooled.to(self.dtype).expand(batch, -1), pooled])
             x, t = torch.cat([x, x]), torch.cat([t, t])
-        v = self._forward(x, t, embeds, pooled).float()
+        with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            v = self._forward(x, t, embeds, pooled).float()
         if self.cfg_scale > 1.0:
             v_uncond, v_cond = v.chunk(2)
+            if self.cfg_gradient == "conditional":
+                v_uncond = v_uncond.detach()
             v = v_uncond + self.cfg_scale * (v_cond - v_uncond)
         return v
 
@@ -293,14 +329,19 @@ class FluxBackbone(DiffusersBackbone):
         height, width: image size in pixels. Default: ``mixgrpo.json`` in ``path`` if present,
             else 32 in pixel space and 1024 with a VAE. Must be multiples of the patch size in
             pixel space (of 2× the VAE's downsampling factor with a VAE).
-        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the transformer, text encoders and VAE
-            run in it. Step math stays fp32: ``velocity`` casts its inputs to this dtype and
-            returns fp32.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the compute dtype. Text encoders and
+            VAE are held and run in it; the transformer runs in it under autocast, while its trainable
+            weights (full fine-tuning) stay fp32 master weights, so that small updates and weight
+            decay are not rounded away (LoRA: the frozen base is held in this dtype, the adapters in
+            fp32). Step math stays fp32: ``velocity`` returns fp32.
         guidance: the embedded guidance value passed to guidance-distilled transformers
             (``transformer.config.guidance_embeds``, FLUX.1-dev); ignored otherwise.
         cfg_scale: true classifier-free guidance against the empty prompt when > 1:
             ``v = v_u + s·(v_c − v_u)``. ``velocity`` then runs a doubled batch, so every model call
             costs two network evaluations (NFE doubles).
+        cfg_gradient: with guidance, ``"conditional"`` (default) trains through the conditional
+            branch only (the unconditional prediction is detached, as FlowGRPO does); ``"both"``
+            differentiates the guided velocity through both branches.
         timestep_quantization: None feeds the network the exact σ; an integer q feeds
             ``floor(q·σ)/q`` (q = 1000 reproduces the MixGRPO/DanceGRPO references).
         max_sequence_length: T5 tokens per prompt (77; FLUX.1-dev is usually run with 512).
@@ -316,7 +357,8 @@ class FluxBackbone(DiffusersBackbone):
 
     def __init__(self, path: str, height: int | None = None, width: int | None = None,
                  dtype: str = "float32", guidance: float = 3.5, cfg_scale: float = 1.0,
-                 timestep_quantization: int | None = None, max_sequence_length: int = 77,
+                 cfg_gradient: str = "conditional", timestep_quantization: int | None = None,
+                 max_sequence_length: int = 77,
                  lora_rank: int = 0, lora_alpha: float | None = None,
                  lora_targets: Sequence[str] | None = None, gradient_checkpointing: bool = False,
                  device: str | None = None) -> None:
@@ -326,11 +368,13 @@ class FluxBackbone(DiffusersBackbone):
         root = model_dir(path, "FLUX")
         self.path = root
         self.dtype = resolve_dtype(dtype)
-        self.guidance, self.cfg_scale = float(guidance), float(cfg_scale)
+        self.guidance = float(guidance)
+        self._set_guidance(cfg_scale, cfg_gradient)
         self.timestep_quantization = timestep_quantization
         load = {"dtype": self.dtype, "local_files_only": True}
         transformer = FluxTransformer2DModel.from_pretrained(
-            component(root, "transformer", "FLUX transformer"), **load)
+            component(root, "transformer", "FLUX transformer"), local_files_only=True,
+            dtype=self.transformer_load_dtype(self.dtype, lora_rank))
         self.config = transformer.config
         self.tokenizer = AutoTokenizer.from_pretrained(component(root, "tokenizer", "CLIP tokenizer"),
                                                        local_files_only=True)

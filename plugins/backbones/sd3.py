@@ -55,11 +55,14 @@ class SD3Backbone(DiffusersBackbone):
         height, width: image size in pixels. Default: ``mixgrpo.json`` in ``path`` if present, else
             ``transformer.config.sample_size × VAE factor`` (1024 for SD3.5; FlowGRPO trains at 512).
             Multiples of ``VAE factor × patch_size``.
-        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the transformer, encoders and VAE;
-            ``velocity`` takes and returns fp32.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the compute dtype of the transformer
+            (under autocast; its trainable weights stay fp32 master weights, LoRA adapters fp32) and
+            the dtype of the text encoders; ``velocity`` takes and returns fp32.
         cfg_scale: classifier-free guidance against the empty prompt, ``v = v_u + s·(v_c − v_u)``
             (FlowGRPO: 4.5). When > 1 every ``velocity`` call runs a doubled batch (NFE doubles);
             1 disables guidance.
+        cfg_gradient: ``"conditional"`` (default, FlowGRPO's) detaches the unconditional branch when
+            training, so the gradient is ``s·dv_c/dθ``; ``"both"`` differentiates through both.
         timestep_quantization: None feeds the network ``σ·1000``; an integer q feeds
             ``floor(q·σ)/q·1000``.
         max_sequence_length: T5 tokens per prompt (256, the pipeline's default). Without
@@ -75,7 +78,8 @@ class SD3Backbone(DiffusersBackbone):
     default_lora_targets = SD3_LORA_TARGETS
 
     def __init__(self, path: str, height: int | None = None, width: int | None = None,
-                 dtype: str = "float32", cfg_scale: float = 4.5, timestep_quantization: int | None = None,
+                 dtype: str = "float32", cfg_scale: float = 4.5, cfg_gradient: str = "conditional",
+                 timestep_quantization: int | None = None,
                  max_sequence_length: int = 256, lora_rank: int = 0, lora_alpha: float | None = None,
                  lora_targets: Sequence[str] | None = None, gradient_checkpointing: bool = False,
                  device: str | None = None) -> None:
@@ -85,11 +89,13 @@ class SD3Backbone(DiffusersBackbone):
         root = model_dir(path, "SD3")
         self.path = root
         self.dtype = resolve_dtype(dtype)
-        self.cfg_scale = float(cfg_scale)
+        self._set_guidance(cfg_scale, cfg_gradient)
         self.timestep_quantization = timestep_quantization
         self.max_sequence_length = int(max_sequence_length)
         load = {"dtype": self.dtype, "local_files_only": True}
-        transformer = SD3Transformer2DModel.from_pretrained(component(root, "transformer", "SD3 transformer"), **load)
+        transformer = SD3Transformer2DModel.from_pretrained(
+            component(root, "transformer", "SD3 transformer"), local_files_only=True,
+            dtype=self.transformer_load_dtype(self.dtype, lora_rank))
         self.config = transformer.config
         self.tokenizers, self.clip_encoders = [], []
         for suffix in ("", "_2"):

@@ -1,8 +1,8 @@
 """Window schedules: which steps of a rollout are SDE steps and which are trained (ALGORITHMS.md §4, §5).
 
-Every schedule's ``plan(iteration, num_steps, num_samples)`` is a pure function of
-``(iteration, seed)`` and its constructor arguments: no state is kept between calls, so resuming a
-run needs nothing saved, the calling order is irrelevant, and every process computes the same plan
+Every schedule's ``plan(iteration, num_steps, num_samples, seed)`` is a pure function of
+``(iteration, seed)`` (the run's seed) and its constructor arguments: no state is kept between
+calls, so resuming a run needs nothing saved, the calling order is irrelevant, and every process computes the same plan
 (random draws come from a generator keyed by ``(seed, iteration, …)``, never from global RNG state).
 
 | name | class | SDE steps | trained steps |
@@ -82,24 +82,21 @@ class AllSteps(WindowSchedule):
         train_fraction (`float`, defaults to 0.99):
             Fraction of the T steps trained, in order from the first (FlowGRPO's
             ``timestep_fraction``); in [0, 1].
-        seed (`int`, defaults to 0):
-            Unused (the schedule is deterministic); kept for a uniform interface.
     """
 
-    def __init__(self, train_fraction: float = 0.99, seed: int = 0) -> None:
+    def __init__(self, train_fraction: float = 0.99) -> None:
         if not 0.0 <= train_fraction <= 1.0:
             raise ValueError(f"train_fraction must be in [0, 1], got {train_fraction}")
         self.train_fraction = float(train_fraction)
-        self.seed = int(seed)
 
     def __repr__(self) -> str:
-        return f"AllSteps(train_fraction={self.train_fraction}, seed={self.seed})"
+        return f"AllSteps(train_fraction={self.train_fraction})"
 
     def num_trained(self, num_steps: int) -> int:
         # the 1e-9 keeps e.g. 0.29·100 = 28.999999999999996 at 29
         return min(math.floor(self.train_fraction * num_steps + 1e-9), num_steps - 1)
 
-    def plan(self, iteration: int, num_steps: int, num_samples: int = 1) -> StepPlan:
+    def plan(self, iteration: int, num_steps: int, num_samples: int = 1, seed: int = 0) -> StepPlan:
         _check_call(iteration, num_steps, num_samples)
         return StepPlan(
             num_steps=num_steps,
@@ -112,38 +109,35 @@ class RandomSubset(WindowSchedule):
     """DanceGRPO: every step is an SDE step; each sample trains its own random subset of steps.
 
     The subset of global sample n at iteration k is the sorted first ⌊fraction·(T−1)⌋ entries of a
-    random permutation of 0..T−2 drawn from a generator keyed by ``(seed, k, n)`` alone, so it does
-    not depend on how samples are batched or spread over processes. The last step is never trained.
+    random permutation of 0..T−2 drawn from a generator keyed by the run's ``(seed, k, n)`` alone, so
+    it does not depend on how samples are batched or spread over processes. The last step is never trained.
 
     Args:
         fraction (`float`, defaults to 0.6):
             Fraction of the T − 1 trainable steps each sample trains (DanceGRPO's
             ``timestep_fraction``); in [0, 1].
-        seed (`int`, defaults to 0):
-            Seed of the per-sample draws.
     """
 
-    def __init__(self, fraction: float = 0.6, seed: int = 0) -> None:
+    def __init__(self, fraction: float = 0.6) -> None:
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"fraction must be in [0, 1], got {fraction}")
         self.fraction = float(fraction)
-        self.seed = int(seed)
 
     def __repr__(self) -> str:
-        return f"RandomSubset(fraction={self.fraction}, seed={self.seed})"
+        return f"RandomSubset(fraction={self.fraction})"
 
     def num_trained(self, num_steps: int) -> int:
         return math.floor(self.fraction * (num_steps - 1) + 1e-9)
 
-    def steps_for(self, iteration: int, num_steps: int, sample: int) -> tuple[int, ...]:
-        """The sorted trained steps of global sample ``sample`` at ``iteration``."""
-        gen = keyed_generator(self.seed, "random_subset", iteration, sample)
+    def steps_for(self, iteration: int, num_steps: int, sample: int, seed: int = 0) -> tuple[int, ...]:
+        """The sorted trained steps of global sample ``sample`` at ``iteration`` of the run ``seed``."""
+        gen = keyed_generator(seed, "random_subset", iteration, sample)
         perm = torch.randperm(num_steps - 1, generator=gen) if num_steps > 1 else torch.zeros(0, dtype=torch.long)
         return tuple(sorted(perm[: self.num_trained(num_steps)].tolist()))
 
-    def plan(self, iteration: int, num_steps: int, num_samples: int = 1) -> StepPlan:
+    def plan(self, iteration: int, num_steps: int, num_samples: int = 1, seed: int = 0) -> StepPlan:
         _check_call(iteration, num_steps, num_samples)
-        rows = tuple(self.steps_for(iteration, num_steps, n) for n in range(num_samples))
+        rows = tuple(self.steps_for(iteration, num_steps, n, seed) for n in range(num_samples))
         return StepPlan(num_steps=num_steps, sde_steps=tuple(range(num_steps)), train_steps=rows, per_sample=True)
 
 
@@ -157,19 +151,16 @@ class FixedWindow(WindowSchedule):
             First step of the window.
         window_size (`int`, defaults to 4):
             Number of steps w in the window; ``start + w <= T`` is checked when planning.
-        seed (`int`, defaults to 0):
-            Unused (deterministic); kept for a uniform interface.
     """
 
-    def __init__(self, start: int = 0, window_size: int = 4, seed: int = 0) -> None:
+    def __init__(self, start: int = 0, window_size: int = 4) -> None:
         self.start = _check_int("start", start, 0)
         self.window_size = _check_int("window_size", window_size, 1)
-        self.seed = int(seed)
 
     def __repr__(self) -> str:
         return f"FixedWindow(start={self.start}, window_size={self.window_size})"
 
-    def plan(self, iteration: int, num_steps: int, num_samples: int = 1) -> StepPlan:
+    def plan(self, iteration: int, num_steps: int, num_samples: int = 1, seed: int = 0) -> StepPlan:
         _check_call(iteration, num_steps, num_samples)
         _check_fits(self.window_size, num_steps, self.start)
         return _window_plan(num_steps, self.start, self.window_size)
@@ -195,18 +186,15 @@ class ProgressiveWindow(WindowSchedule):
             False (the paper): the window stops at T − w. True: a move past T − w goes back to
             ``start`` and the window sweeps again (a roll-back option in the spirit of the
             reference code, which rolls back to 0).
-        seed (`int`, defaults to 0):
-            Unused (deterministic); kept for a uniform interface.
     """
 
     def __init__(self, window_size: int = 4, shift_interval: int = 25, stride: int = 1, start: int = 0,
-                 rollback: bool = False, seed: int = 0) -> None:
+                 rollback: bool = False) -> None:
         self.window_size = _check_int("window_size", window_size, 1)
         self.shift_interval = _check_int("shift_interval", shift_interval, 1)
         self.stride = _check_int("stride", stride, 0)
         self.start = _check_int("start", start, 0)
         self.rollback = bool(rollback)
-        self.seed = int(seed)
 
     def __repr__(self) -> str:
         return (f"ProgressiveWindow(window_size={self.window_size}, shift_interval={self.shift_interval}, "
@@ -225,7 +213,7 @@ class ProgressiveWindow(WindowSchedule):
             return self.start + (moves % count) * self.stride
         return _positions(self.start, self.stride, last, moves)
 
-    def plan(self, iteration: int, num_steps: int, num_samples: int = 1) -> StepPlan:
+    def plan(self, iteration: int, num_steps: int, num_samples: int = 1, seed: int = 0) -> StepPlan:
         _check_call(iteration, num_steps, num_samples)
         return _window_plan(num_steps, self.window_start(iteration, num_steps), self.window_size)
 
@@ -234,31 +222,28 @@ class RandomWindow(WindowSchedule):
     """A window at a uniformly random start l ~ U{0..T−w}, drawn afresh each iteration (MixGRPO's
     "random" ablation; Flow-GRPO-Fast's random window).
 
-    The draw comes from a generator keyed by ``(seed, iteration)``, so every process draws the
-    same window and resuming reproduces it.
+    The draw comes from a generator keyed by the run's ``(seed, iteration)``, so every process draws
+    the same window, resuming reproduces it, and runs with different seeds draw different windows.
 
     Args:
         window_size (`int`, defaults to 4):
             Number of steps w in the window; must be <= T.
-        seed (`int`, defaults to 0):
-            Seed of the draws.
     """
 
-    def __init__(self, window_size: int = 4, seed: int = 0) -> None:
+    def __init__(self, window_size: int = 4) -> None:
         self.window_size = _check_int("window_size", window_size, 1)
-        self.seed = int(seed)
 
     def __repr__(self) -> str:
-        return f"RandomWindow(window_size={self.window_size}, seed={self.seed})"
+        return f"RandomWindow(window_size={self.window_size})"
 
-    def window_start(self, iteration: int, num_steps: int) -> int:
+    def window_start(self, iteration: int, num_steps: int, seed: int = 0) -> int:
         _check_fits(self.window_size, num_steps)
-        gen = keyed_generator(self.seed, "random_window", iteration)
+        gen = keyed_generator(seed, "random_window", iteration)
         return int(torch.randint(num_steps - self.window_size + 1, (1,), generator=gen))
 
-    def plan(self, iteration: int, num_steps: int, num_samples: int = 1) -> StepPlan:
+    def plan(self, iteration: int, num_steps: int, num_samples: int = 1, seed: int = 0) -> StepPlan:
         _check_call(iteration, num_steps, num_samples)
-        return _window_plan(num_steps, self.window_start(iteration, num_steps), self.window_size)
+        return _window_plan(num_steps, self.window_start(iteration, num_steps, seed), self.window_size)
 
 
 class DecayWindow(WindowSchedule):
@@ -282,13 +267,10 @@ class DecayWindow(WindowSchedule):
             Exp mode: base dwell, decay rate and the start from which it decays.
         stride (`int`, defaults to 1), start (`int`, defaults to 0):
             Move size and initial start, as in ``ProgressiveWindow``.
-        seed (`int`, defaults to 0):
-            Unused (deterministic); kept for a uniform interface.
     """
 
     def __init__(self, window_size: int = 4, mode: str = "linear", tau_max: int = 25, tau_min: int = 10,
-                 tau: int = 25, k: float = 0.1, l0: int = 13, stride: int = 1, start: int = 0,
-                 seed: int = 0) -> None:
+                 tau: int = 25, k: float = 0.1, l0: int = 13, stride: int = 1, start: int = 0) -> None:
         if mode not in DECAY_MODES:
             raise ValueError(f"unknown decay mode {mode!r}; valid modes: {', '.join(DECAY_MODES)}")
         self.window_size = _check_int("window_size", window_size, 1)
@@ -304,7 +286,6 @@ class DecayWindow(WindowSchedule):
         self.l0 = int(l0)
         self.stride = _check_int("stride", stride, 1)
         self.start = _check_int("start", start, 0)
-        self.seed = int(seed)
 
     def __repr__(self) -> str:
         shape = (f"tau_max={self.tau_max}, tau_min={self.tau_min}" if self.mode == "linear"
@@ -335,7 +316,7 @@ class DecayWindow(WindowSchedule):
             begin, start = end, min(start + self.stride, last)
         return last
 
-    def plan(self, iteration: int, num_steps: int, num_samples: int = 1) -> StepPlan:
+    def plan(self, iteration: int, num_steps: int, num_samples: int = 1, seed: int = 0) -> StepPlan:
         _check_call(iteration, num_steps, num_samples)
         return _window_plan(num_steps, self.window_start(iteration, num_steps), self.window_size)
 

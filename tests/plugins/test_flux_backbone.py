@@ -194,7 +194,9 @@ def test_embedded_guidance(tmp_path, pixel_dir):
 
 def test_bfloat16_keeps_fp32_step_math(pixel_dir, pixel):
     bb = FluxBackbone(str(pixel_dir), dtype="bfloat16")
-    assert next(bb.module.parameters()).dtype == torch.bfloat16
+    # fp32 master weights for the trainable transformer, the frozen text encoder in the compute dtype
+    assert {p.dtype for p in bb.module.parameters()} == {torch.float32}
+    assert {p.dtype for p in bb.text_encoder.parameters()} == {torch.bfloat16}
     x, sigma = noise((2, 3, 32, 32)), torch.tensor([0.5, 0.2])
     with torch.no_grad():
         v = bb.velocity(x, sigma, bb.encode(PROMPTS))

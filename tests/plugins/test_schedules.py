@@ -123,12 +123,12 @@ def test_negative_iteration_raises():
 
 
 # -- random window ---------------------------------------------------------------------------------
-def test_random_window_is_the_same_on_two_processes_and_differs_by_seed():
-    a, b = RandomWindow(seed=3), RandomWindow(seed=3)
-    seq_a = [a.plan(k, 25).window for k in range(200)]
-    seq_b = [b.plan(k, 25).window for k in reversed(range(200))][::-1]
+def test_random_window_is_the_same_on_two_processes_and_differs_by_run_seed():
+    a, b = RandomWindow(), RandomWindow()
+    seq_a = [a.plan(k, 25, seed=3).window for k in range(200)]
+    seq_b = [b.plan(k, 25, seed=3).window for k in reversed(range(200))][::-1]
     assert seq_a == seq_b
-    assert seq_a != [RandomWindow(seed=4).plan(k, 25).window for k in range(200)]
+    assert seq_a != [RandomWindow().plan(k, 25, seed=4).window for k in range(200)]
 
 
 def test_random_window_covers_the_range_uniformly():
@@ -173,12 +173,12 @@ def test_random_subset_rows_do_not_depend_on_batch_layout():
     """Global sample n gets the same steps whether planned alone, in a batch of 8 or of 24 (two
     processes each selecting their rows of the global plan, as the trainer does)."""
     T = 16
-    whole = RandomSubset(seed=11).plan(3, T, 24).train_steps
-    other_process = RandomSubset(seed=11)
-    assert other_process.plan(3, T, 8).train_steps == whole[:8]
-    assert all(other_process.steps_for(3, T, n) == whole[n] for n in range(24))
-    assert RandomSubset(seed=11).plan(4, T, 24).train_steps != whole  # fresh each iteration
-    assert RandomSubset(seed=12).plan(3, T, 24).train_steps != whole
+    whole = RandomSubset().plan(3, T, 24, seed=11).train_steps
+    other_process = RandomSubset()
+    assert other_process.plan(3, T, 8, seed=11).train_steps == whole[:8]
+    assert all(other_process.steps_for(3, T, n, seed=11) == whole[n] for n in range(24))
+    assert RandomSubset().plan(4, T, 24, seed=11).train_steps != whole  # fresh each iteration
+    assert RandomSubset().plan(3, T, 24, seed=12).train_steps != whole  # and for each run seed
 
 
 def test_random_subset_is_roughly_uniform_over_steps():
@@ -245,7 +245,7 @@ class TestAllStepsContract(ScheduleContract):
 
 class TestRandomSubsetContract(ScheduleContract):
     def make_schedule(self):
-        return RandomSubset(seed=5)
+        return RandomSubset()
 
 
 class TestFixedWindowContract(ScheduleContract):
@@ -265,7 +265,7 @@ class TestProgressiveRollbackContract(ScheduleContract):
 
 class TestRandomWindowContract(ScheduleContract):
     def make_schedule(self):
-        return RandomWindow(window_size=4, seed=9)
+        return RandomWindow(window_size=4)
 
 
 class TestDecayLinearContract(ScheduleContract):
