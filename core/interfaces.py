@@ -49,8 +49,9 @@ class Backbone(ABC):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the policy optimizer updates (all, or only LoRA adapters)."""
 
-    def freeze_reference(self) -> None:
-        """Fix the weights ``reference()`` uses to the current ones (called before any update)."""
+    def freeze_reference(self) -> None:  # noqa: B027 (optional hook: a no-op by default)
+        """Fix the weights ``reference()`` uses to the current ones (called before any update).
+        A backbone without a frozen reference has nothing to keep."""
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
