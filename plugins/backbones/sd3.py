@@ -72,6 +72,8 @@ class SD3Backbone(DiffusersBackbone):
         lora_alpha: LoRA alpha (default ``2·lora_rank``).
         lora_targets: module names LoRA adapts (default: FlowGRPO's eight attention projections).
         gradient_checkpointing: recompute transformer blocks in the backward pass.
+        vae_dtype: dtype of the VAE (default: ``dtype``); FlowGRPO decodes in ``"float32"``, which
+            its SD3.5 recipe sets: the rewards then score images free of bf16 decoding error.
         device: where the model lives; default this process's GPU if there is one, else the CPU.
     """
 
@@ -82,7 +84,7 @@ class SD3Backbone(DiffusersBackbone):
                  timestep_quantization: int | None = None,
                  max_sequence_length: int = 256, lora_rank: int = 0, lora_alpha: float | None = None,
                  lora_targets: Sequence[str] | None = None, gradient_checkpointing: bool = False,
-                 device: str | None = None) -> None:
+                 vae_dtype: str | None = None, device: str | None = None) -> None:
         from diffusers import AutoencoderKL, SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
@@ -110,7 +112,8 @@ class SD3Backbone(DiffusersBackbone):
                                                              local_files_only=True)
             self.text_encoder_3 = T5EncoderModel.from_pretrained(root / "text_encoder_3", **load)
             self.frozen["text_encoder_3"] = self.text_encoder_3
-        self.vae = AutoencoderKL.from_pretrained(component(root, "vae", "VAE"), **load)
+        self.vae = AutoencoderKL.from_pretrained(component(root, "vae", "VAE"), local_files_only=True,
+                                                 dtype=resolve_dtype(vae_dtype or self.dtype))
         self.frozen["vae"] = self.vae
         self._check_dims(root)
         self._set_latent_layout(root, height, width)
