@@ -1,0 +1,58 @@
+"""Run by test_fsdp.py, alone or under torchrun (gloo, CPU): train the tiny FLUX, save what happened.
+
+Usage: python fsdp_worker.py PARALLELISM FLUX_DIR RUN_DIR ITERATIONS [--resume]
+
+Writes ``RUN_DIR/rank<r>.pt``: the advantages of iteration 0 by global sample id, the whole final
+weights (gathered from the shards under FSDP), and for every trainable parameter whether it is
+sharded and how many of its elements this process holds.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from mixgrpo.core.config import load_config
+from mixgrpo.core.parallel import full_tensor, is_sharded
+from mixgrpo.core.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main(parallelism: str, flux_dir: str, run: Path, iterations: int, resume: bool) -> None:
+    bindings = [
+        "TrainConfig.backbone = 'flux'", f"FluxBackbone.path = '{flux_dir}'", "FluxBackbone.dtype = 'float32'",
+        f"FluxBackbone.gradient_checkpointing = {parallelism == 'fsdp'}",  # checkpointing under FSDP too
+        f"TrainConfig.parallelism = '{parallelism}'", "TrainConfig.num_steps = 4", "TrainConfig.group_size = 2",
+        "TrainConfig.prompts_per_iteration = 2", "TrainConfig.rollout_batch_size = 4",
+        "TrainConfig.micro_batch_size = 2", f"TrainConfig.iterations = {iterations}",
+        "TrainConfig.checkpoint_every = 1", "TrainConfig.learning_rate = 1e-4", "TrainConfig.progress = False",
+        "TrainConfig.tensorboard = False", "TrainConfig.rewards = {'shapes.preference': 1.0}",
+        "ProgressiveWindow.window_size = 2", f"TrainConfig.output_dir = '{run}'",
+    ]
+    cfg, pm = load_config(ROOT / "experiments" / "methods" / "mixgrpo.gin", bindings)
+    trainer = Trainer(cfg, pm)
+    acc = trainer.accelerator
+    advantages: dict[int, float] = {}
+    compute = trainer._advantages
+
+    def record(rewards, traj):
+        adv = compute(rewards, traj)
+        if not advantages:  # the first iteration this run trains
+            advantages.update(zip(traj.sample_ids.tolist(), adv.tolist()))
+        return adv
+
+    trainer._advantages = record
+    trainer.train(resume=resume)
+    params = trainer.backbone.trainable_parameters()
+    weights = [full_tensor(p.detach()).cpu().clone() for p in params]
+    shards = [(is_sharded(p), (p.to_local() if is_sharded(p) else p).numel(), w.numel())
+              for p, w in zip(params, weights)]
+    names = [n for n, p in trainer.backbone.unwrapped().named_parameters() if p.requires_grad]
+    torch.save({"world": acc.num_processes, "names": names, "advantages": advantages, "weights": weights,
+                "shards": shards, "parallelism": trainer.parallelism}, run / f"rank{acc.process_index}.pt")
+    trainer.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), "--resume" in sys.argv[5:])

@@ -1,0 +1,81 @@
+"""FSDP full fine-tuning on two CPU processes (torchrun, gloo) with PyTorch's FSDP2, the code path a
+GPU run launched with experiments/accelerate/fsdp.yaml takes: the same advantages and the same update
+as one process, parameters really sharded, gradient checkpointing under FSDP, and checkpoints that
+move between an FSDP run and a one-process run in both directions."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mixgrpo.plugins.backbones.flux import build_tiny_flux
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
+def _run(tmp: Path, parallelism: str, flux_dir: Path, run: Path, iterations: int, resume: bool = False) -> list[dict]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    args = [str(WORKER), parallelism, str(flux_dir), str(run), str(iterations), *(["--resume"] if resume else [])]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = [*launcher, *args] if parallelism == "fsdp" else [sys.executable, *args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return [torch.load(run / f"rank{r}.pt") for r in range(2 if parallelism == "fsdp" else 1)]
+
+
+def _close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=2e-6, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    flux_dir = build_tiny_flux(tmp / "flux")
+    single = _run(tmp, "ddp", flux_dir, tmp / "single", 2)  # one process, 2 iterations, checkpoint each
+    sharded = _run(tmp, "fsdp", flux_dir, tmp / "sharded", 1)  # two processes, 1 iteration, checkpoint
+    # the FSDP checkpoint continued by one process, and by FSDP itself
+    shutil.copytree(tmp / "sharded" / "checkpoints", tmp / "continued" / "checkpoints")
+    continued = _run(tmp, "ddp", flux_dir, tmp / "continued", 2, resume=True)
+    shutil.copytree(tmp / "sharded" / "checkpoints", tmp / "sharded_resumed" / "checkpoints")
+    sharded_resumed = _run(tmp, "fsdp", flux_dir, tmp / "sharded_resumed", 2, resume=True)
+    return {"tmp": tmp, "single": single, "sharded": sharded, "continued": continued,
+            "sharded_resumed": sharded_resumed}
+
+
+def test_fsdp_matches_one_process(runs):
+    single, ranks = runs["single"][0], runs["sharded"]
+    assert [r["parallelism"] for r in ranks] == ["fsdp", "fsdp"] and ranks[0]["world"] == 2
+    advantages = {**ranks[0]["advantages"], **ranks[1]["advantages"]}
+    assert set(ranks[0]["advantages"]).isdisjoint(ranks[1]["advantages"])  # whole groups per process
+    assert advantages == pytest.approx(single["advantages"], abs=1e-5)
+    # the update after one iteration equals the one-process run's (its checkpoint at iteration 1)
+    names = ranks[0]["names"]
+    one = load_file(str(runs["tmp"] / "single" / "checkpoints" / "iter_000001" / "model.safetensors"))
+    _close(ranks[0]["weights"], [one[n] for n in names])
+    _close(ranks[1]["weights"], ranks[0]["weights"])
+
+
+def test_fsdp_really_shards_the_parameters(runs):
+    ranks = runs["sharded"]
+    for (sharded0, local0, full), (sharded1, local1, _) in zip(ranks[0]["shards"], ranks[1]["shards"]):
+        assert sharded0 and sharded1
+        assert local0 + local1 == full  # split between the two processes, nothing replicated
+        if full >= 2:
+            assert max(local0, local1) < full
+
+
+def test_fsdp_checkpoint_resumes_in_one_process_and_under_fsdp(runs):
+    single = runs["single"][0]["weights"]
+    _close(runs["continued"][0]["weights"], single)  # FSDP checkpoint → one process → iteration 2
+    _close(runs["sharded_resumed"][0]["weights"], single)  # FSDP checkpoint → FSDP → iteration 2
+    saved = load_file(str(runs["tmp"] / "sharded" / "checkpoints" / "iter_000001" / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in saved.values())  # whole fp32 master weights, gathered
