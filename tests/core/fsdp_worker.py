@@ -1,6 +1,6 @@
 """Run by test_fsdp.py, alone or under torchrun (gloo, CPU): train the tiny FLUX, save what happened.
 
-Usage: python fsdp_worker.py PARALLELISM FLUX_DIR RUN_DIR ITERATIONS [--resume]
+Usage: python fsdp_worker.py PARALLELISM FLUX_DIR RUN_DIR ITERATIONS [--resume] [--bf16] [--checkpointing]
 
 Writes ``RUN_DIR/rank<r>.pt``: the advantages of iteration 0 by global sample id, the whole final
 weights (gathered from the shards under FSDP), and for every trainable parameter whether it is
@@ -19,10 +19,11 @@ from mixgrpo.core.trainer import Trainer
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def main(parallelism: str, flux_dir: str, run: Path, iterations: int, resume: bool) -> None:
+def main(parallelism: str, flux_dir: str, run: Path, iterations: int, flags: list[str]) -> None:
+    dtype = "bfloat16" if "--bf16" in flags else "float32"
     bindings = [
-        "TrainConfig.backbone = 'flux'", f"FluxBackbone.path = '{flux_dir}'", "FluxBackbone.dtype = 'float32'",
-        f"FluxBackbone.gradient_checkpointing = {parallelism == 'fsdp'}",  # checkpointing under FSDP too
+        "TrainConfig.backbone = 'flux'", f"FluxBackbone.path = '{flux_dir}'", f"FluxBackbone.dtype = '{dtype}'",
+        f"FluxBackbone.gradient_checkpointing = {'--checkpointing' in flags}",
         f"TrainConfig.parallelism = '{parallelism}'", "TrainConfig.num_steps = 4", "TrainConfig.group_size = 2",
         "TrainConfig.prompts_per_iteration = 2", "TrainConfig.rollout_batch_size = 4",
         "TrainConfig.micro_batch_size = 2", f"TrainConfig.iterations = {iterations}",
@@ -43,7 +44,7 @@ def main(parallelism: str, flux_dir: str, run: Path, iterations: int, resume: bo
         return adv
 
     trainer._advantages = record
-    trainer.train(resume=resume)
+    trainer.train(resume="--resume" in flags)
     params = trainer.backbone.trainable_parameters()
     weights = [full_tensor(p.detach()).cpu().clone() for p in params]
     shards = [(is_sharded(p), (p.to_local() if is_sharded(p) else p).numel(), w.numel())
@@ -55,4 +56,4 @@ def main(parallelism: str, flux_dir: str, run: Path, iterations: int, resume: bo
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), "--resume" in sys.argv[5:])
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])

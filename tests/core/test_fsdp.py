@@ -20,14 +20,17 @@ from mixgrpo.plugins.backbones.flux import build_tiny_flux
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 
-def _run(tmp: Path, parallelism: str, flux_dir: Path, run: Path, iterations: int, resume: bool = False) -> list[dict]:
+def _run(tmp: Path, parallelism: str, flux_dir: Path, run: Path, iterations: int, *flags: str,
+         processes: int | None = None) -> list[dict]:
+    """One run of the worker: FSDP on two processes, DDP on one unless ``processes`` says otherwise."""
+    processes = processes or (2 if parallelism == "fsdp" else 1)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    args = [str(WORKER), parallelism, str(flux_dir), str(run), str(iterations), *(["--resume"] if resume else [])]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd = [*launcher, *args] if parallelism == "fsdp" else [sys.executable, *args]
+    args = [str(WORKER), parallelism, str(flux_dir), str(run), str(iterations), *flags]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    cmd = [*launcher, *args] if processes > 1 else [sys.executable, *args]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
     assert out.returncode == 0, out.stderr[-4000:]
-    return [torch.load(run / f"rank{r}.pt") for r in range(2 if parallelism == "fsdp" else 1)]
+    return [torch.load(run / f"rank{r}.pt") for r in range(processes)]
 
 
 def _close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
@@ -41,12 +44,13 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
     flux_dir = build_tiny_flux(tmp / "flux")
     single = _run(tmp, "ddp", flux_dir, tmp / "single", 2)  # one process, 2 iterations, checkpoint each
-    sharded = _run(tmp, "fsdp", flux_dir, tmp / "sharded", 1)  # two processes, 1 iteration, checkpoint
+    # two processes, 1 iteration, checkpoint; gradient checkpointing on (the update must not change)
+    sharded = _run(tmp, "fsdp", flux_dir, tmp / "sharded", 1, "--checkpointing")
     # the FSDP checkpoint continued by one process, and by FSDP itself
     shutil.copytree(tmp / "sharded" / "checkpoints", tmp / "continued" / "checkpoints")
-    continued = _run(tmp, "ddp", flux_dir, tmp / "continued", 2, resume=True)
+    continued = _run(tmp, "ddp", flux_dir, tmp / "continued", 2, "--resume")
     shutil.copytree(tmp / "sharded" / "checkpoints", tmp / "sharded_resumed" / "checkpoints")
-    sharded_resumed = _run(tmp, "fsdp", flux_dir, tmp / "sharded_resumed", 2, resume=True)
+    sharded_resumed = _run(tmp, "fsdp", flux_dir, tmp / "sharded_resumed", 2, "--resume")
     return {"tmp": tmp, "single": single, "sharded": sharded, "continued": continued,
             "sharded_resumed": sharded_resumed}
 
@@ -79,3 +83,25 @@ def test_fsdp_checkpoint_resumes_in_one_process_and_under_fsdp(runs):
     _close(runs["sharded_resumed"][0]["weights"], single)  # FSDP checkpoint → FSDP → iteration 2
     saved = load_file(str(runs["tmp"] / "sharded" / "checkpoints" / "iter_000001" / "model.safetensors"))
     assert all(t.dtype == torch.float32 for t in saved.values())  # whole fp32 master weights, gathered
+
+
+def test_ddp_with_gradient_checkpointing_matches_one_process(runs):
+    ranks = _run(runs["tmp"], "ddp", runs["tmp"] / "flux", runs["tmp"] / "ddp2", 1, "--checkpointing", processes=2)
+    one = load_file(str(runs["tmp"] / "single" / "checkpoints" / "iter_000001" / "model.safetensors"))
+    for r in ranks:
+        assert r["world"] == 2 and r["parallelism"] == "ddp" and not any(s[0] for s in r["shards"])
+        _close(r["weights"], [one[n] for n in r["names"]])
+
+
+def test_fsdp_computes_in_bf16_over_fp32_master_weights(runs):
+    """The GPU recipe (bf16 compute, fp32 shards, fp32 gradient reduction) on two CPU processes: the
+    shards stay fp32 and the update follows the one-process bf16 run (autocast) to bf16 precision."""
+    tmp = runs["tmp"]
+    ranks = _run(tmp, "fsdp", tmp / "flux", tmp / "fsdp_bf16", 1, "--bf16")
+    single = _run(tmp, "ddp", tmp / "flux", tmp / "single_bf16", 1, "--bf16")[0]
+    base = load_file(str(tmp / "flux" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    sharded = torch.cat([(w - base[n]).flatten() for n, w in zip(ranks[0]["names"], ranks[0]["weights"])])
+    alone = torch.cat([(w - base[n]).flatten() for n, w in zip(single["names"], single["weights"])])
+    assert all(w.dtype == torch.float32 for w in ranks[0]["weights"])
+    assert (sharded != 0).float().mean() > 0.9  # the steps landed on the fp32 shards
+    assert torch.nn.functional.cosine_similarity(sharded, alone, dim=0) > 0.9
