@@ -102,6 +102,11 @@ def sample_images(backbone: Backbone, prompts: Sequence[str], indices: Sequence[
     return backbone.decode(x).float().cpu()
 
 
+def _check_ode(name: str, solver: Any) -> None:
+    if getattr(solver, "stochastic", False):
+        raise ExportError(f"sampler {name!r} is stochastic; sample draws with an ODE solver (e.g. euler)")
+
+
 def save_png(image: torch.Tensor, path: Path) -> None:
     """One image ``[3, H, W]`` in [0, 1] as an 8-bit PNG (rounded as diffusers' ``numpy_to_pil``)."""
     from PIL import Image
@@ -139,6 +144,10 @@ def run_sample(source: str | os.PathLike, prompts: str | Sequence[str], out: str
         raise ExportError(f"--steps must be >= 1, got {steps}")
     if batch_size is not None and batch_size < 1:
         raise ExportError(f"--batch-size must be >= 1, got {batch_size}")
+    if solver is not None:  # a bad solver fails before the model loads
+        from mixgrpo.core.plugins import get_plugin_manager
+
+        _check_ode(solver, get_plugin_manager().get("sampler", solver).factory)
     opened = open_model(source, checkpoint, bindings)
     c, backbone = opened.config, opened.backbone
     seed_list = parse_seeds(seeds) if isinstance(seeds, str) else list(seeds) if seeds is not None else [c.seed]
@@ -146,8 +155,7 @@ def run_sample(source: str | os.PathLike, prompts: str | Sequence[str], out: str
         raise ExportError("no seed given")
     solver_name = solver or c.eval_solver
     ode = opened.pm.create("sampler", solver_name)
-    if ode.stochastic:
-        raise ExportError(f"sampler {solver_name!r} is stochastic; sample draws with an ODE solver (e.g. euler)")
+    _check_ode(solver_name, ode)
     if guidance is not None:
         set_guidance(backbone, guidance)
     setup = SamplingSetup(num_steps=steps or c.num_steps, shift=c.shift if shift is None else shift, grid=c.grid,

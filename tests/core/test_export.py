@@ -71,7 +71,7 @@ def backbone_bindings(family: str, model_dir: Path | None, lora: bool) -> list[s
         cls = "SD3Backbone"
     if lora:
         bindings += [f"{cls}.lora_rank = {LORA['rank']}", f"{cls}.lora_alpha = {LORA['alpha']}",
-                     "TrainConfig.learning_rate = 1e-2"]
+                     "TrainConfig.learning_rate = 3e-2"]
     else:
         bindings += ["TrainConfig.learning_rate = 1e-3"]
     return bindings
