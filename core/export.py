@@ -130,20 +130,23 @@ def checkpoint_backbone(checkpoint: Path) -> str | None:
     return found.group(1) if found else None
 
 
-def resolve_checkpoint(spec: str | None, checkpoints: Path, required: bool) -> Path | None:
+def resolve_checkpoint(spec: str | None, checkpoints: Path, allow_base: bool = True) -> Path | None:
     """The checkpoint folder ``spec`` names, relative to a run's ``checkpoints`` folder.
 
-    ``spec``: None or ``latest`` (the latest checkpoint), ``base`` (none: the base model), an
-    iteration number (``40``), a checkpoint name (``iter_000040``) or a path to a checkpoint folder.
-    With ``required`` a missing latest checkpoint is an error, else it means the base model.
+    ``spec``: None or ``latest`` (the latest checkpoint), ``base`` (None: the base model, when
+    ``allow_base``), an iteration number (``40``), a checkpoint name (``iter_000040``) or a path to a
+    checkpoint folder. Anything that names no checkpoint is an ``ExportError``.
     """
     if spec == BASE:
+        if not allow_base:
+            raise ExportError("--checkpoint base names the base model, which has nothing to export")
         return None
     if spec is None or spec == "latest":
         found = ckpt.latest(checkpoints)
-        if found is None and required:
+        if found is None:
+            hint = ", or pass --checkpoint base for the base model" if allow_base else ""
             raise ExportError(f"{checkpoints.parent} has no checkpoint ({checkpoints / 'latest'} not found): train "
-                              f"with TrainConfig.checkpoint_every > 0, or pass --checkpoint base for the base model")
+                              f"with TrainConfig.checkpoint_every > 0{hint}")
         return found
     candidates = [Path(spec)]
     if spec.isdigit():
@@ -182,12 +185,10 @@ def open_model(source: str | os.PathLike, checkpoint: str | None = None, binding
         raise ExportError(f"{src} is neither a run directory nor a gin file")
     config, pm = load_config(config_file, bindings)
     checkpoints = Path(config.output_dir) / CHECKPOINTS
-    if run_dir is None and checkpoint is None:
-        path = None
+    if run_dir is None and checkpoint is None and not require_checkpoint:
+        path = None  # a gin file alone: its base model
     else:
-        path = resolve_checkpoint(checkpoint, checkpoints, required=True)
-    if path is None and require_checkpoint:
-        raise ExportError(f"exporting needs a checkpoint, not the base model ({src})")
+        path = resolve_checkpoint(checkpoint, checkpoints, allow_base=not require_checkpoint)
     if path is not None:
         family = checkpoint_backbone(path)
         if family is not None and family != config.backbone:

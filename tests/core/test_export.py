@@ -330,7 +330,10 @@ def test_exporting_a_run_without_checkpoints_is_a_clear_error(tmp_path, capsys, 
     train_run(tmp_path / "run", "flux", flux_dir, True, "TrainConfig.checkpoint_every = 0")
     rc, _, err = run_cli(capsys, "export", tmp_path / "run", "--to", tmp_path / "out")
     assert_one_line_error(rc, err, "has no checkpoint", "checkpoint_every")
+    assert "--checkpoint base" not in err  # the base model is not an export
     assert not (tmp_path / "out").exists()
+    rc, _, err = run_cli(capsys, "export", tmp_path / "run", "--to", tmp_path / "out", "--checkpoint", "base")
+    assert_one_line_error(rc, err, "nothing to export")
     rc, _, err = run_cli(capsys, "export", tmp_path / "missing", "--to", tmp_path / "out")
     assert_one_line_error(rc, err, "not a run directory")
     rc, _, err = run_cli(capsys, "export", tmp_path / "run", "--to", tmp_path / "out", "--checkpoint", "7")

@@ -53,19 +53,19 @@ def toy_config(tmp_path: Path, *extra: str) -> Path:
 def test_before_and_after_pair_up_and_match_the_flux_pipeline(tmp_path, capsys, flux_dir):  # noqa: F811
     trainer = train_run(tmp_path / "run", "flux", flux_dir, True)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n\n")
-    common = ["--prompts", prompts, "--seeds", "0-1", "--batch-size", "4"]  # 6 images in two batches
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n\n")
+    common = ["--prompts", prompts, "--seeds", "0-1", "--batch-size", "3"]  # 4 images in two batches
     for source, extra, out in [(tmp_path / "run", [], "after"),
                                (tmp_path / "run", ["--checkpoint", "base"], "before"),
                                (tmp_path / "run" / "config.gin", [], "before_from_config")]:
         rc, stdout, err = run_cli(capsys, "sample", source, *common, *extra, "--out", tmp_path / out)
         assert rc == 0, err
-    names = [image_name(n, s) for n in range(3) for s in (0, 1)]
+    names = [image_name(n, s) for n in range(2) for s in (0, 1)]
     assert sorted(p.name for p in (tmp_path / "after").iterdir()) == sorted([*names, GRID, MANIFEST])
     manifest = json.loads((tmp_path / "after" / MANIFEST).read_text())
     assert manifest["iteration"] == 1 and manifest["checkpoint"].endswith("iter_000001")
     assert [(e["prompt_index"], e["seed"], e["prompt"]) for e in manifest["images"]] == [
-        (n, s, PROMPTS[n]) for n in range(3) for s in (0, 1)]
+        (n, s, PROMPTS[n]) for n in range(2) for s in (0, 1)]
     assert json.loads((tmp_path / "before" / MANIFEST).read_text())["checkpoint"] == "base"
 
     before_pipe = flux_pipeline(flux_dir)
@@ -76,9 +76,9 @@ def test_before_and_after_pair_up_and_match_the_flux_pipeline(tmp_path, capsys, 
     worst = {"before": 0, "after": 0}
     changed = 0
     for seed in (0, 1):
-        expected = {"before": as_png_levels(pipeline_images("flux", before_pipe, trainer.backbone, PROMPTS, seed)),
-                    "after": as_png_levels(pipeline_images("flux", after_pipe, trainer.backbone, PROMPTS, seed))}
-        for n in range(3):
+        expected = {"before": as_png_levels(pipeline_images("flux", before_pipe, trainer.backbone, PROMPTS[:2], seed)),
+                    "after": as_png_levels(pipeline_images("flux", after_pipe, trainer.backbone, PROMPTS[:2], seed))}
+        for n in range(2):
             name = image_name(n, seed)
             for when in ("before", "after"):
                 diff = (png(tmp_path / when / name) - expected[when][n]).abs().max().item()
@@ -86,7 +86,7 @@ def test_before_and_after_pair_up_and_match_the_flux_pipeline(tmp_path, capsys, 
             assert torch.equal(png(tmp_path / "before" / name), png(tmp_path / "before_from_config" / name))
             changed += int(not torch.equal(png(tmp_path / "before" / name), png(tmp_path / "after" / name)))
     assert worst["before"] <= 1 and worst["after"] <= 1, worst  # 8-bit levels: equal up to float rounding
-    assert changed >= 4, changed  # training changed the images
+    assert changed >= 3, changed  # training changed the images
 
 
 def test_sampled_images_use_the_noise_of_the_trainers_grids(tmp_path):
