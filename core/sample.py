@@ -1,6 +1,6 @@
 """``mixgrpo sample``: images of a run (or of a config's base model) for a list of prompts.
 
-The initial noise of prompt ``n`` (its 0-based line in the prompt list) with seed ``s`` is keyed by
+The initial noise of prompt ``n`` (its 0-based index in the prompt list) with seed ``s`` is keyed by
 ``(s, "eval", n)``, exactly as ``sample_ode`` keys it for the trainer's sample grids and held-out
 evaluation. So the same prompt list and seeds give the same noise for every checkpoint, and a folder
 of images drawn before training pairs up file by file with one drawn after it.
@@ -29,7 +29,7 @@ GRID_MAX = 64  # images drawn in grid.png (all of them are written as PNGs)
 
 
 def image_name(index: int, seed: int) -> str:
-    """The file of prompt ``index`` (0-based line of the prompt list) drawn with ``seed``."""
+    """The file of prompt ``index`` (0-based, blank lines of a prompt file skipped) drawn with ``seed``."""
     return f"p{index:04d}_s{seed}.png"
 
 
