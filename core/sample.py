@@ -1,9 +1,9 @@
 """``mixgrpo sample``: images of a run (or of a config's base model) for a list of prompts.
 
 The initial noise of prompt ``n`` (its 0-based index in the prompt list) with seed ``s`` is keyed by
-``(s, "eval", n)``, exactly as ``sample_ode`` keys it for the trainer's sample grids and held-out
-evaluation. So the same prompt list and seeds give the same noise for every checkpoint, and a folder
-of images drawn before training pairs up file by file with one drawn after it.
+``(s, "eval", n)``, exactly as ``sample_ode`` keys it for the trainer's sample grids. So the same
+prompt list and seeds give the same noise for every checkpoint, and a folder of images drawn before
+training pairs up file by file with one drawn after it.
 """
 
 from __future__ import annotations
