@@ -79,7 +79,8 @@ def save(trainer: Trainer, root: Path, iteration: int) -> Path:
         names = trainable_names(trainer)
         ema = {n: full_tensor(t).cpu() for n, t in zip(names, trainer.ema.shadow, strict=True)}
     if acc.is_main_process:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / MODEL_FILE))
+        trainable = set(trainable_names(trainer))  # buffers (e.g. SD3's fixed position table) are not state
+        save_file({k: v.contiguous() for k, v in weights.items() if k in trainable}, str(tmp / MODEL_FILE))
         tensors = {f"{name}{_SEP}{key}": torch.as_tensor(value).contiguous()
                    for name, state in optim["state"].items() for key, value in state.items()}
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
@@ -122,27 +123,46 @@ def read_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def load_weights(trainer: Trainer, path: Path) -> dict[str, Any]:
-    """Load the trainable weights of checkpoint ``path`` into the trainer's network (and its EMA);
-    returns the checkpoint's state. Every process must call it."""
+def load_module_weights(module: torch.nn.Module, path: Path, prefer_ema: bool = False) -> str:
+    """Load the trainable weights of checkpoint ``path`` into ``module`` (the unwrapped network, or
+    this process's shards of it); with ``prefer_ema`` the moving average when the checkpoint has
+    one (the weights a run with an EMA reports). Returns the file read. Every process must call it.
+    """
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    state = read_state(path)
-    names = trainable_names(trainer)
-    weights = load_file(str(path / MODEL_FILE))
+    read_state(path)
+    file = EMA_FILE if prefer_ema and (path / EMA_FILE).is_file() else MODEL_FILE
+    names = [name for name, p in module.named_parameters() if p.requires_grad]
+    weights = load_file(str(path / file))
+    _check_names(path, names, weights)
+    set_model_state_dict(module, weights, options=_options(strict=False))
+    return file
+
+
+def _check_names(path: Path, names: list[str], weights: dict[str, torch.Tensor]) -> None:
     missing, unexpected = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} holds the weights of another model or fine-tuning mode "
                          f"(missing {missing[:3]}{'…' if len(missing) > 3 else ''}, unexpected "
                          f"{unexpected[:3]}{'…' if len(unexpected) > 3 else ''}): check the backbone and lora_rank")
-    set_model_state_dict(trainer.backbone.unwrapped(), weights, options=_options(strict=False))
+
+
+def load_weights(trainer: Trainer, path: Path) -> dict[str, Any]:
+    """Load the trainable weights of checkpoint ``path`` into the trainer's network (and its EMA);
+    returns the checkpoint's state. Every process must call it."""
+    from safetensors.torch import load_file
+
+    state = read_state(path)
+    load_module_weights(trainer.backbone.unwrapped(), path)
     if trainer.ema is not None:
         file = path / EMA_FILE
         if not file.is_file():
             raise ValueError(f"checkpoint {path} has no {EMA_FILE}: it comes from a run without an EMA "
                              f"(TrainConfig.ema_decay); resume with the same config")
         averages = load_file(str(file))
+        names = trainable_names(trainer)
+        _check_names(path, names, averages)
         for name, avg in zip(names, trainer.ema.shadow, strict=True):
             _copy_full_into(avg, averages[name])
         trainer.ema.num_steps = int(state["ema_steps"])

@@ -1,4 +1,4 @@
-"""The ``mixgrpo`` command line: plugins, train, compare, eval, pretrain."""
+"""The ``mixgrpo`` command line: plugins, train, compare, eval, pretrain, export, sample."""
 
 from __future__ import annotations
 
@@ -98,6 +98,26 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from mixgrpo.core.export import export_run
+
+    info = export_run(args.run_dir, args.to, checkpoint=args.checkpoint, force=args.force,
+                      max_shard_size=args.max_shard_size, bindings=list(args.gin or []))
+    print(f"exported {info['checkpoint']} ({info['kind']}) to {args.to}")
+    print(f"  load: {info['load']}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from mixgrpo.core.sample import run_sample
+
+    manifest = run_sample(args.source, args.prompts, args.out, checkpoint=args.checkpoint, seeds=args.seeds,
+                          steps=args.steps, solver=args.solver, guidance=args.guidance, shift=args.shift,
+                          batch_size=args.batch_size, bindings=list(args.gin or []), force=args.force)
+    print(f"{len(manifest['images'])} images of {manifest['checkpoint']} in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixgrpo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +149,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="run directory holding checkpoints/")
     p.add_argument("--checkpoint", help="a checkpoint folder (default: the run directory's latest)")
     p.set_defaults(func=cmd_eval)
+
+    checkpoint_help = ("latest (default), base (the base model), an iteration (40), a name (iter_000040) "
+                       "or a checkpoint folder")
+    p = sub.add_parser("export", help="write a run's checkpoint for diffusers: a LoRA adapter for "
+                                      "load_lora_weights, or a transformer folder for from_pretrained")
+    p.add_argument("run_dir", help="run directory (holds config.gin and checkpoints/)")
+    p.add_argument("--to", required=True, metavar="DIR", help="output folder (missing or empty, unless --force)")
+    p.add_argument("--checkpoint", help=checkpoint_help.replace("base (the base model), ", ""))
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard of a full export (5GB)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    p.add_argument("--gin", action="append", metavar="BINDING", help="extra gin binding (repeatable)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("sample", help="draw images of a run (or a config's base model) for a list of prompts")
+    p.add_argument("source", help="run directory, or experiment .gin file (its base model)")
+    p.add_argument("--prompts", required=True, metavar="FILE|TEXT", help="a text file, one prompt a line, or a prompt")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (missing or empty, unless --force)")
+    p.add_argument("--checkpoint", help=checkpoint_help)
+    p.add_argument("--seeds", help="e.g. 0,1,2 or 0-3 (default: the config's seed, that of the run's grids)")
+    p.add_argument("--steps", type=int, help="ODE steps (default: TrainConfig.num_steps)")
+    p.add_argument("--solver", help="ODE solver (default: TrainConfig.eval_solver)")
+    p.add_argument("--guidance", type=float, help="guidance scale: embedded guidance of FLUX.1-dev-like models, "
+                                                  "else classifier-free guidance")
+    p.add_argument("--shift", type=float, help="static shift of the sigma grid (default: TrainConfig.shift)")
+    p.add_argument("--batch-size", type=int, help="images per model call (default: TrainConfig.rollout_batch_size)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    p.add_argument("--gin", action="append", metavar="BINDING", help="extra gin binding (repeatable)")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("pretrain", help="pretrain the shapes-world base model by flow matching")
     with_config(p)

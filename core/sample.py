@@ -1,0 +1,202 @@
+"""``mixgrpo sample``: images of a run (or of a config's base model) for a list of prompts.
+
+The initial noise of prompt ``n`` (its 0-based index in the prompt list) with seed ``s`` is keyed by
+``(s, "eval", n)``, exactly as ``sample_ode`` keys it for the trainer's sample grids. So the same
+prompt list and seeds give the same noise for every checkpoint, and a folder of images drawn before
+training pairs up file by file with one drawn after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mixgrpo.core.export import ExportError, check_output_dir, open_model
+from mixgrpo.core.interfaces import Backbone, Sampler
+from mixgrpo.core.rollout import SamplingSetup, batched_velocity, encode_unique, keyed_normal
+from mixgrpo.core.types import SolverHistory
+
+MANIFEST = "samples.json"
+GRID = "grid.png"
+GRID_MAX = 64  # images drawn in grid.png (all of them are written as PNGs)
+
+
+def image_name(index: int, seed: int) -> str:
+    """The file of prompt ``index`` (0-based, blank lines of a prompt file skipped) drawn with ``seed``."""
+    return f"p{index:04d}_s{seed}.png"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0"``, ``"0,3,7"``, ``"0-3"`` (inclusive) or a mix (``"0-3,10"``) → distinct seeds in order."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        span = re.fullmatch(r"(\d+)-(\d+)", part)
+        if span:
+            lo, hi = int(span.group(1)), int(span.group(2))
+            if hi < lo:
+                raise ExportError(f"seed range {part!r} runs backwards")
+            seeds += range(lo, hi + 1)
+        elif re.fullmatch(r"\d+", part):
+            seeds.append(int(part))
+        else:
+            raise ExportError(f"--seeds takes non-negative integers and ranges like 0,3,7 or 0-3, not {text!r}")
+    return list(dict.fromkeys(seeds))
+
+
+def read_prompts(spec: str) -> list[str]:
+    """Prompts from a text file (one per line, blank lines skipped) or ``spec`` itself as one prompt."""
+    path = Path(spec)
+    if path.is_file():
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ExportError(f"prompt file {path} holds no prompt")
+        return prompts
+    if spec.endswith((".txt", ".lst")) or os.sep in spec.strip():
+        raise ExportError(f"prompt file {spec} not found (a prompt given as text has no path separator or .txt)")
+    if not spec.strip():
+        raise ExportError("the prompt is empty")
+    return [spec.strip()]
+
+
+def set_guidance(backbone: Backbone, guidance: float) -> str:
+    """Set the guidance the way diffusers' ``guidance_scale`` means it: the embedded guidance of a
+    guidance-distilled FLUX (FLUX.1-dev), else classifier-free guidance. Returns what was set."""
+    config = getattr(backbone, "config", None)
+    if getattr(config, "guidance_embeds", False):
+        backbone.guidance = float(guidance)
+        return "guidance"
+    if hasattr(backbone, "cfg_scale"):
+        backbone.cfg_scale = float(guidance)
+        return "cfg_scale"
+    raise ExportError(f"backbone {type(backbone).__name__} has no guidance setting")
+
+
+def initial_noise(backbone: Backbone, indices: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+    """``x_T`` of prompt ``indices[k]`` with ``seeds[k]``, keyed as ``sample_ode`` keys it."""
+    shape = backbone.latent_shape()
+    return torch.stack([keyed_normal(shape, int(s), "eval", int(n)) for n, s in zip(indices, seeds, strict=True)])
+
+
+@torch.no_grad()
+def sample_images(backbone: Backbone, prompts: Sequence[str], indices: Sequence[int], seeds: Sequence[int], *,
+                  setup: SamplingSetup, solver: Sampler, batch_size: int = 16) -> torch.Tensor:
+    """Images ``[N, 3, H, W]`` in [0, 1] of ``prompts[k]`` as prompt ``indices[k]`` with ``seeds[k]``:
+    the deterministic ODE of ``sample_ode`` (same noise keys, grid and solver steps)."""
+    cond = encode_unique(backbone, prompts)
+    x = initial_noise(backbone, indices, seeds).to(backbone.device)
+    sigmas = setup.sigmas(None)
+    history = SolverHistory()
+    for i in range(sigmas.numel() - 1):
+        v = batched_velocity(backbone, x, float(sigmas[i]), cond, batch_size)
+        res = solver.step(x, v, sigmas, i, history=history)
+        history.append(float(sigmas[i]), res.x0 if res.x0 is not None else x - float(sigmas[i]) * v)
+        x = res.prev_sample
+    return backbone.decode(x).float().cpu()
+
+
+def _check_ode(name: str, solver: Any) -> None:
+    if getattr(solver, "stochastic", False):
+        raise ExportError(f"sampler {name!r} is stochastic; sample draws with an ODE solver (e.g. euler)")
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """One image ``[3, H, W]`` in [0, 1] as an 8-bit PNG (rounded as diffusers' ``numpy_to_pil``)."""
+    from PIL import Image
+
+    array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+    Image.fromarray(array).save(path)
+
+
+def run_sample(source: str | os.PathLike, prompts: str | Sequence[str], out: str | os.PathLike, *,
+               checkpoint: str | None = None, seeds: str | Sequence[int] | None = None, steps: int | None = None,
+               solver: str | None = None, guidance: float | None = None, shift: float | None = None,
+               batch_size: int | None = None, bindings: Sequence[str] = (), force: bool = False,
+               progress: bool = True) -> dict[str, Any]:
+    """Draw every (prompt, seed) pair with a run's (or a config's) model into the folder ``out``.
+
+    Args:
+        source: a run directory or a gin file (see ``open_model``).
+        prompts: a prompt file, one prompt as text, or a list of prompts.
+        out: the output folder (missing or empty, unless ``force``).
+        checkpoint: ``latest`` (a run's default), ``base``, an iteration, a name or a folder.
+        seeds: a ``parse_seeds`` string or integers (default: the config's seed, that of its grids).
+        steps, solver, guidance, shift: override the run's sampling setup (``num_steps``,
+            ``eval_solver``, guidance as ``set_guidance`` reads it, ``shift``).
+        batch_size: images per model call (default: the config's ``rollout_batch_size``).
+        bindings: extra gin bindings.
+        force: write into a non-empty ``out`` (files of the same names are replaced).
+        progress: show a progress bar.
+    Returns:
+        The manifest written to ``out/samples.json``.
+    """
+    out = Path(out)
+    check_output_dir(out, force)
+    prompt_list = read_prompts(prompts) if isinstance(prompts, str) else [str(p) for p in prompts]
+    if steps is not None and steps < 1:
+        raise ExportError(f"--steps must be >= 1, got {steps}")
+    if batch_size is not None and batch_size < 1:
+        raise ExportError(f"--batch-size must be >= 1, got {batch_size}")
+    if solver is not None:  # a bad solver fails before the model loads
+        from mixgrpo.core.plugins import get_plugin_manager
+
+        _check_ode(solver, get_plugin_manager().get("sampler", solver).factory)
+    opened = open_model(source, checkpoint, bindings)
+    c, backbone = opened.config, opened.backbone
+    seed_list = parse_seeds(seeds) if isinstance(seeds, str) else list(seeds) if seeds is not None else [c.seed]
+    if not seed_list:
+        raise ExportError("no seed given")
+    solver_name = solver or c.eval_solver
+    ode = opened.pm.create("sampler", solver_name)
+    _check_ode(solver_name, ode)
+    if guidance is not None:
+        set_guidance(backbone, guidance)
+    setup = SamplingSetup(num_steps=steps or c.num_steps, shift=c.shift if shift is None else shift, grid=c.grid,
+                          shared_noise=False)
+    setup.sigmas(None)  # a bad grid fails before any image is drawn
+    batch = batch_size or c.rollout_batch_size
+    pairs = [(n, s) for n in range(len(prompt_list)) for s in seed_list]  # prompt-major: a prompt's seeds together
+
+    out.mkdir(parents=True, exist_ok=True)  # images are written as they come: an interrupted run keeps them
+    grid_images: list[torch.Tensor] = []
+    grid_captions: list[str] = []
+    entries = []
+    bar = tqdm(total=len(pairs), desc="sampling", unit="img", disable=not progress)
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start:start + batch]
+        images = sample_images(backbone, [prompt_list[n] for n, _ in chunk], [n for n, _ in chunk],
+                               [s for _, s in chunk], setup=setup, solver=ode, batch_size=batch)
+        for (n, s), image in zip(chunk, images, strict=True):
+            name = image_name(n, s)
+            save_png(image, out / name)
+            entries.append({"file": name, "prompt_index": n, "seed": s, "prompt": prompt_list[n]})
+            if len(grid_images) < GRID_MAX:
+                grid_images.append(image)
+                grid_captions.append(f"{prompt_list[n]} (seed {s})")
+        bar.update(len(chunk))
+    bar.close()
+    from mixgrpo.core.report import save_sample_grid  # matplotlib loads only here
+
+    columns = len(seed_list) if 1 < len(seed_list) <= 8 else 4
+    save_sample_grid(torch.stack(grid_images), grid_captions, out / GRID, columns=columns)
+    guidance_used = {name: getattr(backbone, name) for name in ("cfg_scale", "guidance") if hasattr(backbone, name)}
+    manifest = {
+        "source": str(source),
+        "checkpoint": str(opened.checkpoint) if opened.checkpoint is not None else "base",
+        "iteration": opened.iteration,
+        "backbone": c.backbone,
+        "sampling": {"num_steps": setup.num_steps, "shift": setup.shift, "grid": setup.grid, "solver": solver_name,
+                     "sigmas": [round(float(s), 6) for s in setup.sigmas(None)], **guidance_used,
+                     "noise_key": "(seed, 'eval', prompt_index)"},
+        "seeds": seed_list,
+        "images": entries,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
