@@ -215,3 +215,107 @@ def hpsv2_reference(ckpt: Path, config: Path, images: list[np.ndarray], prompts:
     finally:
         scorer.model_dict.clear()
         scorer.model_dict.update(saved)
+
+
+def write_bert_tokenizer(folder: Path) -> Path:
+    """A bert-base-uncased-style WordPiece tokenizer over ``WORDS`` and single characters."""
+    from transformers import BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = [chr(i) for i in range(33, 127) if not chr(i).isupper()]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + chars + ["##" + c for c in chars if c.isalnum()]
+    BertTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(vocab))}, do_lower_case=True).save_pretrained(folder)
+    return folder
+
+
+#: ImageReward's med_config.json with tiny sizes (its MLP head reads 768 features, so the width stays).
+TINY_MED_CONFIG = {
+    "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 64,
+    "layer_norm_eps": 1e-12, "max_position_embeddings": 40, "model_type": "bert", "num_attention_heads": 12,
+    "num_hidden_layers": 1, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": 0,
+    "encoder_width": 32, "add_cross_attention": True,
+}
+
+
+def make_tiny_imagereward(folder: Path, seed: int, monkeypatch) -> tuple[Path, Path, Path, object]:
+    """A random ImageReward built by the package's own ``ImageReward`` class (BLIP's ViT with 2
+    blocks of width 32 instead of ViT-L, a 1-layer BERT), saved as ``ImageReward.pt`` is. Returns the
+    checkpoint, med_config.json, the tokenizer folder and the package's model (the reference scorer)."""
+    scorer = load_imagereward_scorer()
+    from ImageReward.models.BLIP import blip, blip_pretrain
+    from ImageReward.models.BLIP.vit import VisionTransformer
+    from transformers import BertTokenizer
+
+    tok_dir = write_bert_tokenizer(folder / "bert-base-uncased")
+    med = folder / "med_config.json"
+    med.write_text(json.dumps({**TINY_MED_CONFIG, "vocab_size": len(BertTokenizer.from_pretrained(tok_dir)) + 2}))
+
+    def tiny_vit(vit, image_size, use_grad_checkpointing=False, ckpt_layer=0, drop_path_rate=0):
+        return VisionTransformer(img_size=image_size, patch_size=32, embed_dim=32, depth=2, num_heads=2), 32
+
+    class ScorerBert(BertTokenizer):
+        @property
+        def additional_special_tokens_ids(self):  # transformers 5 calls them extra special tokens
+            return self.convert_tokens_to_ids([str(t) for t in self._extra_special_tokens])
+
+    class LocalBert(BertTokenizer):
+        @classmethod
+        def from_pretrained(cls, name, *args, **kwargs):  # the scorer asks the hub for bert-base-uncased
+            assert name == "bert-base-uncased"
+            return ScorerBert.from_pretrained(str(tok_dir), *args, **kwargs)
+
+    from ImageReward.models.BLIP import med as med_module
+
+    # med's BertModel ends its __init__ with init_weights() where transformers 5 expects post_init(),
+    # which records the tied weights (none here) that init_weights() reads.
+    original_init_weights = med_module.BertModel.init_weights
+
+    def init_weights(self):
+        if "all_tied_weights_keys" not in self.__dict__:
+            self.all_tied_weights_keys = {}
+        original_init_weights(self)
+
+    monkeypatch.setattr(med_module.BertModel, "init_weights", init_weights)
+    # Two mask helpers that transformers 4's PreTrainedModel had and med's forward calls.
+    if not hasattr(med_module.BertModel, "invert_attention_mask"):
+        def invert_attention_mask(self, mask):
+            mask = mask[:, None, None, :] if mask.dim() == 2 else mask[:, None, :, :]
+            return (1.0 - mask.to(self.dtype)) * torch.finfo(self.dtype).min
+
+        monkeypatch.setattr(med_module.BertModel, "invert_attention_mask", invert_attention_mask, raising=False)
+    if not hasattr(med_module.BertModel, "get_head_mask"):
+        monkeypatch.setattr(med_module.BertModel, "get_head_mask",
+                            lambda self, head_mask, layers: [None] * layers if head_mask is None else head_mask,
+                            raising=False)
+    monkeypatch.setattr(blip_pretrain, "create_vit", tiny_vit)
+    monkeypatch.setattr(blip, "BertTokenizer", LocalBert)
+    torch.manual_seed(seed)
+    model = scorer.ImageReward(med_config=str(med), device="cpu")
+    perturb(model, seed)
+    model.eval()
+    ckpt = folder / "ImageReward.pt"
+    torch.save(model.state_dict(), ckpt)
+    return ckpt, med, tok_dir, model
+
+
+def install_hpsv2_vocab() -> None:
+    """hpsv2 1.2.0's wheel lacks the BPE vocabulary its tokenizer opens at import; it is the CLIP
+    vocabulary open_clip ships, so copy that one beside it (run by `make venv`)."""
+    import shutil
+
+    hps = importlib.util.find_spec("hpsv2")
+    oc = importlib.util.find_spec("open_clip")
+    if hps is None or oc is None:
+        raise SystemExit("hpsv2 and open_clip must be installed first")
+    name = "bpe_simple_vocab_16e6.txt.gz"
+    target = Path(next(iter(hps.submodule_search_locations))) / "src" / "open_clip" / name
+    if not target.exists():
+        shutil.copyfile(Path(next(iter(oc.submodule_search_locations))) / name, target)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["install-hpsv2-vocab"]:
+        install_hpsv2_vocab()
+    else:
+        raise SystemExit("usage: python tests/plugins/reward_refs.py install-hpsv2-vocab")
