@@ -23,8 +23,23 @@ from mixgrpo.plugins.rewards.preprocess import CLIP_MEAN, CLIP_STD, ImageTransfo
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+#: A recipe's default for a setting the user must bind: ``'unset:MACRO'`` names the gin macro to bind
+#: (experiments/flux/rewards.gin). A value, unlike ``%gin.REQUIRED``, lets the recipe parse, and the
+#: reward that needs it says which macro is missing.
+UNSET = "unset:"
+
+
+def require_set(value, what: str) -> None:
+    """Raise, naming the gin macro, when a recipe's ``'unset:MACRO'`` placeholder was not bound."""
+    if isinstance(value, str) and value.startswith(UNSET):
+        macro = value[len(UNSET):]
+        raise ValueError(f"gin macro {macro} is not set (it gives {what}): pass --gin \"{macro} = '...'\" "
+                         f"or bind it in your gin file")
+
+
 def local_path(path: str | None, what: str, *, file: bool | None = None) -> Path:
     """A local file or folder the user bound in gin; a clear error when it is unset or missing."""
+    require_set(path, what)
     if not path:
         raise ValueError(f"{what} is not set: bind it to a local path (gin: {what} = '/models/...'); "
                          f"mixgrpo never downloads weights")

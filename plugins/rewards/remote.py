@@ -192,6 +192,9 @@ class RemoteReward(Reward):
                  backoff: float = 1.0, batch_size: int = 16) -> None:
         import requests
 
+        from mixgrpo.plugins.rewards.models import require_set
+
+        require_set(url, f"{type(self).__name__}.url")
         if not url:
             raise ValueError(f"{type(self).__name__}.url is not set: bind it to the server that "
                              f"`mixgrpo serve-reward NAME --port PORT` runs (gin: {type(self).__name__}.url = "
