@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import threading
 import time
 import warnings
@@ -100,7 +101,7 @@ def score_request(reward: Reward, body: Any, max_images: int) -> list[float | No
         if out.numel() != len(rows):
             raise RuntimeError(f"the reward returned {out.numel()} scores for {len(rows)} images")
         for k, v in zip(rows, out.tolist()):
-            scores[k] = None if v != v else float(v)  # NaN → null (JSON has no NaN)
+            scores[k] = float(v) if math.isfinite(v) else None  # NaN/inf → null (JSON has neither)
     return scores
 
 

@@ -139,6 +139,15 @@ def test_hpsv2_equals_hpsv2_score(hps, images):
     assert _spread(ref) > 0.01
 
 
+def test_hpsv2_in_bfloat16(hps):
+    ckpt, config = hps
+    full = HPSv2Reward(str(ckpt), architecture=str(config), device="cpu")(as_tensor(ODD), PROMPTS[:3])
+    half = HPSv2Reward(str(ckpt), architecture=str(config), device="cpu", dtype="bfloat16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    low = half(as_tensor(ODD), PROMPTS[:3])
+    assert low.dtype == torch.float32 and (low - full).abs().max() < 0.03
+
+
 def test_hpsv2_refuses_a_checkpoint_of_another_model(hps, tmp_path):
     ckpt, config = hps
     state = torch.load(ckpt, weights_only=True)["state_dict"]
@@ -173,6 +182,16 @@ def test_imagereward_equals_imagereward_score(imagereward, images):
     ours = reward(as_tensor(images), prompts)
     assert np.abs(ours.numpy() - ref).max() < TOL
     assert _spread(ref) > 0.01
+
+
+def test_imagereward_in_bfloat16(imagereward):
+    ckpt, med, tokenizer, _ = imagereward
+    args = (str(ckpt), str(med), str(tokenizer))
+    full = ImageRewardReward(*args, vision_heads=2, device="cpu")(as_tensor(ODD), PROMPTS[:3])
+    half = ImageRewardReward(*args, vision_heads=2, device="cpu", dtype="bfloat16")
+    assert next(half.text.parameters()).dtype == torch.bfloat16
+    low = half(as_tensor(ODD), PROMPTS[:3])
+    assert low.dtype == torch.float32 and (low - full).abs().max() < 0.1
 
 
 def test_imagereward_needs_each_local_file(imagereward, tmp_path):

@@ -175,12 +175,12 @@ def test_a_server_of_another_reward_is_refused(serve):
 def test_nan_scores_travel_as_null(serve):
     def half(images, prompts):
         s = brightness(images, prompts)
-        s[0] = float("nan")
+        s[0], s[2] = float("nan"), float("inf")
         return s
 
     server = serve(Recording(half))
-    scores = RemoteReward(url=server.url)(IMAGES[:2], PROMPTS[:2])
-    assert scores[0].isnan() and not scores[1].isnan()
+    scores = RemoteReward(url=server.url)(IMAGES[:3], PROMPTS[:3])
+    assert scores[0].isnan() and scores[1].isfinite() and scores[2].isnan()
 
 
 def test_bad_requests_are_answered_400_with_the_problem(serve):
