@@ -5,6 +5,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
+# Reference scorers the reward tests compare with (tests/plugins/reward_refs.py), installed WITHOUT
+# their declared requirements (hpsv2 pins pytest==7.2.0, clint and protobuf<4; image-reward pins an
+# old timm and fairscale; all three require torchvision); REWARD_REF_DEPS are what they really import.
+REWARD_REFS ?= open_clip_torch==3.3.0 timm==1.0.31 hpsv2==1.2.0 image-reward==1.5 fairscale==0.4.13
+REWARD_REF_DEPS ?= ftfy pyyaml
+# PyPI's torchvision links CUDA libraries the CPU torch lacks; its Python transforms still work for the
+# tests, from a folder outside site-packages so that no product import ever sees it.
+TORCHVISION_SPEC ?= torchvision==0.28.0
 
 .PHONY: venv test demo bench lint rewards clean
 
@@ -13,6 +21,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(REWARD_REFS)
+	$(PY) -m pip install -q $(REWARD_REF_DEPS)
+	rm -rf $(VENV)/torchvision-cpu
+	$(PY) -m pip install -q --no-deps --target $(VENV)/torchvision-cpu $(TORCHVISION_SPEC)
+	$(PY) tests/plugins/reward_refs.py install-hpsv2-vocab
 	touch $@
 
 venv: $(VENV)/.installed
@@ -30,12 +43,10 @@ bench: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
-# hpsv2 1.2.0 declares pytest==7.2.0, clint and protobuf<4 as runtime needs and image-reward pins an
-# old timm: install both without their declared pins; their real needs come from the `rewards` extra.
-# (open_clip needs torchvision, which has no CPU wheel beside torch 2.13 here: use a GPU machine.)
+# On a GPU machine: HPS-v2.1's open_clip (it needs a torchvision matching your torch: install both from
+# your CUDA index first) and the reward server. CLIP score, PickScore and ImageReward need neither.
 rewards: venv
-	$(PY) -m pip install -q -e ".[rewards]"
-	$(PY) -m pip install -q --no-deps hpsv2 image-reward
+	$(PY) -m pip install -q -e ".[rewards,serve]"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

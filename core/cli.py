@@ -1,4 +1,4 @@
-"""The ``mixgrpo`` command line: plugins, train, compare, eval, pretrain, export, sample."""
+"""The ``mixgrpo`` command line: plugins, train, compare, eval, pretrain, export, sample, serve-reward."""
 
 from __future__ import annotations
 
@@ -118,6 +118,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_reward(args: argparse.Namespace) -> int:
+    from mixgrpo.core.config import parse_gin
+    from mixgrpo.plugins.rewards.remote import serve
+
+    given = list(args.gin or [])
+    files = [g for g in given if g.strip().endswith(".gin")]
+    pm = parse_gin(files, [g for g in given if g not in files])
+    reward = pm.create("reward", args.name)
+    print(f"serving reward {args.name!r} on http://{args.host}:{args.port} (POST /score, GET /info)", flush=True)
+    serve(reward, args.name, host=args.host, port=args.port, max_images=args.max_images)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixgrpo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain the shapes-world base model by flow matching")
     with_config(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("serve-reward", help="serve a registered reward over HTTP for the `remote` reward")
+    p.add_argument("name", help="registered reward name (see `mixgrpo plugins`), e.g. hpsv2")
+    p.add_argument("--port", type=int, default=8700, help="TCP port (default 8700)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 serves other machines)")
+    p.add_argument("--gin", action="append", metavar="FILE.gin|BINDING",
+                   help="a .gin file or a binding configuring the reward, e.g. "
+                        "--gin \"HPSv2Reward.checkpoint = '/models/HPS_v2.1_compressed.pt'\" (repeatable)")
+    p.add_argument("--max-images", type=int, default=256, help="largest batch one request may send")
+    p.set_defaults(func=cmd_serve_reward)
     return parser
 
 

@@ -1,9 +1,11 @@
 """Learned reward models: CLIP score, PickScore, HPS-v2.1, ImageReward (ALGORITHMS.md §11).
 
-Weights load from LOCAL paths only (no hub access is attempted); point each reward at a snapshot
-you downloaded. CLIP score and PickScore need only transformers: images are resized and normalised
-in torch, so torchvision is not required. HPS-v2.1 needs open_clip (and so torchvision), and
-ImageReward its own package: install the ``rewards`` extra (``make rewards``) for those two.
+Every reward loads from LOCAL paths only (nothing is downloaded), runs on its own device (a reward
+model may sit on another GPU than the policy), in ``no_grad``, in the model's dtype, in batches of
+``batch_size``, and prepares images exactly as its published scorer does (``preprocess.py``; the
+tests compare each reward with that scorer on the same model and images). CLIP score, PickScore and
+ImageReward need only transformers; HPS-v2.1 needs open_clip (and so torchvision): the ``rewards``
+extra. See docs/rewards.md.
 """
 
 from __future__ import annotations
@@ -16,73 +18,94 @@ import torch.nn.functional as F
 
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import Reward
+from mixgrpo.plugins.rewards.preprocess import CLIP_MEAN, CLIP_STD, ImageTransform, check_batch, chunks
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _local_dir(path: str | None, what: str) -> Path:
+#: A recipe's default for a setting the user must bind: ``'unset:MACRO'`` names the gin macro to bind
+#: (experiments/flux/rewards.gin). A value, unlike ``%gin.REQUIRED``, lets the recipe parse, and the
+#: reward that needs it says which macro is missing.
+UNSET = "unset:"
+
+
+def require_set(value, what: str) -> None:
+    """Raise, naming the gin macro, when a recipe's ``'unset:MACRO'`` placeholder was not bound."""
+    if isinstance(value, str) and value.startswith(UNSET):
+        macro = value[len(UNSET):]
+        raise ValueError(f"gin macro {macro} is not set (it gives {what}): pass --gin \"{macro} = '...'\" "
+                         f"or bind it in your gin file")
+
+
+def local_path(path: str | None, what: str, *, file: bool | None = None) -> Path:
+    """A local file or folder the user bound in gin; a clear error when it is unset or missing."""
+    require_set(path, what)
     if not path:
-        raise ValueError(f"{what}: set its path to a local snapshot (gin: {what}.path = '/models/...'); "
+        raise ValueError(f"{what} is not set: bind it to a local path (gin: {what} = '/models/...'); "
                          f"mixgrpo never downloads weights")
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"{what}: {path} does not exist (mixgrpo loads weights from local paths only)")
+        raise FileNotFoundError(f"{what} = {path!r} does not exist (mixgrpo loads weights from local paths only)")
+    if file is True and not p.is_file():
+        raise FileNotFoundError(f"{what} = {path!r} is a folder; it must be a file")
+    if file is False and not p.is_dir():
+        raise FileNotFoundError(f"{what} = {path!r} is a file; it must be a folder")
     return p
 
 
-def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Images ``[B, 3, H, W]`` in [0, 1] → CLIP pixel values ``[B, 3, size, size]`` (resize the short
-    side with bicubic interpolation, centre-crop, normalise), computed in torch."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
-    h, w = images.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    x = F.interpolate(images.float(), size=(nh, nw), mode="bicubic", align_corners=False).clamp(0, 1)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    x = x[..., top: top + size, left: left + size]
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+def resolve_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-class CLIPScoreReward(Reward):
-    """Cosine similarity of a CLIP model's image and text embeddings (times ``scale``).
+def resolve_dtype(dtype: str | torch.dtype | None, what: str) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"{what}.dtype = {dtype!r}: choose one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
 
-    Args:
-        path: local folder of a transformers ``CLIPModel`` with its tokenizer.
-        scale: multiplier of the cosine (1 for CLIP score; PickScore uses the model's logit scale).
-        device: where the model runs (default: CUDA if available).
-    """
 
-    name = "clip_score"
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors (``.safetensors`` or a torch file holding tensors only)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
-    def __init__(self, path: str | None = None, scale: float = 1.0, device: str | None = None) -> None:
-        from transformers import AutoTokenizer, CLIPModel
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
 
-        folder = _local_dir(path, type(self).__name__)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = CLIPModel.from_pretrained(folder, local_files_only=True)
-        self.model = model.to(self.device).eval().requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        self.scale = scale
-        self.image_size = int(self.model.config.vision_config.image_size)
 
-    def _features(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = clip_preprocess(images.to(self.device), self.image_size)
-        tokens = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt").to(self.device)
-        img = _as_tensor(self.model.get_image_features(pixel_values=pixels))
-        txt = _as_tensor(self.model.get_text_features(**tokens))
-        return F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+class ModelReward(Reward):
+    """Shared call path: validate, then per batch preprocess on the reward's device, cast to the
+    model's dtype and score in ``no_grad``; float32 scores come back on the images' device."""
+
+    #: identifies the scoring recipe (reported by ``serve-reward``); bump it when scores change.
+    version: str = "1"
+    transform: ImageTransform
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int
+
+    def _score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        img, txt = self._features(images, prompts)
-        return (self.scale * (img * txt).sum(-1)).float().to(images.device)
+        prompts = check_batch(images, prompts, type(self).__name__)
+        out = [torch.zeros(0)]
+        for part in chunks(len(prompts), self.batch_size):
+            pixels = self.transform(images[part].to(self.device)).to(self.dtype)
+            out.append(self._score(pixels, prompts[part]).float().cpu())
+        return torch.cat(out).to(images.device)
 
 
-def _as_tensor(out) -> torch.Tensor:
+def _features(out) -> torch.Tensor:
     """transformers 5 may return a model output instead of a tensor for get_*_features."""
     if isinstance(out, torch.Tensor):
         return out
@@ -93,98 +116,130 @@ def _as_tensor(out) -> torch.Tensor:
     raise TypeError(f"unexpected CLIP feature output {type(out).__name__}")
 
 
+class CLIPScoreReward(ModelReward):
+    """Cosine similarity of a CLIP model's image and text embeddings (times ``scale``).
+
+    Images are prepared as CLIPImageProcessor does (PIL bicubic of the short side, floored centre
+    crop, CLIP normalisation); prompts are tokenized with padding and truncation to the text model's
+    length, as the CLIP-score and PickScore recipes do.
+
+    Args:
+        path: local folder of a transformers ``CLIPModel`` with its tokenizer.
+        scale: multiplier of the cosine (1 for CLIP score).
+        device: where the model runs (default: CUDA if available); may differ from the policy's.
+        dtype: ``float32`` (default), ``float16`` or ``bfloat16``.
+        batch_size: images per forward pass.
+    """
+
+    name = "clip_score"
+
+    def __init__(self, path: str | None = None, scale: float = 1.0, device: str | None = None,
+                 dtype: str | None = None, batch_size: int = 16) -> None:
+        from transformers import AutoTokenizer, CLIPModel
+
+        who = type(self).__name__
+        folder = local_path(path, f"{who}.path", file=False)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, who)
+        model = CLIPModel.from_pretrained(folder, local_files_only=True, dtype=self.dtype)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.max_length = int(self.model.config.text_config.max_position_embeddings)
+        self.scale = float(scale)
+        self.batch_size = int(batch_size)
+        self.transform = ImageTransform(int(self.model.config.vision_config.image_size), resize="pil", fit="crop_floor")
+
+    def _cosine(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length,
+                                return_tensors="pt").to(self.device)
+        img = _features(self.model.get_image_features(pixel_values=pixels)).float()
+        txt = _features(self.model.get_text_features(**tokens)).float()
+        return (F.normalize(img, dim=-1) * F.normalize(txt, dim=-1)).sum(-1)
+
+    def _score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.scale * self._cosine(pixels, prompts)
+
+
 class PickScoreReward(CLIPScoreReward):
     """PickScore: ``exp(logit_scale)·cos`` of the PickScore_v1 CLIP-H model (≈ 22 on good images).
 
     Args:
-        path: local folder of ``PickScore_v1`` (a CLIPModel) with the CLIP-H tokenizer.
+        path: local folder of ``PickScore_v1`` (a CLIPModel) with the CLIP-H tokenizer files beside it.
         normalize: return ``(s − 18) / 8`` as MixGRPO trains on (raw s when False).
-        device: see ``CLIPScoreReward``.
+        device, dtype, batch_size: see ``CLIPScoreReward``.
     """
 
     name = "pickscore"
 
-    def __init__(self, path: str | None = None, normalize: bool = True, device: str | None = None) -> None:
-        super().__init__(path, scale=1.0, device=device)
-        self.scale = float(self.model.logit_scale.exp())
+    def __init__(self, path: str | None = None, normalize: bool = True, device: str | None = None,
+                 dtype: str | None = None, batch_size: int = 16) -> None:
+        super().__init__(path, scale=1.0, device=device, dtype=dtype, batch_size=batch_size)
+        self.scale = float(self.model.logit_scale.float().exp())
         self.normalize = normalize
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        s = super().__call__(images, prompts)
+    def _score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        s = self.scale * self._cosine(pixels, prompts)
         return (s - 18.0) / 8.0 if self.normalize else s
 
 
-class HPSv2Reward(Reward):
-    """HPS-v2.1: OpenCLIP ViT-H-14 with the HPS v2.1 checkpoint; score = image·text feature dot (≈ 0.3).
+class HPSv2Reward(ModelReward):
+    """HPS-v2.1: an OpenCLIP ViT-H-14 holding the HPS v2.1 weights; score = dot product of the
+    normalised image and text features (≈ 0.3 on good images).
+
+    As hpsv2's scorer does, the image is converted to a float tensor before it is resized (torchvision's
+    antialiased bicubic) so that its LONG side fits, padded with black to a square and normalised with
+    CLIP's statistics. The checkpoint holds every weight of the model, so no base CLIP weights are needed.
 
     Args:
-        checkpoint: local path of ``HPS_v2.1_compressed.pt``.
-        clip_weights: local path of the open_clip ViT-H-14 laion2B weights (``open_clip_pytorch_model.bin``).
-        device: see ``CLIPScoreReward``.
+        checkpoint: local path of ``HPS_v2.1_compressed.pt`` (or a ``.safetensors`` of the same tensors).
+        architecture: an open_clip model name (``ViT-H-14``) or the path of an open_clip model-config
+            JSON file (its file name, without ``.json``, becomes the model name).
+        device, dtype, batch_size: see ``CLIPScoreReward``.
     """
 
     name = "hpsv2"
+    version = "v2.1"
 
-    def __init__(self, checkpoint: str | None = None, clip_weights: str | None = None,
-                 device: str | None = None) -> None:
+    def __init__(self, checkpoint: str | None = None, architecture: str = "ViT-H-14", device: str | None = None,
+                 dtype: str | None = None, batch_size: int = 16) -> None:
         try:
             import open_clip
         except ImportError as exc:
-            raise ImportError("HPSv2Reward needs open_clip (and torchvision): install the rewards extra "
-                              "with `make rewards`") from exc
-        ckpt = _local_dir(checkpoint, "HPSv2Reward.checkpoint")
-        base = _local_dir(clip_weights, "HPSv2Reward.clip_weights")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model, _, _ = open_clip.create_model_and_transforms("ViT-H-14", pretrained=str(base), device=self.device)
-        state = torch.load(ckpt, map_location="cpu")
-        model.load_state_dict(state.get("state_dict", state))
-        self.model = model.eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer("ViT-H-14")
-        self.image_size = 224
+            raise ImportError("HPSv2Reward needs open_clip (and torchvision): pip install -e '.[rewards]' "
+                              "(see docs/rewards.md)") from exc
+        ckpt = local_path(checkpoint, "HPSv2Reward.checkpoint", file=True)
+        arch = architecture
+        if arch.endswith(".json"):
+            cfg = local_path(arch, "HPSv2Reward.architecture", file=True)
+            open_clip.add_model_config(cfg)
+            arch = cfg.stem
+        if arch not in open_clip.list_models():
+            raise ValueError(f"HPSv2Reward.architecture = {architecture!r} is not an open_clip model "
+                             f"(HPS-v2.1 is 'ViT-H-14')")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, "HPSv2Reward")
+        model = open_clip.create_model(arch, pretrained=None, device="cpu")
+        missing, unexpected = model.load_state_dict(load_state_dict(ckpt), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"HPSv2Reward.checkpoint {ckpt} does not fit {arch}: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        size = model.visual.image_size
+        self.transform = ImageTransform(int(size[0] if isinstance(size, tuple | list) else size),
+                                        resize="tensor", fit="pad", mean=CLIP_MEAN, std=CLIP_STD)
+        self.batch_size = int(batch_size)
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        pixels = clip_preprocess(images.to(self.device), self.image_size)
-        img = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
-        txt = F.normalize(self.model.encode_text(self.tokenizer(list(prompts)).to(self.device)).float(), dim=-1)
-        return (img * txt).sum(-1).to(images.device)
-
-
-class ImageRewardReward(Reward):
-    """ImageReward-v1.0 (already normalised; ≈ 1 on good images).
-
-    Args:
-        checkpoint: local path of ``ImageReward.pt``.
-        med_config: local path of its ``med_config.json``.
-        device: see ``CLIPScoreReward``.
-    """
-
-    name = "imagereward"
-
-    def __init__(self, checkpoint: str | None = None, med_config: str | None = None, device: str | None = None) -> None:
-        try:
-            import ImageReward as image_reward
-        except ImportError as exc:
-            raise ImportError("ImageRewardReward needs the image-reward package: `make rewards`") from exc
-        ckpt = _local_dir(checkpoint, "ImageRewardReward.checkpoint")
-        med = _local_dir(med_config, "ImageRewardReward.med_config")
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = image_reward.load(str(ckpt), device=self.device, med_config=str(med))
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        from PIL import Image
-
-        out = []
-        for img, prompt in zip(images, prompts):
-            array = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-            out.append(float(self.model.score(prompt, [Image.fromarray(array)])))
-        return torch.tensor(out, dtype=torch.float32, device=images.device)
+    def _score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        img = self.model.encode_image(pixels).float()
+        txt = self.model.encode_text(self.tokenizer(prompts).to(self.device)).float()
+        return (F.normalize(img, dim=-1) * F.normalize(txt, dim=-1)).sum(-1)
 
 
 @hookimpl
 def register_rewards(register):
+    from mixgrpo.plugins.rewards.imagereward import ImageRewardReward
+
     register("clip_score", CLIPScoreReward)
     register("pickscore", PickScoreReward)
     register("hpsv2", HPSv2Reward)
