@@ -57,8 +57,10 @@ def trainable_names(trainer: Trainer) -> list[str]:
     return [name for name, p in trainer.backbone.unwrapped().named_parameters() if p.requires_grad]
 
 
-def save(trainer: Trainer, root: Path, iteration: int) -> Path:
-    """Write checkpoint ``iter_<iteration>`` under ``root`` (every process must call it)."""
+def save(trainer: Trainer, root: Path, iteration: int, keep_last: int = 0) -> Path:
+    """Write checkpoint ``iter_<iteration>`` under ``root`` (every process must call it); with
+    ``keep_last`` > 0, delete all but the newest ``keep_last`` checkpoints afterwards (never the one
+    ``latest`` points to)."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -97,8 +99,22 @@ def save(trainer: Trainer, root: Path, iteration: int) -> Path:
         latest_tmp = root / ".latest.tmp"
         latest_tmp.write_text(final.name)
         os.replace(latest_tmp, root / "latest")
+        if keep_last > 0:
+            prune(root, keep_last)
     acc.wait_for_everyone()
     return final
+
+
+def prune(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints (and stale temporary folders
+    of interrupted writes); the one ``latest`` points to is always kept. Returns the deleted ones."""
+    current = latest(root)
+    done = sorted(p for p in root.glob("iter_*") if (p / STATE_FILE).is_file())
+    deleted = [p for p in done[:-keep_last] if p != current]
+    deleted += [p for p in root.glob(".tmp_iter_*") if current is None or p.name != f".tmp_{current.name}"]
+    for path in deleted:
+        shutil.rmtree(path, ignore_errors=True)
+    return deleted
 
 
 def latest(root: Path) -> Path | None:

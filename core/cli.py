@@ -51,13 +51,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config, pm = _load(args)
     trainer = Trainer(config, pm)
-    history = trainer.train(resume=args.resume)
+    resume_hint = " ".join(["mixgrpo train", str(args.config), *(f'--gin "{g}"' for g in args.gin or []),
+                            *([f"--output {args.output}"] if args.output else []), "--resume"])
+    try:
+        history = trainer.train(resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        from mixgrpo.core import checkpoint as ckpt
+
+        found = ckpt.latest(trainer.out / "checkpoints")
+        where = f"the last checkpoint is {found}" if found else "no checkpoint was written yet"
+        print(f"\nmixgrpo train: interrupted; {where}. Continue with: {resume_hint}", file=sys.stderr)
+        return 130
     if trainer.accelerator.is_main_process:
         last = history[-1] if history else {}
         summary = {k: v for k, v in last.items() if k.startswith(("reward/", "eval/")) and k.endswith("mean")}
         print(f"run directory: {trainer.out}  ({len(history)} iterations)")
+        if not history and trainer.start_iteration >= config.iterations:
+            print(f"  nothing to train: the checkpoint is at iteration {trainer.start_iteration} and "
+                  f"TrainConfig.iterations = {config.iterations}; raise it to continue the run")
         for k, v in summary.items():
-            print(f"  {k} = {v:.4f}")
+            print(f"  {k} = {v:.4g}")
+        if trainer.stopped:
+            print(f"  {trainer.stopped}; continue with: {resume_hint}")
     trainer.close()
     return 0
 
@@ -148,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--output", help="run directory (overrides TrainConfig.output_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run directory that holds a run (deletes its records and checkpoints)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("compare", help="train several variants on the same prompts, seeds and budget; write report.md")
@@ -211,8 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    from mixgrpo.core.training import RewardFailure
+
     try:
         return args.func(args)
+    except RewardFailure as exc:  # the run itself failed: not a usage error
+        print(f"mixgrpo {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except (UnknownComponentError, ValueError, FileNotFoundError, NotImplementedError) as exc:
         print(f"mixgrpo {args.command}: error: {exc}", file=sys.stderr)
         return 2

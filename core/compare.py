@@ -20,7 +20,7 @@ import gin
 
 from mixgrpo.core.config import ConfigError, TrainConfig, _search_paths, parse_gin
 from mixgrpo.core.plugins import get_plugin_manager
-from mixgrpo.core.report import EVAL_SCORES, slug
+from mixgrpo.core.report import slug
 
 DONE = "done.json"
 
@@ -101,9 +101,7 @@ def _run_one(files: Sequence[Path], base: Path, bindings: Sequence[str], seed: i
     pm = get_plugin_manager()
     config = _train_config(files, base, [*bindings, *(["TrainConfig.progress = False"] if threads else [])],
                            seed, run_dir, pm)
-    for name in ("metrics.jsonl", EVAL_SCORES):  # an unfinished run restarts cleanly
-        (run_dir / name).unlink(missing_ok=True)
-    Trainer(config, pm).train()
+    Trainer(config, pm).train(overwrite=True)  # an unfinished run restarts cleanly
     seconds = time.perf_counter() - started
     (run_dir / DONE).write_text(json.dumps({"seconds": seconds}))
     return seconds

@@ -54,7 +54,9 @@ class TrainConfig:
         eval_every / eval_prompts / eval_seeds / eval_num_steps (held-out evaluation with the ODE,
         on a grid of eval_num_steps steps; None: the training grid's T),
         sample_every / sample_prompts (image grids at fixed prompts and seeds; both also at iteration
-        0 and at the last iteration), checkpoint_every,
+        0 and at the last iteration), checkpoint_every, keep_last (keep only the newest n checkpoints;
+        0 keeps all, the latest is never deleted), max_failed_iterations (stop after this many
+        consecutive iterations in which a trained reward scored no sample),
         ratio_tolerance (warn when the on-policy ratio deviates from 1 by more; None: a tenth of the
         objective's clip range), progress (bars),
         tensorboard (also log metrics to TensorBoard in ``output_dir/tensorboard`` through
@@ -102,6 +104,8 @@ class TrainConfig:
     sample_every: int = 0
     sample_prompts: int = 8
     checkpoint_every: int = 0
+    keep_last: int = 0
+    max_failed_iterations: int = 3
     ratio_tolerance: float | None = None
     progress: bool = True
     tensorboard: bool = True
@@ -126,7 +130,7 @@ class TrainConfig:
         for kind, name in self.components():
             pm.get(kind, name)  # raises UnknownComponentError listing the known names
         positive = ("num_steps", "group_size", "prompts_per_iteration", "rollout_batch_size",
-                    "micro_batch_size", "num_minibatches", "iterations")
+                    "micro_batch_size", "num_minibatches", "iterations", "max_failed_iterations", "ema_interval")
         for field in positive:
             if getattr(self, field) < 1:
                 raise ValueError(f"TrainConfig.{field} must be >= 1, got {getattr(self, field)}")
@@ -134,6 +138,8 @@ class TrainConfig:
             raise ValueError("TrainConfig.rewards is empty: name at least one reward to train on")
         if self.num_minibatches > self.prompts_per_iteration * self.group_size:
             raise ValueError("TrainConfig.num_minibatches exceeds the number of samples per iteration")
+        if self.keep_last < 0:
+            raise ValueError(f"TrainConfig.keep_last must be >= 0 (0 keeps every checkpoint), got {self.keep_last}")
         if self.eval_num_steps is not None and self.eval_num_steps < 1:
             raise ValueError(f"TrainConfig.eval_num_steps must be >= 1 or None, got {self.eval_num_steps}")
         if self.parallelism not in PARALLELISMS:
@@ -280,14 +286,42 @@ def parse_gin(config_files: Sequence[str | Path], bindings: Sequence[str] = (), 
     except (ValueError, KeyError, TypeError, OSError) as exc:
         if isinstance(exc, UnknownComponentError):
             raise
+        if "but not subsequently overridden" in str(exc):  # gin names only the first unbound macro
+            check_macros_bound(config_files[-1])
         raise ConfigError(explain_gin_error(exc, pm)) from None
     return pm
 
 
+UNSET_PREFIX = "unset:"  # a macro default that must be bound (gin.REQUIRED, where a string is needed)
+
+
+def unbound_macros() -> list[str]:
+    """Macros of the parsed config still set to ``%gin.REQUIRED`` or to an ``'unset:NAME'`` default."""
+    names = []
+    for (name, selector), params in gin.config._CONFIG.items():
+        value = params.get("value")
+        if selector == "gin.macro" and (repr(value) == "%gin.REQUIRED"
+                                        or (isinstance(value, str) and value.startswith(UNSET_PREFIX))):
+            names.append(name)
+    return sorted(names)
+
+
+def check_macros_bound(config_file: str | Path) -> None:
+    """All required macros bound, or one error naming every missing one (before any model loads)."""
+    missing = unbound_macros()
+    if missing:
+        example = " ".join(f'--gin "{name} = \'...\'"' for name in missing)
+        raise ConfigError(f"{config_file}: {len(missing)} required setting(s) not bound: {', '.join(missing)}. "
+                          f"Bind each on the command line, e.g. {example} (paths are local: nothing is "
+                          f"downloaded), or in a gin file that includes this one")
+
+
 def load_config(config_file: str | Path, bindings: Sequence[str] = (), pm: PluginManager | None = None,
                 ) -> tuple[TrainConfig, PluginManager]:
-    """Parse a gin experiment and return its validated ``TrainConfig``."""
+    """Parse a gin experiment and return its validated ``TrainConfig``; every required macro must
+    be bound (all missing ones are named at once)."""
     pm = parse_gin([config_file], bindings, pm)
+    check_macros_bound(config_file)
     try:
         config = TrainConfig()
     except (ValueError, TypeError) as exc:

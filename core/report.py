@@ -37,7 +37,7 @@ def save_sample_grid(images: torch.Tensor, captions: Sequence[str], path: Path, 
 
 #: per-image held-out scores of every evaluation of a run: one JSON line per evaluation,
 #: ``{"iteration": k, "<reward name>": [score per image, ...]}``
-EVAL_SCORES = "eval_scores.jsonl"
+from mixgrpo.core.records import EVAL_SCORES  # noqa: E402,F401 (re-exported)
 
 
 def slug(label: str) -> str:

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,18 @@ from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from mixgrpo.core import checkpoint as ckpt
+from mixgrpo.core import records
 from mixgrpo.core.config import TrainConfig
 from mixgrpo.core.ema import EMA
 from mixgrpo.core.parallel import clip_grad_norm, resolve_parallelism, shard
 from mixgrpo.core.plugins import PluginManager, get_plugin_manager
 from mixgrpo.core.rollout import SamplingSetup, rollout, sample_ode
-from mixgrpo.core.training import evaluate_rewards, score_rewards, train_on_trajectories
+from mixgrpo.core.training import RewardFailure, evaluate_rewards, score_rewards, train_on_trajectories
 from mixgrpo.core.types import Trajectories
 
 log = logging.getLogger(__name__)
+POLICY_METRICS = ("policy/ratio_mean", "policy/clipfrac", "policy/approx_kl", "policy/onpolicy_ratio_dev",
+                  "policy/grad_norm", "loss/policy", "loss/kl")
 
 
 class Trainer:
@@ -44,6 +48,7 @@ class Trainer:
         config.validate(self.pm)
         self.out = Path(config.output_dir)
         self.accelerator = accelerator or _make_accelerator(config, self.out)
+        self._tensorboard = bool(self.accelerator.log_with)
         c = config
         self.backbone = self.pm.create("backbone", c.backbone)
         self.sde_sampler = self.pm.create("sampler", c.sde_sampler)
@@ -77,6 +82,7 @@ class Trainer:
             self.backbone.module, self.optimizer = self.accelerator.prepare(self.backbone.module, self.optimizer)
         self.ema = EMA(self.backbone.trainable_parameters(), c.ema_decay, c.ema_interval) if c.ema_decay else None
         self.start_iteration = 0
+        self._failed_streak = 0  # consecutive iterations in which a trained reward scored nothing
 
     def _shard_backbone(self) -> None:
         if getattr(self.backbone, "lora_rank", 0) > 0:
@@ -140,11 +146,17 @@ class Trainer:
                        sde_sampler=self.sde_sampler, pre_solver=self.pre_solver, post_solver=self.post_solver,
                        seed=c.seed, iteration=k, batch_size=c.rollout_batch_size)
         t1 = time.perf_counter()
-        rewards, metrics = score_rewards(self.rewards, traj.images, prompts, traj.group_ids, self.accelerator)
+        errors: dict[str, BaseException] = {}
+        rewards, metrics = score_rewards(self.rewards, traj.images, prompts, traj.group_ids, self.accelerator,
+                                         errors)
         advantages = self._advantages(rewards, traj)
         t2 = time.perf_counter()
         self.backbone.module.train()
-        train_metrics = train_on_trajectories(self, traj, advantages, k)
+        if self._rewards_failed(k, metrics, errors):  # no signal: nothing to train on (Adam would still move)
+            train_metrics = {**dict.fromkeys(POLICY_METRICS, float("nan")), "perf/nfe_train": 0.0,
+                             "policy/skipped_steps": float(c.num_minibatches)}
+        else:
+            train_metrics = train_on_trajectories(self, traj, advantages, k)
         t3 = time.perf_counter()
         metrics.update(train_metrics)
         window = plan.window or (-1, 0)
@@ -155,6 +167,24 @@ class Trainer:
             "perf/iteration_s": t3 - t0, "perf/peak_mem_gb": _peak_mem_gb(),
         })
         return metrics
+
+    def _rewards_failed(self, k: int, metrics: dict[str, float], errors: dict[str, BaseException]) -> bool:
+        """True when a trained reward scored no sample of iteration ``k`` (on any process); after
+        ``max_failed_iterations`` such iterations in a row the run stops with the reward's error."""
+        c = self.config
+        total = c.prompts_per_iteration * c.group_size
+        dead = [name for name in self.rewards if metrics[f"reward/{name}/failed"] >= total]
+        self._failed_streak = self._failed_streak + 1 if dead else 0
+        if dead:
+            log.warning("iteration %d: reward(s) %s scored no sample; the iteration trains nothing (%d of %d "
+                        "allowed in a row)", k + 1, ", ".join(dead), self._failed_streak, c.max_failed_iterations)
+        if self._failed_streak >= c.max_failed_iterations:
+            name = dead[0]
+            cause = errors.get(name)
+            raise RewardFailure(f"reward {name!r} scored no sample in {self._failed_streak} consecutive iterations "
+                                f"(TrainConfig.max_failed_iterations = {c.max_failed_iterations}); last error: "
+                                f"{type(cause).__name__ if cause else 'non-finite scores'}: {cause}") from cause
+        return bool(dead)
 
     def _advantages(self, rewards: dict[str, torch.Tensor], traj: Trajectories) -> torch.Tensor:
         """Advantages over all processes' samples (gathered), then this process's rows."""
@@ -167,13 +197,17 @@ class Trainer:
         return adv[[where[int(s)] for s in traj.sample_ids]]
 
     # -- the loop ------------------------------------------------------------------------------
-    def train(self, resume: bool = False) -> list[dict[str, float]]:
+    def train(self, resume: bool = False, overwrite: bool = False) -> list[dict[str, float]]:
+        """Run iterations ``start_iteration .. iterations - 1``; returns their metrics rows.
+
+        ``resume`` continues the run in ``output_dir`` from its latest checkpoint (refusing a config
+        that changes the experiment, see ``mixgrpo.core.records``); without it a directory that
+        holds a run is refused unless ``overwrite``. SIGTERM or a first Ctrl-C stops the run at the
+        end of the current iteration with a checkpoint; ``stopped`` then tells why.
+        """
         c, acc = self.config, self.accelerator
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.gin").write_text(gin.operative_config_str() or gin.config_str())
-        if resume:
-            self.start_iteration = ckpt.resume(self, self.out / "checkpoints")
+        self.start_iteration, self.stopped = self._open_run(resume, overwrite), None
+        self._start_trackers()
         history: list[dict[str, float]] = []
         if self.start_iteration == 0 and (c.eval_every or c.sample_every):
             self._evaluate_and_sample(0, history_row := {"iteration": 0}, evaluate=bool(c.eval_every),
@@ -182,25 +216,66 @@ class Trainer:
         bar = tqdm(range(self.start_iteration, c.iterations), desc=f"{c.objective}", unit="it",
                    disable=not (c.progress and acc.is_main_process), initial=self.start_iteration,
                    total=c.iterations)
-        for k in bar:
-            metrics = {"iteration": k + 1, **self.iteration(k)}
-            last = k + 1 == c.iterations  # the final model is always evaluated and drawn
-            due_eval = bool(c.eval_every) and ((k + 1) % c.eval_every == 0 or last)
-            due_sample = bool(c.sample_every) and ((k + 1) % c.sample_every == 0 or last)
-            if due_eval or due_sample:
-                self._evaluate_and_sample(k + 1, metrics, evaluate=due_eval, sample=due_sample)
-            self._log(metrics)
-            history.append(metrics)
-            self.pm.on_iteration_end(trainer=self, iteration=k + 1, metrics=metrics)
-            first = next(iter(c.rewards))
-            bar.set_postfix(reward=f"{metrics[f'reward/{first}/mean']:.3f}", s_it=f"{metrics['perf/iteration_s']:.2f}")
-            if c.checkpoint_every and ((k + 1) % c.checkpoint_every == 0 or k + 1 == c.iterations):
-                path = ckpt.save(self, self.out / "checkpoints", k + 1)
-                if acc.is_main_process:
-                    self.pm.on_checkpoint(trainer=self, path=path)
+        with _stop_on_signals() as stop:
+            for k in bar:
+                metrics = {"iteration": k + 1, **self.iteration(k)}
+                last = k + 1 == c.iterations  # the final model is always evaluated and drawn
+                due_eval = bool(c.eval_every) and ((k + 1) % c.eval_every == 0 or last)
+                due_sample = bool(c.sample_every) and ((k + 1) % c.sample_every == 0 or last)
+                if due_eval or due_sample:
+                    self._evaluate_and_sample(k + 1, metrics, evaluate=due_eval, sample=due_sample)
+                self._log(metrics)
+                history.append(metrics)
+                self.pm.on_iteration_end(trainer=self, iteration=k + 1, metrics=metrics)
+                first = next(iter(c.rewards))
+                bar.set_postfix(reward=f"{metrics[f'reward/{first}/mean']:.3f}",
+                                s_it=f"{metrics['perf/iteration_s']:.2f}")
+                halt = not self.all_processes(not stop)
+                if halt or (c.checkpoint_every and ((k + 1) % c.checkpoint_every == 0 or last)):
+                    self._checkpoint(k + 1)
+                if halt:
+                    self.stopped = f"stopped by {stop[0]} after iteration {k + 1} (checkpoint saved)"
+                    break
         for tracker in self.accelerator.trackers:
             tracker.finish()  # flush and close the TensorBoard writer
         return history
+
+    def _open_run(self, resume: bool, overwrite: bool) -> int:
+        """Check and prepare the run directory; returns the iteration to start from."""
+        acc, root = self.accelerator, self.out / "checkpoints"
+        start = 0
+        if resume and ckpt.latest(root) is not None:
+            changed = records.check_resume(self.out)  # before loading anything: a refused resume changes nothing
+            start = ckpt.resume(self, root)
+            for group in self.optimizer.param_groups:  # the config's step sizes, recorded if they changed
+                group["lr"], group["weight_decay"] = self.config.learning_rate, self.config.weight_decay
+            if acc.is_main_process:
+                records.truncate_after(self.out, start)
+                records.record_resume(self.out, start, changed)
+        else:
+            if resume:  # nothing to continue: whatever records exist belong to iterations to run again
+                log.warning("--resume: no checkpoint in %s; starting from iteration 0", root)
+            elif not overwrite and records.holds_a_run(self.out):
+                records.prepare_new(self.out, overwrite=False)  # raises, on every process alike
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                records.prepare_new(self.out, overwrite=True)
+        if acc.is_main_process:
+            (self.out / "config.gin").write_text(gin.operative_config_str() or gin.config_str())
+        acc.wait_for_everyone()
+        return start
+
+    def _start_trackers(self) -> None:
+        """TensorBoard in ``output_dir/tensorboard``; on resume it purges its events from the first
+        iteration this run will log again, so no step is recorded twice."""
+        if self._tensorboard:
+            kwargs = {"purge_step": self.start_iteration + 1} if self.start_iteration else {}
+            self.accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": kwargs})
+
+    def _checkpoint(self, iteration: int) -> None:
+        path = ckpt.save(self, self.out / "checkpoints", iteration, keep_last=self.config.keep_last)
+        if self.accelerator.is_main_process:
+            self.pm.on_checkpoint(trainer=self, path=path)
 
     def close(self) -> None:
         """End of the process's work: every rank reaches here, then the process group is torn down
@@ -226,10 +301,8 @@ class Trainer:
             scores: dict[str, list[float]] = {}
             metrics.update(self.evaluate(scores))
             if self.accelerator.is_main_process:
-                from mixgrpo.core.report import EVAL_SCORES  # matplotlib loads only when reporting
-
                 self.out.mkdir(parents=True, exist_ok=True)
-                with open(self.out / EVAL_SCORES, "a") as f:
+                with open(self.out / records.EVAL_SCORES, "a") as f:
                     f.write(json.dumps({"iteration": iteration, **scores}) + "\n")
         if sample and self.accelerator.is_main_process:
             from mixgrpo.core.report import save_sample_grid
@@ -259,7 +332,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / "metrics.jsonl", "a") as f:
+        with open(self.out / records.METRICS, "a") as f:
             f.write(json.dumps({k: _jsonable(v) for k, v in metrics.items()}) + "\n")
 
 
@@ -269,11 +342,36 @@ def _make_accelerator(config: TrainConfig, out: Path) -> Accelerator:
     from accelerate.tracking import is_tensorboard_available
 
     tensorboard = config.tensorboard and is_tensorboard_available()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard" if tensorboard else None,
-                              project_dir=str(out))
-    if tensorboard:
-        accelerator.init_trackers("tensorboard")
-    return accelerator
+    return Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard" if tensorboard else None,
+                       project_dir=str(out))
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[list[str]]:
+    """Yields a list that receives the name of a SIGTERM or first SIGINT (Ctrl-C) while inside; the
+    loop then stops after its current iteration. A second Ctrl-C interrupts at once. Outside the
+    main thread (where handlers cannot be installed) nothing is caught."""
+    import signal
+    import threading
+
+    caught: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if caught and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        caught.append(name)
+        print(f"\n{name}: stopping after this iteration with a checkpoint (Ctrl-C again to abort)", flush=True)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield caught
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _check_batch_layout(c: TrainConfig, world: int) -> None:

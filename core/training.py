@@ -25,29 +25,56 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def call_reward(reward: Reward, name: str, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-    """Scores ``[N]`` float32; a reward that raises gives NaN (masked out downstream), loudly."""
+class RewardFailure(RuntimeError):
+    """A reward returned something that is not one finite score per image, or failed every sample."""
+
+
+def _as_scores(raw: Any, name: str, count: int) -> torch.Tensor:
+    scores = torch.as_tensor(raw)
+    if not (scores.is_floating_point() or scores.dtype in (torch.int8, torch.int16, torch.int32, torch.int64,
+                                                            torch.uint8)):
+        raise RewardFailure(f"reward {name!r} returned scores of dtype {scores.dtype}; expected real numbers")
+    scores = scores.detach().float().reshape(-1).cpu()
+    if scores.numel() != count:
+        raise RewardFailure(f"reward {name!r} returned {scores.numel()} scores for {count} images")
+    return scores
+
+
+def call_reward(reward: Reward, name: str, images: torch.Tensor, prompts: Sequence[str],
+                errors: dict[str, BaseException] | None = None) -> torch.Tensor:
+    """Scores ``[N]`` float32. Whatever goes wrong is masked as NaN (left out of the group statistics,
+    advantage 0), loudly, and never scored as a plausible value: an exception, scores of the wrong
+    number or dtype (every sample), NaN or ±Inf (those samples). ``errors`` receives the exception of
+    a call that scored no sample."""
     try:
-        scores = reward(images, list(prompts))
+        scores = _as_scores(reward(images, list(prompts)), name, len(prompts))
     except Exception as exc:  # one failed reward call must neither kill the run nor score 0
         warnings.warn(f"reward {name!r} failed on {len(prompts)} samples ({type(exc).__name__}: {exc}); "
                       f"they are masked out of the group statistics", RuntimeWarning, stacklevel=2)
+        if errors is not None:
+            errors[name] = exc
         return torch.full((len(prompts),), float("nan"))
-    scores = torch.as_tensor(scores).float().reshape(-1).cpu()
-    if scores.numel() != len(prompts):
-        raise ValueError(f"reward {name!r} returned {scores.numel()} scores for {len(prompts)} images")
+    bad = ~torch.isfinite(scores)
+    if bad.any():
+        warnings.warn(f"reward {name!r} gave {int(bad.sum())} non-finite score(s) of {len(prompts)}; they are "
+                      f"masked out of the group statistics", RuntimeWarning, stacklevel=2)
+        scores[bad] = float("nan")
+        if bad.all() and errors is not None:
+            errors[name] = RewardFailure(f"reward {name!r} scored every sample NaN or Inf")
     return scores
 
 
 def score_rewards(rewards: Mapping[str, Reward], images: torch.Tensor, prompts: Sequence[str],
                   group_ids: torch.Tensor, accelerator: Accelerator,
+                  errors: dict[str, BaseException] | None = None,
                   ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Score local samples with every trained reward; metrics are over all processes."""
+    """Score local samples with every trained reward; metrics are over all processes
+    (``reward/<name>/failed`` counts the masked samples)."""
     scores: dict[str, torch.Tensor] = {}
     metrics: dict[str, float] = {}
     all_groups = accelerator.gather(group_ids.to(accelerator.device)).cpu()
     for name, reward in rewards.items():
-        s = call_reward(reward, name, images, prompts)
+        s = call_reward(reward, name, images, prompts, errors)
         scores[name] = s
         everywhere = accelerator.gather(s.to(accelerator.device)).cpu()
         ok = everywhere[~everywhere.isnan()]

@@ -129,3 +129,14 @@ def test_objectives_sharing_one_init_are_configured_apart():
     assert (flow.kl_beta, flow.clip_range) == (0.5, 1e-4)
     with pytest.raises(ConfigError, match="clip_range"):
         parse_gin([], ["MixGRPO.clip_rnge = 0.2"])
+
+
+def test_every_unbound_required_macro_is_named_at_once_before_anything_loads():
+    from mixgrpo.core.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "experiments" / "flux" / "mixgrpo_multi_reward.gin", ["FLUX_PATH = '/nowhere'"])
+    message = str(err.value)
+    for name in ("PROMPTS_TRAIN", "PROMPTS_TEST", "HPS_CHECKPOINT", "PICKSCORE_PATH", "IMAGEREWARD_CHECKPOINT"):
+        assert name in message
+    assert "FLUX_PATH" not in message.split("not bound:")[1].split(".")[0]  # the bound one is not listed
