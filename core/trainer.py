@@ -83,6 +83,7 @@ class Trainer:
         self.ema = EMA(self.backbone.trainable_parameters(), c.ema_decay, c.ema_interval) if c.ema_decay else None
         self.start_iteration = 0
         self._failed_streak = 0  # consecutive iterations in which a trained reward scored nothing
+        self._failure: RewardFailure | None = None
 
     def _shard_backbone(self) -> None:
         if getattr(self.backbone, "lora_rank", 0) > 0:
@@ -181,9 +182,11 @@ class Trainer:
         if self._failed_streak >= c.max_failed_iterations:
             name = dead[0]
             cause = errors.get(name)
-            raise RewardFailure(f"reward {name!r} scored no sample in {self._failed_streak} consecutive iterations "
-                                f"(TrainConfig.max_failed_iterations = {c.max_failed_iterations}); last error: "
-                                f"{type(cause).__name__ if cause else 'non-finite scores'}: {cause}") from cause
+            self._failure = RewardFailure(
+                f"reward {name!r} scored no sample in {self._failed_streak} consecutive iterations "
+                f"(TrainConfig.max_failed_iterations = {c.max_failed_iterations}); last error: "
+                f"{type(cause).__name__ if cause else 'non-finite scores'}: {cause}")
+            self._failure.__cause__ = cause
         return bool(dead)
 
     def _advantages(self, rewards: dict[str, torch.Tensor], traj: Trajectories) -> torch.Tensor:
@@ -226,6 +229,8 @@ class Trainer:
                     self._evaluate_and_sample(k + 1, metrics, evaluate=due_eval, sample=due_sample)
                 self._log(metrics)
                 history.append(metrics)
+                if self._failure is not None:  # recorded first, then the run stops with the reward's error
+                    raise self._failure
                 self.pm.on_iteration_end(trainer=self, iteration=k + 1, metrics=metrics)
                 first = next(iter(c.rewards))
                 bar.set_postfix(reward=f"{metrics[f'reward/{first}/mean']:.3f}",
