@@ -57,11 +57,26 @@ def trainable_names(trainer: Trainer) -> list[str]:
     return [name for name, p in trainer.backbone.unwrapped().named_parameters() if p.requires_grad]
 
 
+def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``safetensors.torch.save_file``, with an I/O failure raised as the ``OSError`` it is (safetensors
+    reports a full disk as its own error type)."""
+    import re
+
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path))
+    except Exception as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
+
+
 def save(trainer: Trainer, root: Path, iteration: int, keep_last: int = 0) -> Path:
     """Write checkpoint ``iter_<iteration>`` under ``root`` (every process must call it); with
     ``keep_last`` > 0, delete all but the newest ``keep_last`` checkpoints afterwards (never the one
     ``latest`` points to)."""
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     acc = trainer.accelerator
@@ -82,13 +97,13 @@ def save(trainer: Trainer, root: Path, iteration: int, keep_last: int = 0) -> Pa
         ema = {n: full_tensor(t).cpu() for n, t in zip(names, trainer.ema.shadow, strict=True)}
     if acc.is_main_process:
         trainable = set(trainable_names(trainer))  # buffers (e.g. SD3's fixed position table) are not state
-        save_file({k: v.contiguous() for k, v in weights.items() if k in trainable}, str(tmp / MODEL_FILE))
+        _write_tensors({k: v.contiguous() for k, v in weights.items() if k in trainable}, tmp / MODEL_FILE)
         tensors = {f"{name}{_SEP}{key}": torch.as_tensor(value).contiguous()
                    for name, state in optim["state"].items() for key, value in state.items()}
-        save_file(tensors, str(tmp / OPTIMIZER_FILE))
+        _write_tensors(tensors, tmp / OPTIMIZER_FILE)
         (tmp / OPTIMIZER_GROUPS).write_text(json.dumps({"param_groups": optim["param_groups"]}, indent=1))
         if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / EMA_FILE))
+            _write_tensors({k: v.contiguous() for k, v in ema.items()}, tmp / EMA_FILE)
         c = trainer.config
         state = {"format": FORMAT, "iteration": iteration, "seed": c.seed, "objective": c.objective,
                  "ema_steps": trainer.ema.num_steps if trainer.ema is not None else None}

@@ -228,11 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    from mixgrpo.core.records import StorageError
     from mixgrpo.core.training import RewardFailure
 
     try:
         return args.func(args)
-    except RewardFailure as exc:  # the run itself failed: not a usage error
+    except (RewardFailure, StorageError) as exc:  # the run itself failed: not a usage error
         print(f"mixgrpo {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except (UnknownComponentError, ValueError, FileNotFoundError, NotImplementedError) as exc:

@@ -14,8 +14,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,50 @@ RESUMABLE_FIELDS = ("iterations", "eval_every", "sample_every", "checkpoint_ever
 
 class RunDirectoryError(ValueError):
     """A run directory that cannot be used as asked; the message says what to do."""
+
+
+class StorageError(RuntimeError):
+    """The run could not write its records or checkpoints (a full, read-only or forbidden disk)."""
+
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM)
+
+
+def free_space(path: Path) -> str:
+    """Free space on the filesystem holding ``path`` (or its nearest existing parent), readable."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            free = shutil.disk_usage(candidate).free
+            for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+                if free < 1024 or unit == "TiB":
+                    return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+                free /= 1024
+    return "unknown"
+
+
+@contextlib.contextmanager
+def storage_errors(out: Path) -> Iterator[None]:
+    """Turn a failed write under ``out`` into a ``StorageError`` that names the path, the free space
+    and the last good checkpoint; a checkpoint whose write failed is removed (it was never pointed
+    to by ``latest``, so resume never sees it)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        from mixgrpo.core import checkpoint as ckpt
+
+        for partial in (out / "checkpoints").glob(".tmp_iter_*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        where = Path(exc.filename or out)
+        try:
+            good = ckpt.latest(out / "checkpoints")
+        except OSError:
+            good = None
+        last = f"the last good checkpoint is {good}" if good else "no checkpoint was written"
+        raise StorageError(f"cannot write {where}: {exc.strerror} ({free_space(where)} free on that filesystem); "
+                           f"{last}. Free space or choose a writable --output, then continue with --resume"
+                           ) from None
 
 
 def snapshot() -> dict[str, str]:

@@ -208,6 +208,10 @@ class Trainer:
         holds a run is refused unless ``overwrite``. SIGTERM or a first Ctrl-C stops the run at the
         end of the current iteration with a checkpoint; ``stopped`` then tells why.
         """
+        with records.storage_errors(self.out):
+            return self._train(resume, overwrite)
+
+    def _train(self, resume: bool, overwrite: bool) -> list[dict[str, float]]:
         c, acc = self.config, self.accelerator
         self.start_iteration, self.stopped = self._open_run(resume, overwrite), None
         self._start_trackers()
