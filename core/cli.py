@@ -234,14 +234,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (RewardFailure, StorageError) as exc:  # the run itself failed: not a usage error
-        print(f"mixgrpo {args.command}: error: {exc}", file=sys.stderr)
+        print(f"mixgrpo {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 1
-    except (UnknownComponentError, ValueError, FileNotFoundError, NotImplementedError) as exc:
-        print(f"mixgrpo {args.command}: error: {exc}", file=sys.stderr)
+    except (UnknownComponentError, ValueError, FileNotFoundError, NotImplementedError, ImportError) as exc:
+        print(f"mixgrpo {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 2
-    except ImportError as exc:
-        print(f"mixgrpo {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+
+
+def _message(exc: BaseException) -> str:
+    """The error's own message, without the lines gin appends about the configurable it was raised in."""
+    return str(exc).split("\n  In call to configurable")[0].strip()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,7 @@ import difflib
 import inspect
 import logging
 import re
+import tokenize
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,12 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{field} must be >= 1, got {getattr(self, field)}")
         if not self.rewards:
             raise ValueError("TrainConfig.rewards is empty: name at least one reward to train on")
+        if self.group_size < 2:
+            raise ValueError(f"TrainConfig.group_size = {self.group_size}: a group needs at least 2 samples, or every "
+                             "advantage is 0 and nothing is learned (the papers use 12 to 24)")
+        if self.compression is not None and not 0 < self.compression <= 1:
+            raise ValueError(f"TrainConfig.compression = {self.compression}: the Flash ratio of post-window steps "
+                             "must be in (0, 1] (MixGRPO-Flash: 0.4, Flash*: 0.2), or None for no compression")
         if self.num_minibatches > self.prompts_per_iteration * self.group_size:
             raise ValueError("TrainConfig.num_minibatches exceeds the number of samples per iteration")
         if self.keep_last < 0:
@@ -157,7 +164,15 @@ _INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""", re.MULTILINE)
 def _search_paths(config: Path, _seen: set[Path] | None = None) -> list[Path]:
     """Where gin looks for this config's ``include``s: the folder of the file and the nearest
     ``experiments/`` folder above it, for the file itself and, recursively, for every file it
-    includes by an absolute path (so a file outside the repository may include a shipped one)."""
+    includes by an absolute path, and last the presets installed with the package (so a gin file
+    anywhere on disk may ``include 'methods/mixgrpo.gin'``)."""
+    paths = _local_search_paths(config, _seen)
+    from mixgrpo.experiments import PRESETS
+
+    return paths if PRESETS in paths else [*paths, PRESETS]
+
+
+def _local_search_paths(config: Path, _seen: set[Path] | None = None) -> list[Path]:
     seen = set() if _seen is None else _seen
     config = config.resolve()
     if config in seen:
@@ -174,7 +189,7 @@ def _search_paths(config: Path, _seen: set[Path] | None = None) -> list[Path]:
             if not target.is_absolute():
                 target = next((p / name for p in paths if (p / name).is_file()), target)
             if target.is_file():
-                paths += [p for p in _search_paths(target, seen) if p not in paths]
+                paths += [p for p in _local_search_paths(target, seen) if p not in paths]
     return paths
 
 
@@ -283,6 +298,15 @@ def parse_gin(config_files: Sequence[str | Path], bindings: Sequence[str] = (), 
         _harden_gin_readers()
         with _quiet_search_misses():
             gin.parse_config_files_and_bindings([str(f) for f in config_files], list(bindings))
+    except SyntaxError as exc:  # gin's parser knows the file (or binding), the line and its text
+        where = exc.filename if exc.filename and exc.filename != "<string>" else "a --gin binding"
+        text = f": {exc.text.strip()!r}" if exc.text else ""
+        raise ConfigError(f"cannot parse {where}, line {exc.lineno}{text}: {exc.msg}. A binding reads "
+                          f"`Class.parameter = value` (strings quoted, e.g. TrainConfig.num_steps = 10)") from None
+    except tokenize.TokenError as exc:  # an unclosed bracket or string runs to the end of a file
+        files = ", ".join(str(f) for f in config_files) or "the --gin bindings"
+        raise ConfigError(f"cannot parse {files} (or a file it includes): {exc.args[0]} from line "
+                          f"{exc.args[1][0] - 1}: a bracket or quote is not closed") from None
     except (ValueError, KeyError, TypeError, OSError) as exc:
         if isinstance(exc, UnknownComponentError):
             raise

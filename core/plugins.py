@@ -12,6 +12,7 @@ import difflib
 import importlib.metadata
 import inspect
 import logging
+import re
 import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -165,8 +166,19 @@ class PluginManager:
         return entries[name]
 
     def create(self, kind: str, name: str, **kwargs: Any) -> Any:
-        """Instantiate component ``name`` of ``kind``; gin bindings on its class apply."""
-        return self.get(kind, name).factory(**kwargs)
+        """Instantiate component ``name`` of ``kind``; gin bindings on its class apply. A required
+        argument that no binding supplies is a clear error naming the binding to add."""
+        entry = self.get(kind, name)
+        try:
+            return entry.factory(**kwargs)
+        except TypeError as exc:
+            missing = re.search(r"No values supplied by Gin or caller for arguments: \[([^\]]*)\]", str(exc))
+            if missing is None:
+                raise
+            params = [p.strip(" '\"") for p in missing.group(1).split(",") if p.strip()]
+            example = " ".join(f"--gin \"{entry.gin_name}.{p} = ...\"" for p in params)
+            raise ValueError(f"{kind} {name!r} ({entry.gin_name}) needs {', '.join(params)}, which no binding sets: "
+                             f"add them to your gin file or the command line, e.g. {example}") from None
 
     def _kind(self, kind: str) -> dict[str, Entry]:
         if kind not in self.registry:

@@ -50,7 +50,8 @@ class Trainer:
         self.accelerator = accelerator or _make_accelerator(config, self.out)
         self._tensorboard = bool(self.accelerator.log_with)
         c = config
-        self.backbone = self.pm.create("backbone", c.backbone)
+        # the cheap components first, and every check that needs no model: a mistake stops the run
+        # before minutes of loading FLUX and the reward models
         self.sde_sampler = self.pm.create("sampler", c.sde_sampler)
         self.pre_solver = self.pm.create("sampler", c.pre_solver)
         self.post_solver = self.pm.create("sampler", c.post_solver)
@@ -58,15 +59,16 @@ class Trainer:
         self.schedule = self.pm.create("schedule", c.schedule)
         self.objective = self.pm.create("objective", c.objective, weights=dict(c.rewards))
         self.prompt_set = self.pm.create("prompt_set", c.prompt_set)
-        self.rewards = {name: self.pm.create("reward", name) for name in c.rewards}
-        self.eval_only_rewards = {name: self.pm.create("reward", name) for name in c.eval_rewards
-                                  if name not in self.rewards}
         self.setup = SamplingSetup(num_steps=c.num_steps, shift=c.shift, grid=c.grid,
                                    compression=c.compression, shared_noise=c.shared_noise)
         # evaluation and sample grids: the ODE on their own grid (FlowGRPO evaluates SD3.5 at 40 steps)
         self.eval_setup = attrs.evolve(self.setup, num_steps=c.eval_num_steps or c.num_steps, compression=None)
-        world = self.accelerator.num_processes
-        _check_batch_layout(c, world)
+        _check_batch_layout(c, self.accelerator.num_processes)
+        self._check_plans()
+        self.backbone = self.pm.create("backbone", c.backbone)
+        self.rewards = {name: self.pm.create("reward", name) for name in c.rewards}
+        self.eval_only_rewards = {name: self.pm.create("reward", name) for name in c.eval_rewards
+                                  if name not in self.rewards}
         if self.objective.uses_reference:
             self.backbone.freeze_reference()  # the base weights, before any resume or update
         self.parallelism = resolve_parallelism(
@@ -84,6 +86,19 @@ class Trainer:
         self.start_iteration = 0
         self._failed_streak = 0  # consecutive iterations in which a trained reward scored nothing
         self._failure: RewardFailure | None = None
+
+    def _check_plans(self) -> None:
+        """Plan the first and last iterations (plans are pure and cheap): a window that does not fit
+        the grid, a trained step that is not an SDE step, or a Flash grid that cannot be built is
+        reported now rather than after the models have loaded."""
+        c = self.config
+        for k in sorted({0, c.iterations - 1}):
+            plan = self.schedule.plan(k, c.num_steps, c.prompts_per_iteration * c.group_size, seed=c.seed)
+            outside = set(plan.all_train_steps()) - set(plan.sde_steps)
+            if outside:
+                raise ValueError(f"schedule {c.schedule!r} trains steps {sorted(outside)} at iteration {k}, which are "
+                                 "not SDE steps: a log-prob exists only on SDE steps")
+            self.setup.sigmas(plan)
 
     def _shard_backbone(self) -> None:
         if getattr(self.backbone, "lora_rank", 0) > 0:

@@ -1,0 +1,100 @@
+"""Bad input as a user types it: `mixgrpo train` exits 2 with one error that names the problem and the
+fix, no traceback, and (for settings that need no model) before any model loads."""
+
+from __future__ import annotations
+
+import pytest
+
+from mixgrpo.core.cli import main
+
+from .conftest import ROOT, TOY
+
+MIXGRPO = str(ROOT / "experiments" / "methods" / "mixgrpo.gin")
+NO_MODEL = "FluxBackbone.path = '/nonexistent/flux'"  # any model load would fail with another message
+
+
+def train(capsys, config: str, *bindings: str, output=None) -> tuple[int, str]:
+    args = ["train", config, *sum((["--gin", b] for b in bindings), [])]
+    if output is not None:
+        args += ["--output", str(output)]
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err.strip().splitlines()[-1] if err.strip() else ""
+
+
+@pytest.mark.parametrize("binding, expected", [
+    ("TrainConfig.objective = 'mixgrp'", "unknown objective 'mixgrp'; known objectives: dancegrpo, flowgrpo, mixgrpo. "
+                                         "Did you mean 'mixgrpo'?"),
+    ("TrainConfig.sde_sampler = 'sde.flw'", "Did you mean 'sde.flow'?"),
+])
+def test_unknown_plugin_names_the_closest(capsys, binding, expected):
+    rc, err = train(capsys, MIXGRPO, *TOY, binding)
+    assert rc == 2 and expected in err
+
+
+def test_misspelled_binding_names_the_parameter(capsys):
+    rc, _ = train(capsys, MIXGRPO, *TOY, "TrainConfig.grup_size = 3")
+    assert rc == 2
+
+
+def test_misspelled_binding_message(capsys):
+    main(["train", MIXGRPO, "--gin", "TrainConfig.grup_size = 3"])
+    err = capsys.readouterr().err
+    assert "Did you mean 'group_size'?" in err and "Traceback" not in err
+
+
+def test_missing_gin_file(capsys, tmp_path):
+    rc, err = train(capsys, str(tmp_path / "nope.gin"))
+    assert rc == 2 and "nope.gin' not found" in err
+
+
+def test_unparsable_binding_names_it(capsys):
+    rc, err = train(capsys, MIXGRPO, "TrainConfig.num_steps =")
+    assert rc == 2 and "cannot parse a --gin binding, line 1" in err and "Class.parameter = value" in err
+
+
+def test_unclosed_bracket_names_the_file(capsys, tmp_path):
+    bad = tmp_path / "bad.gin"
+    bad.write_text("include 'methods/mixgrpo.gin'\nTrainConfig.group_size = (\n")
+    rc, err = train(capsys, str(bad))
+    assert rc == 2 and f"cannot parse {bad}" in err and "bracket or quote is not closed" in err
+
+
+@pytest.mark.parametrize("binding, expected", [
+    ("TrainConfig.group_size = 1", "a group needs at least 2 samples"),
+    ("ProgressiveWindow.window_size = 30", "window_size=30 exceeds num_steps=8"),
+    ("TrainConfig.compression = 0.0", "must be in (0, 1]"),
+    ("TrainConfig.num_minibatches = 4", "num_minibatches=4 must divide the 6 samples"),
+    ("TrainConfig.prompt_set = 'file'", "prompt_set 'file' (FilePrompts) needs train_path"),
+])
+def test_incompatible_settings_stop_before_the_model_loads(capsys, tmp_path, binding, expected):
+    rc, err = train(capsys, MIXGRPO, *TOY, "TrainConfig.backbone = 'flux'", NO_MODEL, binding,
+                    output=tmp_path / "run")
+    assert rc == 2 and expected in err
+    assert not (tmp_path / "run").exists()  # nothing written either
+
+
+def test_model_directory_missing_or_partial(capsys, tmp_path):
+    rc, err = train(capsys, MIXGRPO, *TOY, "TrainConfig.backbone = 'flux'", NO_MODEL, output=tmp_path / "run")
+    assert rc == 2 and "'/nonexistent/flux' does not exist" in err and "never downloads" in err
+    (tmp_path / "model" / "tokenizer").mkdir(parents=True)
+    rc, err = train(capsys, MIXGRPO, *TOY, "TrainConfig.backbone = 'flux'",
+                    f"FluxBackbone.path = '{tmp_path / 'model'}'", output=tmp_path / "run")
+    assert rc == 2 and "has no transformer/ folder" in err
+
+
+def test_empty_prompt_file(capsys, tmp_path):
+    (tmp_path / "train.txt").write_text("\n\n")
+    rc, err = train(capsys, MIXGRPO, *TOY, "TrainConfig.prompt_set = 'file'",
+                    f"FilePrompts.train_path = '{tmp_path / 'train.txt'}'", output=tmp_path / "run")
+    assert rc == 2 and "train.txt" in err and "need prompts" in err
+
+
+def test_a_gin_file_anywhere_includes_the_shipped_presets(capsys, tmp_path):
+    mine = tmp_path / "elsewhere" / "my_experiment.gin"
+    mine.parent.mkdir()
+    mine.write_text("include 'methods/mixgrpo.gin'\ninclude 'backbones/toy.gin'\n"
+                    + "\n".join(TOY) + "\nTrainConfig.progress = False\n")
+    assert main(["train", str(mine), "--output", str(tmp_path / "run")]) == 0
+    assert "run directory" in capsys.readouterr().out
