@@ -95,6 +95,20 @@ def component(root: Path, name: str, what: str, required: bool = True) -> Path |
     return None
 
 
+def check_model_class(folder: Path, expected: str, backbone: str) -> None:
+    """A clear error when ``folder`` holds another model family than the backbone loads (diffusers
+    would otherwise load what it can and initialise the rest at random)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: an incomplete diffusers snapshot (copy the whole "
+                                "folder again)")
+    found = json.loads(config.read_text()).get("_class_name")
+    if found and found != expected:
+        hint = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}.get(found)
+        fix = f"use TrainConfig.backbone = '{hint}'" if hint else f"the {backbone!r} backbone needs a {expected}"
+        raise ValueError(f"{folder} holds a {found}, but the {backbone!r} backbone loads a {expected}: {fix}")
+
+
 def read_defaults(root: Path) -> dict[str, Any]:
     file = root / DEFAULTS_FILE
     return json.loads(file.read_text()) if file.is_file() else {}
@@ -372,6 +386,7 @@ class FluxBackbone(DiffusersBackbone):
         self._set_guidance(cfg_scale, cfg_gradient)
         self.timestep_quantization = timestep_quantization
         load = {"dtype": self.dtype, "local_files_only": True}
+        check_model_class(component(root, "transformer", "FLUX transformer"), "FluxTransformer2DModel", "flux")
         transformer = FluxTransformer2DModel.from_pretrained(
             component(root, "transformer", "FLUX transformer"), local_files_only=True,
             dtype=self.transformer_load_dtype(self.dtype, lora_rank))

@@ -30,6 +30,7 @@ from mixgrpo.plugins.backbones.flux import (
     DEFAULTS_FILE,
     DiffusersBackbone,
     build_word_tokenizer,
+    check_model_class,
     component,
     default_device,
     model_dir,
@@ -95,6 +96,7 @@ class SD3Backbone(DiffusersBackbone):
         self.timestep_quantization = timestep_quantization
         self.max_sequence_length = int(max_sequence_length)
         load = {"dtype": self.dtype, "local_files_only": True}
+        check_model_class(component(root, "transformer", "SD3 transformer"), "SD3Transformer2DModel", "sd3")
         transformer = SD3Transformer2DModel.from_pretrained(
             component(root, "transformer", "SD3 transformer"), local_files_only=True,
             dtype=self.transformer_load_dtype(self.dtype, lora_rank))

@@ -49,13 +49,15 @@ class PretrainConfig:
     ``warmup_steps``, cosine decay to 10%), ``ema_decay``, ``prompt_dropout``, σ ~ logit-normal
     (``logit_mean``, ``logit_std``), ``levels`` of the world to draw scenes from, ``seed``;
     ``max_minutes`` stops early on a wall-clock budget (the model is still saved).
-    Output: the model in diffusers format in ``output_dir``; resumable state in ``work_dir``
+    Output: the model in diffusers format in ``output_dir`` (never the model shipped in the package,
+    unless ``replace_shipped`` says that is the point: rebuilding it); resumable state in ``work_dir``
     every ``checkpoint_every`` steps. Evaluation: held-out compositional reward on ``eval_prompts``
     prompts × ``eval_seeds`` seeds with ``eval_steps`` Euler steps (shift ``eval_shift``), without
     and with CFG ``eval_cfg``.
     """
 
-    output_dir: str = "plugins/backbones/assets/shapes-flux"
+    output_dir: str = "runs/shapes-flux"
+    replace_shipped: bool = False
     work_dir: str = "runs/pretrain"
     num_layers: int = 2
     num_single_layers: int = 4
@@ -85,6 +87,14 @@ class PretrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        from mixgrpo.plugins.backbones import ASSETS
+
+        out = Path(self.output_dir).resolve()
+        if (out == ASSETS or ASSETS in out.parents) and not self.replace_shipped:
+            raise ValueError(f"PretrainConfig.output_dir = {self.output_dir!r} is the model shipped with mixgrpo; "
+                             "pretraining writes elsewhere (e.g. 'runs/shapes-flux', then FluxBackbone.path = "
+                             "'runs/shapes-flux'), or set PretrainConfig.replace_shipped = True to rebuild it "
+                             "on purpose")
         for name in ("steps", "batch_size", "checkpoint_every", "eval_prompts", "eval_seeds", "eval_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -235,7 +245,7 @@ def pretrain(config: PretrainConfig) -> dict:
         scratch = Path(scratch_dir) / "model"
         trainer = _Pretrainer(c, scratch)
         if (work / STATE_FILE).is_file():
-            trainer.load(torch.load(work / STATE_FILE, weights_only=False))
+            trainer.load(torch.load(work / STATE_FILE, weights_only=True))
             print(f"[pretrain] resuming from {work / STATE_FILE} at step {trainer.step}")
         bar = tqdm(total=c.steps, initial=trainer.step, desc="pretrain", unit="step", disable=not c.progress)
         while trainer.step < c.steps:

@@ -98,3 +98,17 @@ def test_a_gin_file_anywhere_includes_the_shipped_presets(capsys, tmp_path):
                     + "\n".join(TOY) + "\nTrainConfig.progress = False\n")
     assert main(["train", str(mine), "--output", str(tmp_path / "run")]) == 0
     assert "run directory" in capsys.readouterr().out
+
+
+def test_a_model_of_the_wrong_family_is_named(capsys, tmp_path):
+    from mixgrpo.plugins.backbones.sd3 import build_tiny_sd3
+
+    sd3 = build_tiny_sd3(tmp_path / "sd3")
+    rc, err = train(capsys, MIXGRPO, *TOY, "TrainConfig.backbone = 'flux'", f"FluxBackbone.path = '{sd3}'",
+                    output=tmp_path / "run")
+    assert rc == 2 and "holds a SD3Transformer2DModel, but the 'flux' backbone loads a FluxTransformer2DModel" in err
+    assert "use TrainConfig.backbone = 'sd3'" in err
+    (sd3 / "transformer" / "config.json").unlink()  # a partial snapshot
+    rc, err = train(capsys, MIXGRPO, *TOY, "TrainConfig.backbone = 'sd3'", f"SD3Backbone.path = '{sd3}'",
+                    output=tmp_path / "run")
+    assert rc == 2 and "has no config.json: an incomplete diffusers snapshot" in err

@@ -96,3 +96,11 @@ def test_bad_config_is_a_clear_error():
         PretrainConfig(levels=(5,)).validate()
     with pytest.raises(ValueError, match="prompt_dropout"):
         PretrainConfig(prompt_dropout=1.0).validate()
+
+
+def test_pretraining_never_overwrites_the_shipped_model_by_accident():
+    from mixgrpo.plugins.backbones import ASSETS
+
+    with pytest.raises(ValueError, match="is the model shipped with mixgrpo"):
+        pretrain(PretrainConfig(**TINY, steps=1, output_dir=str(ASSETS / "shapes-flux")))
+    PretrainConfig(**TINY, output_dir=str(ASSETS / "shapes-flux"), replace_shipped=True).validate()  # on purpose
