@@ -170,3 +170,19 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused(toy_config, tmp_path):
         assert not (tmp_path / "pwned").exists()
     state = json.loads((folder / "trainer_state.json").read_text())
     assert state["format"] == ckpt.FORMAT
+
+
+def test_a_checkpoint_of_the_older_format_is_refused_with_a_message(toy_config, tmp_path, capsys):
+    from mixgrpo.core.cli import main
+    from tests.core.conftest import ROOT, TOY
+
+    old = tmp_path / "run" / "checkpoints" / "iter_000001"  # what accelerate's save_state wrote before
+    old.mkdir(parents=True)
+    (old / "trainer_state.json").write_text(json.dumps({"iteration": 1, "seed": 0, "objective": "mixgrpo"}))
+    (old / "optimizer.bin").write_bytes(pickle.dumps({"state": {}}))
+    (old.parent / "latest").write_text(old.name)
+    args = ["train", str(ROOT / "experiments" / "methods" / "mixgrpo.gin"), "--output", str(tmp_path / "run"),
+            *sum((["--gin", b] for b in TOY), []), "--resume"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "has format 1, this mixgrpo reads format 2" in err and "Traceback" not in err
