@@ -1,6 +1,6 @@
 """Preemption, for real: `mixgrpo train` subprocesses killed with SIGKILL (mid-iteration and in the
 middle of writing a checkpoint) and restarted with --resume end with the weights and metrics rows of
-an uninterrupted run; SIGTERM stops a run with a checkpoint and exit status 0."""
+an uninterrupted run; SIGTERM (or a first Ctrl-C) stops a run with a checkpoint and exit status 0."""
 
 from __future__ import annotations
 
@@ -93,18 +93,19 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_run(straig
     assert deterministic(rows) == deterministic(read_rows(straight / "metrics.jsonl"))
 
 
-def test_sigterm_checkpoints_and_exits_0(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_or_ctrl_c_checkpoints_and_exits_0(tmp_path, signum):
     out = tmp_path / "run"
     proc = start(out, "--gin", "TrainConfig.checkpoint_every = 100", "--gin", "TrainConfig.iterations = 500")
     assert wait_for(lambda: len(read_rows(out / "metrics.jsonl")) >= 2, proc)
     sent = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     stdout, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     assert time.monotonic() - sent < 60  # one iteration's time, not the run's
     rows = read_rows(out / "metrics.jsonl")
     last = rows[-1]["iteration"]
-    assert f"stopped by SIGTERM after iteration {last} (checkpoint saved)" in stdout
+    assert f"stopped by {signal.Signals(signum).name} after iteration {last} (checkpoint saved)" in stdout
     assert "--resume" in stdout
     assert (out / "checkpoints" / f"iter_{last:06d}" / "model.safetensors").is_file()
     assert (out / "checkpoints" / "latest").read_text() == f"iter_{last:06d}"
