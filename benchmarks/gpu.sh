@@ -47,14 +47,15 @@ PYTHON="${PYTHON:-python3}"
 OUT="${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M)}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-exec > >(tee -a "$OUT/gpu.log") 2>&1
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-echo "gpu.sh: $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname), repo $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
-command -v nvidia-smi >/dev/null && nvidia-smi -L || true
 
-# 1. what the project needs, installed only where it does not import -------------------------------
-check() {
-    "$PYTHON" - <<'PY'
+main() {
+    export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+    echo "gpu.sh: $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname), repo $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
+    command -v nvidia-smi >/dev/null && nvidia-smi -L || true
+
+    # 1. what the project needs, installed only where it does not import -------------------------------
+    check() {
+        "$PYTHON" - <<'PY'
 import importlib.metadata as md
 import sys
 missing = []
@@ -69,49 +70,53 @@ if missing:
     print("missing: " + "; ".join(missing))
     sys.exit(1)
 PY
-}
-if ! check; then
-    if [ -z "$WHEELS" ]; then
-        echo "gpu.sh: the packages above do not import and no --wheels folder was given." >&2
-        echo "        Run 'bash benchmarks/fetch_wheels.sh' where pip reaches the registry and pass --wheels." >&2
-        exit 3
+    }
+    if ! check; then
+        if [ -z "$WHEELS" ]; then
+            echo "gpu.sh: the packages above do not import and no --wheels folder was given." >&2
+            echo "        Run 'bash benchmarks/fetch_wheels.sh' where pip reaches the registry and pass --wheels." >&2
+            exit 3
+        fi
+        [ -d "$WHEELS" ] || { echo "gpu.sh: --wheels folder '$WHEELS' does not exist" >&2; exit 3; }
+        SITE="${MIXGRPO_SITE:-/tmp/mixgrpo-site}"
+        echo "gpu.sh: installing from $WHEELS into $SITE"
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+            "$WHEELS"/*.whl
+        export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+        # mixgrpo itself, from this working tree (its entry points register the plugins)
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade \
+            --target "$SITE" "$REPO"
+        check || { echo "gpu.sh: still missing after installing the wheels (see above)" >&2; exit 3; }
     fi
-    [ -d "$WHEELS" ] || { echo "gpu.sh: --wheels folder '$WHEELS' does not exist" >&2; exit 3; }
-    SITE="${MIXGRPO_SITE:-/tmp/mixgrpo-site}"
-    echo "gpu.sh: installing from $WHEELS into $SITE"
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-        "$WHEELS"/*.whl
-    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-    # mixgrpo itself, from this working tree (its entry points register the plugins)
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade \
-        --target "$SITE" "$REPO"
-    check || { echo "gpu.sh: still missing after installing the wheels (see above)" >&2; exit 3; }
-fi
 
-# 2. the device ------------------------------------------------------------------------------------------
-if [ -z "$DEVICE" ]; then
-    if [ "$("$PYTHON" -c 'import torch; print(torch.cuda.is_available())')" = True ]; then
-        DEVICE=cuda
-    else
-        echo "gpu.sh: torch sees no GPU; pass --device cpu for the dry run (tiny sizes)" >&2
-        exit 4
+    # 2. the device ------------------------------------------------------------------------------------------
+    if [ -z "$DEVICE" ]; then
+        if [ "$("$PYTHON" -c 'import torch; print(torch.cuda.is_available())')" = True ]; then
+            DEVICE=cuda
+        else
+            echo "gpu.sh: torch sees no GPU; pass --device cpu for the dry run (tiny sizes)" >&2
+            exit 4
+        fi
     fi
-fi
-if [ "$DEVICE" = cuda ]; then
-    SIZES=(--prompts 1 --group-size 4 --warmup 1 --iterations 1)
-else  # the dry run: the same steps on shrunken architectures, one thread (shared cores)
-    SIZES=(--tiny --threads 1 --prompts 1 --group-size 2 --warmup 0 --iterations 1)
-fi
+    if [ "$DEVICE" = cuda ]; then
+        SIZES=(--prompts 1 --group-size 4 --warmup 1 --iterations 1)
+    else  # the dry run: the same steps on shrunken architectures, one thread (shared cores)
+        SIZES=(--tiny --threads 1 --prompts 1 --group-size 2 --warmup 0 --iterations 1)
+    fi
 
-# 3. the measurements --------------------------------------------------------------------------------
-bench() {
-    local name="$1"; shift
+    # 3. the measurements --------------------------------------------------------------------------------
+    bench() {
+        local name="$1"; shift
+        echo
+        echo "=== $name ($(date -u +%H:%M:%S), ${SECONDS}s in) ==="
+        "$PYTHON" benchmarks/iteration_time.py --backbone "$name" --device "$DEVICE" "${SIZES[@]}" \
+            --json "$OUT/$name.json" "$@"
+    }
+    bench sd35-medium --no-sweeps
+    bench flux-dev --budget-s $((BUDGET > SECONDS ? BUDGET - SECONDS : 0))
     echo
-    echo "=== $name ($(date -u +%H:%M:%S), ${SECONDS}s in) ==="
-    "$PYTHON" benchmarks/iteration_time.py --backbone "$name" --device "$DEVICE" "${SIZES[@]}" \
-        --json "$OUT/$name.json" "$@"
+    echo "gpu.sh: done in ${SECONDS}s; results in $OUT"
 }
-bench sd35-medium --no-sweeps
-bench flux-dev --budget-s $((BUDGET > SECONDS ? BUDGET - SECONDS : 0))
-echo
-echo "gpu.sh: done in ${SECONDS}s; results in $OUT"
+
+set -o pipefail
+main 2>&1 | tee -a "$OUT/gpu.log"

@@ -89,7 +89,8 @@ class Run:
         default_size = architectures.TINY_SIZE if self.tiny else architectures.DEFAULT_SIZE.get(self.backbone)
         self.size = args.size or default_size
         self.dtype = args.dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
-        self.lora_rank = args.lora_rank if args.lora_rank is not None else LORA_RANK.get(self.backbone, 0)
+        default_rank = 4 if self.tiny else LORA_RANK.get(self.backbone, 0)
+        self.lora_rank = args.lora_rank if args.lora_rank is not None else default_rank
         self.rollout_batch = args.rollout_batch_size
         self.micro_batch = args.micro_batch_size
         self.gradient_checkpointing = args.gradient_checkpointing
@@ -357,16 +358,19 @@ def measure_sweeps(run: Run, method: str, axes: dict[str, list[int]], table: dic
                 points.append({"value": value, "skipped": "time budget"})
                 log(f"sweep {axis}={value}: skipped (time budget)")
                 continue
+            trainer = inst = None
             try:
                 with tempfile.TemporaryDirectory() as out:
                     trainer = build_trainer(run, method, out, **{key[axis]: value})
                     inst = Instruments(trainer)
                     row = time_iterations(trainer, inst, warmup=0, iterations=1)
-                    inst.close()
-                    del trainer, inst
             except torch.OutOfMemoryError:
                 row = {"oom": True}
-            _free()
+            finally:
+                if inst is not None:
+                    inst.close()
+                trainer = inst = None  # release the model before the next point is built
+                _free()
             points.append({"value": value, **{k: v for k, v in row.items() if k in keep}})
             log(f"sweep {axis}={value}: " + (f"{row['iteration_s']:.3f} s/iteration" if "iteration_s" in row
                                               else "out of memory"))
@@ -417,7 +421,8 @@ def format_table(table: dict[str, dict]) -> str:
 def format_sweeps(sweeps: dict[str, list[dict]], method: str) -> str:
     lines = []
     for axis, points in sweeps.items():
-        lines.append(f"\n{method}: iteration time against {axis} (x first = ratio to the first point's time)")
+        note = " (samples = prompts x group size)" if axis == "group_size" else ""
+        lines.append(f"\n{method}: iteration time against {axis}{note} (x first = ratio to the first point's time)")
         lines.append(f"{axis:>12} {'s/it':>8} {'rollout':>8} {'train':>8} {'NFE roll':>8} {'NFE train':>9} "
                      f"{'x first':>7} {'peak GB':>8}")
         base = next((p["iteration_s"] for p in points if "iteration_s" in p), None)
