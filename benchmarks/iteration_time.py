@@ -82,6 +82,7 @@ class Run:
         self.group_size = args.group_size
         self.prompts = args.prompts
         self.warmup = args.warmup
+        self.at_iteration = args.at_iteration
         self.iterations = args.iterations
         self.model_dir = model_dir
         self.real = self.backbone in REAL
@@ -278,14 +279,16 @@ def build_trainer(run: Run, method: str, out: str, **overrides: Any) -> Any:
         return Trainer(cfg, pm, accelerator=accelerator)
 
 
-def time_iterations(trainer: Any, inst: Instruments, warmup: int, iterations: int) -> dict[str, float]:
-    """Mean over ``iterations`` timed iterations (after ``warmup`` untimed ones)."""
+def time_iterations(trainer: Any, inst: Instruments, warmup: int, iterations: int, first: int = 0,
+                    ) -> dict[str, float]:
+    """Mean over ``iterations`` timed iterations (after ``warmup`` untimed ones), numbered from ``first``:
+    plans are pure functions of the iteration number, so a run can be timed at any point of its schedule."""
     rows = []
     samples = trainer.config.prompts_per_iteration * trainer.config.group_size
-    for k in range(warmup + iterations):
+    for n in range(warmup + iterations):
         inst.reset()
-        m = trainer.iteration(k)
-        if k < warmup:
+        m = trainer.iteration(first + n)
+        if n < warmup:
             continue
         rollout_rows = inst.rollout_rows if inst.rollout_rows is not None else inst.rows
         rows.append({
@@ -317,7 +320,7 @@ def measure_methods(run: Run, log: Callable[[str], None]) -> tuple[dict[str, dic
                 costs["micro_batch_size"] = trainer.config.micro_batch_size
                 log(f"per evaluation and sample: forward {costs['forward_s'] * 1e3:.2f} ms, "
                     f"forward+backward {costs['forward_backward_s'] * 1e3:.2f} ms")
-            row = time_iterations(trainer, inst, run.warmup, run.iterations)
+            row = time_iterations(trainer, inst, run.warmup, run.iterations, first=run.at_iteration)
             inst.close()
             del trainer, inst
             _free()
@@ -363,7 +366,7 @@ def measure_sweeps(run: Run, method: str, axes: dict[str, list[int]], table: dic
                 with tempfile.TemporaryDirectory() as out:
                     trainer = build_trainer(run, method, out, **{key[axis]: value})
                     inst = Instruments(trainer)
-                    row = time_iterations(trainer, inst, warmup=0, iterations=1)
+                    row = time_iterations(trainer, inst, warmup=0, iterations=1, first=run.at_iteration)
             except torch.OutOfMemoryError:
                 row = {"oom": True}
             finally:
@@ -471,6 +474,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch-size", type=_positive, default=None)
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per method (default 1)")
     p.add_argument("--iterations", type=_positive, default=2, help="timed iterations per method (default 2)")
+    p.add_argument("--at-iteration", type=int, default=0,
+                   help="number of the first (warm-up) iteration: where the windows are (default 0; 140 puts "
+                        "Flash's window at step 7: 16 rollout steps, about its average over the paper's run)")
     p.add_argument("--sweep-method", choices=METHODS, default="mixgrpo")
     p.add_argument("--sweep-steps", type=_ints, default=None, help="T values, e.g. 10,25,40")
     p.add_argument("--sweep-group", type=_ints, default=None, help="group sizes, e.g. 2,4,8")
@@ -491,6 +497,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--tiny shrinks the real architectures ({', '.join(REAL)}), not {args.backbone!r}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.at_iteration < 0:
+        p.error(f"--at-iteration must be >= 0, got {args.at_iteration}")
     if args.lora_rank is not None and args.lora_rank < 0:
         p.error(f"--lora-rank must be >= 0, got {args.lora_rank}")
     if args.backbone not in REAL:
@@ -525,7 +533,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         settings: dict[str, Any] = {
             "backbone": run.backbone, "tiny": run.tiny, "steps": run.steps, "group_size": run.group_size,
             "prompts": run.prompts, "samples": run.group_size * run.prompts, "warmup": run.warmup,
-            "iterations": run.iterations, "reward": "shapes.preference", "kl_beta": 0.0,
+            "iterations": run.iterations, "at_iteration": run.at_iteration, "reward": "shapes.preference",
+            "kl_beta": 0.0,
         }
         if run.real:
             architectures.write_model_dir(run.arch, model_dir)
@@ -535,7 +544,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "parameters": architectures.count_parameters(run.arch),
             })
         log(f"backbone={run.backbone}{' (tiny)' if run.tiny else ''}  device={device}  T={run.steps}  "
-            f"samples/iteration={run.group_size * run.prompts}  warm-up {run.warmup} + {run.iterations} timed")
+            f"samples/iteration={run.group_size * run.prompts}  warm-up {run.warmup} + {run.iterations} timed "
+            f"from iteration {run.at_iteration}")
         table, costs = measure_methods(run, log)
         settings.update({"rollout_batch_size": costs["rollout_batch_size"],
                          "micro_batch_size": costs["micro_batch_size"],
@@ -545,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log("\n" + format_table(table))
         sweeps: dict[str, list[dict]] = {}
         if not args.no_sweeps:
-            axes = {"steps": args.sweep_steps, "group_size": args.sweep_group, "resolution": args.sweep_res}
+            axes = {"steps": args.sweep_steps, "resolution": args.sweep_res, "group_size": args.sweep_group}
             axes = {k: v for k, v in axes.items() if v}
             deadline = start + args.budget_s if args.budget_s is not None else None
             sweeps = measure_sweeps(run, args.sweep_method, axes, table, deadline, log)

@@ -33,13 +33,14 @@ def test_json_has_every_method_with_preset_nfe_and_consistent_arithmetic(dry_run
     assert set(METHODS) | {"hardware", "settings", "sweeps"} == set(data)
     s = data["settings"]
     assert s["backbone"] == name and s["tiny"] and s["steps"] == 25 and s["samples"] == 2
+    assert s["at_iteration"] == 140  # Flash's window at step 7: 16 rollout steps, its run average
     cfg = 2 if s["cfg_scale"] > 1 else 1  # a guided call evaluates the network twice
     assert cfg == (2 if name == "sd35-medium" else 1)
     dance = data["dancegrpo"]
     for method in METHODS:
         row = data[method]
         assert all(math.isfinite(row[k]) for k in FIELDS), row
-        steps, trained = rollout_steps(method, 25), trained_steps(method, 25)
+        steps, trained = rollout_steps(method, 25, iteration=141), trained_steps(method, 25)
         # counted at the network
         assert row["nfe_rollout"] == steps * cfg, method
         assert row["nfe_train"] == trained * cfg, method
@@ -54,6 +55,7 @@ def test_json_has_every_method_with_preset_nfe_and_consistent_arithmetic(dry_run
         assert row["floor_ratio_to_dancegrpo"] == pytest.approx(row["floor_s"] / dance["floor_s"], rel=1e-12)
         assert 0 < row["rollout_s"] + row["reward_s"] + row["train_s"] <= row["iteration_s"] * (1 + 1e-9)
         assert 0 < row["optimizer_s"] <= row["train_s"]
+    assert data["mixgrpo_flash"]["nfe_rollout"] == 16 * cfg
     # fewer rollout steps and fewer trained steps than DanceGRPO: the floors must order accordingly
     assert data["mixgrpo_flash_star"]["floor_s"] < data["mixgrpo_flash"]["floor_s"] < data["mixgrpo"]["floor_s"]
     assert data["mixgrpo"]["floor_s"] < dance["floor_s"] < data["flowgrpo"]["floor_s"]
@@ -68,6 +70,7 @@ def test_flux_sweeps_follow_the_requested_points(dry_run):
     assert [p["value"] for p in sweeps["steps"]] == [12, 25]
     assert [p["value"] for p in sweeps["group_size"]] == [2, 3]
     assert [p["value"] for p in sweeps["resolution"]] == [32, 48]
+    assert list(sweeps) == ["method", "steps", "resolution", "group_size"]
     for p in sweeps["steps"]:
         assert p["nfe_rollout"] == p["value"] and p["nfe_train"] == 4
     # the run's own setting is the table's row, not a second measurement
