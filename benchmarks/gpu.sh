@@ -52,7 +52,7 @@ OUT="$(cd "$OUT" && pwd)"
 
 main() {
     export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-    echo "gpu.sh: $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname), repo $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo "gpu.sh: $(date -u '+%Y-%m-%d %H:%M:%S UTC') on ${HOSTNAME:-?}, repo $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
     command -v nvidia-smi >/dev/null && nvidia-smi -L || true
 
     # 1. what the project needs, installed only where it does not import -------------------------------

@@ -343,15 +343,17 @@ def add_ratios(table: dict[str, dict]) -> None:
 
 
 def measure_sweeps(run: Run, method: str, axes: dict[str, list[int]], table: dict[str, dict],
-                   deadline: float | None, log: Callable[[str], None]) -> dict[str, list[dict]]:
+                   deadline: float | None, log: Callable[[str], None],
+                   saved: Callable[[dict[str, list[dict]]], None] = lambda sweeps: None) -> dict[str, list[dict]]:
     """One iteration of ``method`` at each point of each axis (``steps``, ``group_size``, ``resolution``);
-    the point at the run's own setting is the method's row of ``table`` (``"from": "table"``)."""
+    the point at the run's own setting is the method's row of ``table`` (``"from": "table"``).
+    ``saved`` receives the sweeps so far after every point (so a run stopped from outside keeps them)."""
     sweeps: dict[str, list[dict]] = {}
     key = {"steps": "steps", "group_size": "group_size", "resolution": "size"}
     base = {"steps": run.steps, "group_size": run.group_size, "resolution": run.size}
     keep = ("iteration_s", "rollout_s", "train_s", "nfe_rollout", "nfe_train", "peak_mem_gb", "oom")
     for axis, values in axes.items():
-        points = []
+        points = sweeps[axis] = []
         for value in values:
             if value == base[axis] and method in table:
                 row = {k: v for k, v in table[method].items() if k in keep}
@@ -375,9 +377,9 @@ def measure_sweeps(run: Run, method: str, axes: dict[str, list[int]], table: dic
                 trainer = inst = None  # release the model before the next point is built
                 _free()
             points.append({"value": value, **{k: v for k, v in row.items() if k in keep}})
+            saved(sweeps)
             log(f"sweep {axis}={value}: " + (f"{row['iteration_s']:.3f} s/iteration" if "iteration_s" in row
                                               else "out of memory"))
-        sweeps[axis] = points
     return sweeps
 
 
@@ -553,21 +555,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          "per_eval_forward_backward_s": costs["forward_backward_s"],
                          "calls_per_velocity": costs["calls_per_velocity"], "cfg_scale": costs["cfg_scale"]})
         log("\n" + format_table(table))
-        sweeps: dict[str, list[dict]] = {}
+        result: dict[str, Any] = {m: table[m] for m in METHODS}
+        result["hardware"] = hardware(device)
+        result["settings"] = settings
+        result["sweeps"] = {"method": args.sweep_method}
+
+        def save(sweeps: dict[str, list[dict]]) -> None:
+            result["sweeps"] = {"method": args.sweep_method, **sweeps}
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+        save({})  # the table is on disk before the sweeps start
         if not args.no_sweeps:
             axes = {"steps": args.sweep_steps, "resolution": args.sweep_res, "group_size": args.sweep_group}
             axes = {k: v for k, v in axes.items() if v}
             deadline = start + args.budget_s if args.budget_s is not None else None
-            sweeps = measure_sweeps(run, args.sweep_method, axes, table, deadline, log)
+            sweeps = measure_sweeps(run, args.sweep_method, axes, table, deadline, log, saved=save)
+            save(sweeps)
             log(format_sweeps(sweeps, args.sweep_method))
-    result: dict[str, Any] = {m: table[m] for m in METHODS}
-    result["hardware"] = hardware(device)
-    result["settings"] = settings
-    result["sweeps"] = {"method": args.sweep_method, **sweeps}
     log(f"\nhardware: {json.dumps(result['hardware'])}\ntotal {time.time() - start:.0f} s")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
         log(f"wrote {args.json}")
     return result
 
