@@ -57,7 +57,7 @@ METHODS = ["flowgrpo", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_s
 REFERENCE = "dancegrpo"
 REAL = tuple(architectures.ARCHS)  # flux-dev, sd35-medium
 BACKBONES = ("toy", "shapes", *REAL)
-# LoRA ranks on one GPU: FLUX as in the project's single-GPU FLUX set-up, SD3.5-M as FlowGRPO.
+# LoRA ranks on one GPU: 64 for FLUX (a single-GPU FLUX set-up), 32 for SD3.5-M (FlowGRPO's).
 LORA_RANK = {"flux-dev": 64, "sd35-medium": 32}
 DEFAULT_SWEEPS = {
     "toy": {"steps": "10,25,40", "group": "2,4,8", "res": ""},
@@ -66,8 +66,6 @@ DEFAULT_SWEEPS = {
     "sd35-medium": {"steps": "10,25,40", "group": "2,4,8", "res": "256,512,768"},
 }
 TINY_SWEEPS = {"steps": "12,25", "group": "2,3", "res": "32,48"}
-RESULT_KEYS = ("iteration_s", "floor_s", "nfe_rollout", "nfe_train", "rollout_s", "reward_s", "train_s",
-               "optimizer_s", "peak_mem_gb")
 
 
 # -- what a run is -----------------------------------------------------------------------------------
