@@ -40,7 +40,8 @@ TINY = {
         "transformer": {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2,
                         "joint_attention_dim": 32, "pooled_projection_dim": 32, "axes_dims_rope": [4, 6, 6]},
         "vae": _TINY_VAE,
-        "text": {"clip_hidden_size": 32, "clip_max_length": 16, "t5_d_model": 32, "max_sequence_length": 16},
+        "text": {"clip_hidden_size": 32, "clip_max_length": 16, "t5_d_model": 32, "t5_tokenizer_max_length": 16,
+                 "max_sequence_length": 16},
     },
     "sd35-medium": {
         "transformer": {"num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 64,
@@ -115,7 +116,7 @@ def write_model_dir(arch: dict[str, Any], root: str | Path) -> Path:
         T5Config(vocab_size=vocab, d_model=d_model, d_kv=d_model // heads, d_ff=d_model * 5 // 2, num_layers=1,
                  num_heads=heads, feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
                  pad_token_id=0, eos_token_id=3, decoder_start_token_id=0).save_pretrained(root / "text_encoder_2")
-        save_tokenizer(build_word_tokenizer(DEFAULT_VOCAB, text["max_sequence_length"], bos=False),
+        save_tokenizer(build_word_tokenizer(DEFAULT_VOCAB, text["t5_tokenizer_max_length"], bos=False),
                        root / "tokenizer_2")
     elif arch["backbone"] == "sd3":
         for suffix, dim in zip(("", "_2"), text["clip_hidden_sizes"], strict=True):

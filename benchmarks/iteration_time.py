@@ -126,10 +126,12 @@ class Run:
             head = [f"include '{ROOT / 'experiments/backbones/sd3.gin'}'", f"SD3_PATH = '{self.model_dir}'"]
         backbone = [
             f"{cls}.dtype = '{self.dtype}'", f"{cls}.height = {size}", f"{cls}.width = {size}",
-            f"{cls}.max_sequence_length = {text['max_sequence_length']}", f"{cls}.lora_rank = {self.lora_rank}",
+            f"{cls}.lora_rank = {self.lora_rank}",
             f"{cls}.lora_alpha = {2 * self.lora_rank if self.lora_rank else None}",
             f"{cls}.gradient_checkpointing = {self.gradient_checkpointing}", f"{cls}.device = '{self.device}'",
         ]
+        if self.tiny:  # the real lengths come from the backbone's gin file (FLUX 512, SD3.5 128)
+            backbone.append(f"{cls}.max_sequence_length = {text['max_sequence_length']}")
         if not self.rollout_batch:
             batches.append("TrainConfig.rollout_batch_size = 4")
         if not self.micro_batch:
@@ -315,6 +317,9 @@ def measure_methods(run: Run, log: Callable[[str], None]) -> tuple[dict[str, dic
                 costs["samples"] = float(trainer.config.prompts_per_iteration * trainer.config.group_size)
                 costs["rollout_batch_size"] = trainer.config.rollout_batch_size
                 costs["cfg_scale"] = float(getattr(trainer.backbone, "cfg_scale", 1.0))
+                costs["text_tokens"] = getattr(trainer.backbone, "max_sequence_length", None)
+                vae = getattr(trainer.backbone, "vae", None)
+                costs["vae_dtype"] = str(vae.dtype).replace("torch.", "") if vae is not None else None
                 costs["micro_batch_size"] = trainer.config.micro_batch_size
                 log(f"per evaluation and sample: forward {costs['forward_s'] * 1e3:.2f} ms, "
                     f"forward+backward {costs['forward_backward_s'] * 1e3:.2f} ms")
@@ -551,7 +556,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          "micro_batch_size": costs["micro_batch_size"],
                          "per_eval_forward_s": costs["forward_s"],
                          "per_eval_forward_backward_s": costs["forward_backward_s"],
-                         "calls_per_velocity": costs["calls_per_velocity"], "cfg_scale": costs["cfg_scale"]})
+                         "calls_per_velocity": costs["calls_per_velocity"], "cfg_scale": costs["cfg_scale"],
+                         "max_sequence_length": costs["text_tokens"], "vae_dtype": costs["vae_dtype"]})
         log("\n" + format_table(table))
         result: dict[str, Any] = {m: table[m] for m in METHODS}
         result["hardware"] = hardware(device)

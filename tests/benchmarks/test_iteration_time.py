@@ -43,11 +43,13 @@ def test_random_weights_apply_inside_the_folder_only_and_are_undone(archs, tmp_p
     root = archs.write_model_dir(archs.load_arch("flux-dev", tiny=True), tmp_path / "flux")
     assert not list(root.rglob("*.safetensors"))  # configs and tokenizers only
     with archs.random_weights(root, "cpu", torch.bfloat16):
-        backbone = FluxBackbone(str(root), height=32, width=32, dtype="bfloat16", lora_rank=0, device="cpu")
+        backbone = FluxBackbone(str(root), height=32, width=32, dtype="bfloat16", lora_rank=2, device="cpu")
         with pytest.raises(OSError):  # a folder outside the root loads as usual (and has no weights here)
             FluxTransformer2DModel.from_pretrained(tmp_path / "elsewhere")
     assert backbone.config.num_layers == 1 and backbone.vae is not None
-    assert {p.dtype for p in backbone.module.parameters()} == {torch.bfloat16}
+    # built directly in the dtype the backbone asked for: the frozen base and the VAE in bf16
+    assert {p.dtype for p in backbone.module.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in backbone.vae.parameters()} == {torch.bfloat16}
     assert "from_pretrained" not in FluxTransformer2DModel.__dict__  # the inherited loader is back
     with pytest.raises(OSError):
         FluxTransformer2DModel.from_pretrained(root / "transformer")
