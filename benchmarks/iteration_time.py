@@ -297,6 +297,8 @@ def time_iterations(trainer: Any, inst: Instruments, warmup: int, iterations: in
             "nfe_rollout": rollout_rows / samples, "nfe_train": (inst.rows - rollout_rows) / samples,
             "trainer_nfe_rollout": m["perf/nfe_rollout"], "trainer_nfe_train": m["perf/nfe_train"],
             "reward_mean": m["reward/shapes.preference/mean"],
+            # optimizer steps the trainer skipped for non-finite gradients (their seconds would be missing)
+            "skipped_steps": m.get("policy/skipped_steps", 0.0),
         })
     out = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     out["peak_mem_gb"] = max(r["peak_mem_gb"] for r in rows)
@@ -330,7 +332,9 @@ def measure_methods(run: Run, log: Callable[[str], None]) -> tuple[dict[str, dic
         row["floor_s"] = costs["samples"] * (row["nfe_rollout"] * costs["forward_s"]
                                              + row["nfe_train"] * costs["forward_backward_s"])
         table[method] = row
-        log(f"measured {method}: {row['iteration_s']:.3f} s/iteration (floor {row['floor_s']:.3f} s)")
+        log(f"measured {method}: {row['iteration_s']:.3f} s/iteration (floor {row['floor_s']:.3f} s)"
+            + (f"; WARNING: {row['skipped_steps']:.0f} optimizer step(s) skipped (non-finite)"
+               if row["skipped_steps"] else ""))
     add_ratios(table)
     return table, costs
 
