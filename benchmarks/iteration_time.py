@@ -213,7 +213,7 @@ class Instruments:
 
 def per_evaluation_costs(trainer: Any, inst: Instruments, reps: int) -> dict[str, float]:
     """Seconds per network evaluation and sample: a rollout forward (no grad, rollout batch) and a
-    training forward+backward (micro batch), each timed after one untimed call."""
+    training forward+backward (micro batch), each the mean of ``reps`` calls after one untimed call."""
     backbone, c = trainer.backbone, trainer.config
     prompts, _, _ = trainer.local_batch(0)
     from mixgrpo.core.rollout import encode_unique
@@ -254,8 +254,8 @@ def per_evaluation_costs(trainer: Any, inst: Instruments, reps: int) -> dict[str
         trainer.optimizer.zero_grad(set_to_none=True)
 
     fb = timed(forward_backward)
-    with torch.no_grad():  # decode once too, so that the first timed iteration is warm
-        backbone.decode(x[:1].float())
+    with torch.no_grad():  # decode a rollout batch too, so that the first timed iteration is warm
+        backbone.decode(x.float())
     inst.reset()
     return {"forward_s": fwd, "forward_backward_s": fb}
 
@@ -314,7 +314,7 @@ def measure_methods(run: Run, log: Callable[[str], None]) -> tuple[dict[str, dic
             trainer = build_trainer(run, method, out)
             inst = Instruments(trainer)
             if not costs:
-                costs = per_evaluation_costs(trainer, inst, reps=2 if run.device.type == "cuda" else 1)
+                costs = per_evaluation_costs(trainer, inst, reps=3)
                 costs["calls_per_velocity"] = float(getattr(trainer.backbone, "calls_per_velocity", 1))
                 costs["samples"] = float(trainer.config.prompts_per_iteration * trainer.config.group_size)
                 costs["rollout_batch_size"] = trainer.config.rollout_batch_size
