@@ -35,6 +35,7 @@ import contextlib
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import sys
@@ -213,7 +214,7 @@ class Instruments:
 
 def per_evaluation_costs(trainer: Any, inst: Instruments, reps: int) -> dict[str, float]:
     """Seconds per network evaluation and sample: a rollout forward (no grad, rollout batch) and a
-    training forward+backward (micro batch), each the mean of ``reps`` calls after one untimed call."""
+    training forward+backward (micro batch), each the fastest of ``reps`` calls after one untimed call."""
     backbone, c = trainer.backbone, trainer.config
     prompts, _, _ = trainer.local_batch(0)
     from mixgrpo.core.rollout import encode_unique
@@ -229,13 +230,15 @@ def per_evaluation_costs(trainer: Any, inst: Instruments, reps: int) -> dict[str
 
     def timed(fn: Callable[[], None]) -> float:
         fn()  # warm-up (kernels, allocator)
-        synchronize(device)
-        inst.rows = 0
-        t0 = time.perf_counter()
+        best = math.inf
         for _ in range(reps):
+            synchronize(device)
+            inst.rows = 0
+            t0 = time.perf_counter()
             fn()
-        synchronize(device)
-        return (time.perf_counter() - t0) / max(inst.rows, 1)
+            synchronize(device)
+            best = min(best, (time.perf_counter() - t0) / max(inst.rows, 1))
+        return best
 
     x, sigma, cond = batch(min(c.rollout_batch_size, len(prompts)))
     backbone.module.eval()
@@ -306,37 +309,52 @@ def time_iterations(trainer: Any, inst: Instruments, warmup: int, iterations: in
 
 
 def measure_methods(run: Run, log: Callable[[str], None]) -> tuple[dict[str, dict], dict[str, float]]:
-    """Every preset at the run's settings; the per-evaluation costs are measured on the first one."""
+    """Every preset at the run's settings. The per-evaluation costs are measured on the first
+    method's backbone (before its iterations, which they also warm up) and again on the last one's
+    (after its iterations); the floors use the faster of the two, so that a burst of load from
+    elsewhere during one short measurement does not raise them."""
     table: dict[str, dict] = {}
-    costs: dict[str, float] = {}
+    costs: dict[str, Any] = {}
     for method in METHODS:
         with tempfile.TemporaryDirectory() as out:
             trainer = build_trainer(run, method, out)
             inst = Instruments(trainer)
             if not costs:
-                costs = per_evaluation_costs(trainer, inst, reps=3)
-                costs["calls_per_velocity"] = float(getattr(trainer.backbone, "calls_per_velocity", 1))
-                costs["samples"] = float(trainer.config.prompts_per_iteration * trainer.config.group_size)
-                costs["rollout_batch_size"] = trainer.config.rollout_batch_size
-                costs["cfg_scale"] = float(getattr(trainer.backbone, "cfg_scale", 1.0))
-                costs["text_tokens"] = getattr(trainer.backbone, "max_sequence_length", None)
-                vae = getattr(trainer.backbone, "vae", None)
-                costs["vae_dtype"] = str(vae.dtype).replace("torch.", "") if vae is not None else None
-                costs["micro_batch_size"] = trainer.config.micro_batch_size
-                log(f"per evaluation and sample: forward {costs['forward_s'] * 1e3:.2f} ms, "
-                    f"forward+backward {costs['forward_backward_s'] * 1e3:.2f} ms")
+                costs = per_evaluation_costs(trainer, inst, reps=5)
+                costs.update(describe(trainer))
             row = time_iterations(trainer, inst, run.warmup, run.iterations, first=run.at_iteration)
+            if method == METHODS[-1]:
+                again = per_evaluation_costs(trainer, inst, reps=5)
+                for key in ("forward_s", "forward_backward_s"):
+                    costs[key] = min(costs[key], again[key])
             inst.close()
             del trainer, inst
             _free()
-        row["floor_s"] = costs["samples"] * (row["nfe_rollout"] * costs["forward_s"]
-                                             + row["nfe_train"] * costs["forward_backward_s"])
         table[method] = row
-        log(f"measured {method}: {row['iteration_s']:.3f} s/iteration (floor {row['floor_s']:.3f} s)"
+        log(f"measured {method}: {row['iteration_s']:.3f} s/iteration"
             + (f"; WARNING: {row['skipped_steps']:.0f} optimizer step(s) skipped (non-finite)"
                if row["skipped_steps"] else ""))
+    log(f"per evaluation and sample: forward {costs['forward_s'] * 1e3:.2f} ms, "
+        f"forward+backward {costs['forward_backward_s'] * 1e3:.2f} ms")
+    for row in table.values():
+        row["floor_s"] = costs["samples"] * (row["nfe_rollout"] * costs["forward_s"]
+                                             + row["nfe_train"] * costs["forward_backward_s"])
     add_ratios(table)
     return table, costs
+
+
+def describe(trainer: Any) -> dict[str, Any]:
+    """The settings a run's backbone and config actually took (recorded with the results)."""
+    backbone, c = trainer.backbone, trainer.config
+    vae = getattr(backbone, "vae", None)
+    return {
+        "calls_per_velocity": float(getattr(backbone, "calls_per_velocity", 1)),
+        "samples": float(c.prompts_per_iteration * c.group_size),
+        "rollout_batch_size": c.rollout_batch_size, "micro_batch_size": c.micro_batch_size,
+        "cfg_scale": float(getattr(backbone, "cfg_scale", 1.0)),
+        "text_tokens": getattr(backbone, "max_sequence_length", None),
+        "vae_dtype": str(vae.dtype).replace("torch.", "") if vae is not None else None,
+    }
 
 
 def add_ratios(table: dict[str, dict]) -> None:
