@@ -37,8 +37,10 @@ test: venv
 demo: venv
 	$(VENV)/bin/mixgrpo compare experiments/shapes/compare.gin
 
+# make bench BENCH_ARGS="--backbone flux-dev --json flux.json" (real sizes need a GPU; see docs/benchmarks.md)
+BENCH_ARGS ?=
 bench: venv
-	$(PY) benchmarks/iteration_time.py
+	$(PY) benchmarks/iteration_time.py $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# All of the project's GPU measurement in one go, on one GPU, in under 8 minutes: iteration time of
+# the five method presets on the real architectures with random weights (SD3.5-Medium at 512x512 with
+# CFG 4.5; FLUX.1-dev at 720x720), each method's floor, and FLUX's growth with T, group size and
+# resolution. Writes OUT/sd35-medium.json, OUT/flux-dev.json and OUT/gpu.log.
+#
+#   bash benchmarks/fetch_wheels.sh                                   # here, once (needs the registry)
+#   bash benchmarks/gpu.sh --wheels benchmarks/wheels --out OUT       # on the GPU machine
+#   bash benchmarks/gpu.sh --device cpu --out OUT                     # the CPU dry run (tiny sizes)
+#
+# The GPU machine has torch, transformers, accelerate, peft, attrs, pluggy, matplotlib, ... but no
+# diffusers or gin-config and no internet: whatever of the project's needs does not import is
+# installed from the wheels in --wheels (into a folder under /tmp, put on PYTHONPATH), then mixgrpo
+# itself from this working tree the same way. Nothing is built or downloaded there. PYTHON (default
+# python3) is the interpreter that holds torch.
+#
+# Budget (one H100/H200): every preset runs 1 warm-up + 1 timed iteration of 1 prompt x 4 samples at
+# T = 25, numbered from iteration 140 (the windows where they are mid-run: Flash's at step 7, whose
+# 16 rollout evaluations are about its average, 15.6, over the paper's 300 iterations); the sweeps time one
+# iteration per point and are skipped, point by point, once --budget-s (default 420 s after the
+# start) has passed, so the tables always come back.
+set -euo pipefail
+
+usage() {
+    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+    echo "options: --wheels DIR  --out DIR  --device cuda|cpu  --budget-s SECONDS"
+}
+
+WHEELS=""
+OUT=""
+DEVICE=""
+BUDGET=420
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --wheels) WHEELS="${2:?--wheels needs a folder}"; shift 2 ;;
+        --out) OUT="${2:?--out needs a folder}"; shift 2 ;;
+        --device) DEVICE="${2:?--device needs cuda or cpu}"; shift 2 ;;
+        --budget-s) BUDGET="${2:?--budget-s needs a number of seconds}"; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "gpu.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
+    esac
+done
+case "$DEVICE" in ""|cuda|cpu) ;; *) echo "gpu.sh: --device must be cuda or cpu, got '$DEVICE'" >&2; exit 2 ;; esac
+case "$BUDGET" in ''|*[!0-9]*) echo "gpu.sh: --budget-s must be a whole number of seconds, got '$BUDGET'" >&2; exit 2 ;; esac
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+PYTHON="${PYTHON:-python3}"
+OUT="${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M)}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+
+main() {
+    export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+    echo "gpu.sh: $(date -u '+%Y-%m-%d %H:%M:%S UTC') on ${HOSTNAME:-?}, repo $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
+    command -v nvidia-smi >/dev/null && nvidia-smi -L || true
+
+    # 1. what the project needs, installed only where it does not import -------------------------------
+    check() {
+        "$PYTHON" - <<'PY'
+import importlib.metadata as md
+import sys
+missing = []
+for module in ("torch", "transformers", "accelerate", "peft", "attrs", "pluggy", "diffusers", "gin", "matplotlib"):
+    try:
+        __import__(module)
+    except Exception as exc:  # noqa: BLE001
+        missing.append(f"{module} ({type(exc).__name__}: {exc})")
+if not missing and not any(e.name == "flux" for e in md.entry_points(group="mixgrpo")):
+    missing.append("mixgrpo (not installed: its plugins' entry points are missing)")
+if missing:
+    print("missing: " + "; ".join(missing))
+    sys.exit(1)
+PY
+    }
+    if ! check; then
+        if [ -z "$WHEELS" ]; then
+            echo "gpu.sh: the packages above do not import and no --wheels folder was given." >&2
+            echo "        Run 'bash benchmarks/fetch_wheels.sh' where pip reaches the registry and pass --wheels." >&2
+            exit 3
+        fi
+        [ -d "$WHEELS" ] || { echo "gpu.sh: --wheels folder '$WHEELS' does not exist" >&2; exit 3; }
+        SITE="${MIXGRPO_SITE:-/tmp/mixgrpo-site}"
+        echo "gpu.sh: installing from $WHEELS into $SITE"
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+            "$WHEELS"/*.whl
+        export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+        # mixgrpo itself, from this working tree (its entry points register the plugins)
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade \
+            --target "$SITE" "$REPO"
+        check || { echo "gpu.sh: still missing after installing the wheels (see above)" >&2; exit 3; }
+    fi
+
+    # 2. the device ------------------------------------------------------------------------------------------
+    if [ -z "$DEVICE" ]; then
+        if [ "$("$PYTHON" -c 'import torch; print(torch.cuda.is_available())')" = True ]; then
+            DEVICE=cuda
+        else
+            echo "gpu.sh: torch sees no GPU; pass --device cpu for the dry run (tiny sizes)" >&2
+            exit 4
+        fi
+    fi
+    if [ "$DEVICE" = cuda ]; then
+        SIZES=(--prompts 1 --group-size 4 --warmup 1 --iterations 1 --at-iteration 140)
+    else  # the dry run: the same steps on shrunken architectures, one thread (shared cores)
+        SIZES=(--tiny --threads 1 --prompts 1 --group-size 2 --warmup 0 --iterations 1 --at-iteration 140)
+    fi
+
+    # 3. the measurements --------------------------------------------------------------------------------
+    bench() {
+        local name="$1"; shift
+        echo
+        echo "=== $name ($(date -u +%H:%M:%S), ${SECONDS}s in) ==="
+        "$PYTHON" benchmarks/iteration_time.py --backbone "$name" --device "$DEVICE" "${SIZES[@]}" \
+            --json "$OUT/$name.json" "$@"
+    }
+    bench sd35-medium --no-sweeps
+    bench flux-dev --budget-s $((BUDGET > SECONDS ? BUDGET - SECONDS : 0))
+    echo
+    echo "gpu.sh: done in ${SECONDS}s; results in $OUT"
+}
+
+set -o pipefail
+main 2>&1 | tee -a "$OUT/gpu.log"

@@ -1,0 +1,98 @@
+"""benchmarks/gpu.sh end to end on the CPU (tiny architectures): the same script a GPU machine runs."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .expected import METHODS, rollout_steps, trained_steps
+
+ROOT = Path(__file__).resolve().parents[2]
+GPU_SH = ROOT / "benchmarks" / "gpu.sh"
+FIELDS = ("iteration_s", "floor_s", "nfe_rollout", "nfe_train", "rollout_s", "reward_s", "train_s",
+          "optimizer_s", "peak_mem_gb")
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_dry_run")
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(GPU_SH), "--device", "cpu", "--out", str(out)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("name", ["flux-dev", "sd35-medium"])
+def test_json_has_every_method_with_preset_nfe_and_consistent_arithmetic(dry_run, name):
+    data = json.loads((dry_run / f"{name}.json").read_text())
+    assert set(METHODS) | {"hardware", "settings", "sweeps"} == set(data)
+    s = data["settings"]
+    assert s["backbone"] == name and s["tiny"] and s["steps"] == 25 and s["samples"] == 2
+    assert s["at_iteration"] == 140  # Flash's window at step 7: 16 rollout steps, its run average
+    cfg = 2 if s["cfg_scale"] > 1 else 1  # a guided call evaluates the network twice
+    assert cfg == (2 if name == "sd35-medium" else 1)
+    dance = data["dancegrpo"]
+    for method in METHODS:
+        row = data[method]
+        assert all(math.isfinite(row[k]) for k in FIELDS), row
+        steps, trained = rollout_steps(method, 25, iteration=141), trained_steps(method, 25)
+        # counted at the network
+        assert row["nfe_rollout"] == steps * cfg, method
+        assert row["nfe_train"] == trained * cfg, method
+        # the trainer's own accounting agrees with the backbone's declared calls per velocity
+        assert row["trainer_nfe_rollout"] == steps * s["calls_per_velocity"], method
+        assert row["trainer_nfe_train"] == trained * s["calls_per_velocity"], method
+        floor = s["samples"] * (row["nfe_rollout"] * s["per_eval_forward_s"]
+                                + row["nfe_train"] * s["per_eval_forward_backward_s"])
+        assert row["floor_s"] == pytest.approx(floor, rel=1e-12)
+        assert row["ratio_to_dancegrpo"] == pytest.approx(row["iteration_s"] / dance["iteration_s"], rel=1e-12)
+        assert row["ratio_to_floor"] == pytest.approx(row["iteration_s"] / row["floor_s"], rel=1e-12)
+        assert row["floor_ratio_to_dancegrpo"] == pytest.approx(row["floor_s"] / dance["floor_s"], rel=1e-12)
+        assert 0 < row["rollout_s"] + row["reward_s"] + row["train_s"] <= row["iteration_s"] * (1 + 1e-9)
+        assert 0 < row["optimizer_s"] <= row["train_s"] and row["skipped_steps"] == 0
+    assert data["mixgrpo_flash"]["nfe_rollout"] == 16 * cfg
+    # fewer rollout steps and fewer trained steps than DanceGRPO: the floors must order accordingly
+    assert data["mixgrpo_flash_star"]["floor_s"] < data["mixgrpo_flash"]["floor_s"] < data["mixgrpo"]["floor_s"]
+    assert data["mixgrpo"]["floor_s"] < dance["floor_s"] < data["flowgrpo"]["floor_s"]
+    hw = data["hardware"]
+    assert hw["device"] == "cpu" and hw["torch"] and hw["date"].endswith("UTC") and hw["cpu_cores"] >= 1
+
+
+def test_flux_sweeps_follow_the_requested_points(dry_run):
+    data = json.loads((dry_run / "flux-dev.json").read_text())
+    sweeps = data["sweeps"]
+    assert sweeps["method"] == "mixgrpo"
+    assert [p["value"] for p in sweeps["steps"]] == [12, 25]
+    assert [p["value"] for p in sweeps["group_size"]] == [2, 3]
+    assert [p["value"] for p in sweeps["resolution"]] == [32, 48]
+    assert list(sweeps) == ["method", "steps", "resolution", "group_size"]
+    for p in sweeps["steps"]:
+        assert p["nfe_rollout"] == p["value"] and p["nfe_train"] == 4
+    # the run's own setting is the table's row, not a second measurement
+    base = next(p for p in sweeps["steps"] if p["value"] == 25)
+    assert base["from"] == "table" and base["iteration_s"] == data["mixgrpo"]["iteration_s"]
+    for axis in ("steps", "group_size", "resolution"):
+        assert all(p["iteration_s"] > 0 for p in sweeps[axis])
+
+
+def test_log_prints_the_tables_with_the_json_ratios(dry_run):
+    log = (dry_run / "gpu.log").read_text()
+    blocks = log.split("\nmethod ")[1:]
+    assert len(blocks) == 2  # sd35-medium, then flux-dev
+    for block, name in zip(blocks, ["sd35-medium", "flux-dev"]):
+        data = json.loads((dry_run / f"{name}.json").read_text())
+        lines = block.splitlines()[1:6]
+        for line in lines:
+            cols = line.split()
+            row = data[cols[0]]
+            x_floor, x_dance, floor_x_dance = cols[9], cols[10], cols[11]
+            assert x_floor == f"{row['ratio_to_floor']:.2f}"
+            assert x_dance == f"{row['ratio_to_dancegrpo']:.2f}"
+            assert floor_x_dance == f"{row['floor_ratio_to_dancegrpo']:.2f}"
+        assert [line.split()[0] for line in lines] == list(METHODS)
+    assert "gpu.sh: done in" in log

@@ -1,0 +1,102 @@
+"""The benchmark's pieces: architecture configs, random-weight loading, arguments, the toy path."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from .expected import METHODS, rollout_steps, trained_steps
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_configs_are_the_real_architectures(archs):
+    flux = archs.load_arch("flux-dev")
+    t = flux["transformer"]
+    assert (t["num_layers"], t["num_single_layers"]) == (19, 38)
+    assert t["num_attention_heads"] * t["attention_head_dim"] == 3072 and t["guidance_embeds"]
+    assert sum(t["axes_dims_rope"]) == t["attention_head_dim"]
+    assert flux["vae"]["latent_channels"] * 4 == t["in_channels"]
+    assert 11.8e9 < archs.count_parameters(flux) < 12.0e9  # FLUX.1-dev's 11.9B
+    sd3 = archs.load_arch("sd35-medium")
+    assert sd3["transformer"]["dual_attention_layers"] == list(range(13))
+    assert sum(sd3["text"]["clip_hidden_sizes"]) == sd3["transformer"]["pooled_projection_dim"]
+    assert 2.2e9 < archs.count_parameters(sd3) < 2.3e9
+    for arch in (flux, sd3):
+        assert "Hugging Face" in arch["_source"] and arch["vae"]["use_quant_conv"] is False
+    tiny = archs.load_arch("flux-dev", tiny=True)
+    assert archs.count_parameters(tiny) < 1e6 and archs.load_arch("flux-dev")["transformer"]["num_layers"] == 19
+
+
+def test_unknown_architecture_names_the_known_ones(archs):
+    with pytest.raises(ValueError, match="flux-dev, sd35-medium"):
+        archs.load_arch("flux-schnell")
+
+
+def test_random_weights_apply_inside_the_folder_only_and_are_undone(archs, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    from mixgrpo.plugins.backbones.flux import FluxBackbone
+
+    root = archs.write_model_dir(archs.load_arch("flux-dev", tiny=True), tmp_path / "flux")
+    assert not list(root.rglob("*.safetensors"))  # configs and tokenizers only
+    with archs.random_weights(root, "cpu", torch.bfloat16):
+        backbone = FluxBackbone(str(root), height=32, width=32, dtype="bfloat16", lora_rank=2, device="cpu")
+        with pytest.raises(OSError):  # a folder outside the root loads as usual (and has no weights here)
+            FluxTransformer2DModel.from_pretrained(tmp_path / "elsewhere")
+    assert backbone.config.num_layers == 1 and backbone.vae is not None
+    # built directly in the dtype the backbone asked for: the frozen base and the VAE in bf16
+    assert {p.dtype for p in backbone.module.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in backbone.vae.parameters()} == {torch.bfloat16}
+    assert "from_pretrained" not in FluxTransformer2DModel.__dict__  # the inherited loader is back
+    with pytest.raises(OSError):
+        FluxTransformer2DModel.from_pretrained(root / "transformer")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--backbone", "toy", "--tiny"], "--tiny shrinks the real architectures"),
+    (["--backbone", "shapes", "--size", "64"], "--size applies to the real architectures"),
+    (["--sweep-group", "0,2"], "values must be >= 1"),
+    (["--sweep-steps", "ten"], "comma-separated integers"),
+    (["--device", "tpu"], "--device must be cpu or cuda"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+])
+def test_bad_arguments_fail_with_a_clear_message(bench, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "tpu"], "--device must be cuda or cpu"),
+    (["--budget-s", "soon"], "--budget-s must be a whole number"),
+    (["--frobnicate"], "unknown argument '--frobnicate'"),
+])
+def test_gpu_sh_rejects_bad_arguments(argv, message):
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), *argv], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_ratios_are_to_dancegrpo_and_to_the_floor(bench):
+    table = {m: {"iteration_s": t, "floor_s": f} for m, t, f in
+             [("dancegrpo", 10.0, 8.0), ("mixgrpo", 5.0, 2.0), ("flowgrpo", 15.0, 12.0)]}
+    bench.add_ratios(table)
+    assert table["mixgrpo"]["ratio_to_dancegrpo"] == 0.5 and table["mixgrpo"]["ratio_to_floor"] == 2.5
+    assert table["flowgrpo"]["floor_ratio_to_dancegrpo"] == 1.5 and table["dancegrpo"]["ratio_to_dancegrpo"] == 1.0
+
+
+def test_toy_backbone_json(bench, tmp_path):
+    out = tmp_path / "toy.json"
+    bench.main(["--backbone", "toy", "--steps", "10", "--warmup", "0", "--iterations", "1", "--prompts", "1",
+                "--threads", "1", "--sweep-steps", "6,10", "--sweep-group", "4", "--json", str(out)])
+    data = json.loads(out.read_text())
+    for method in METHODS:
+        assert data[method]["nfe_rollout"] == rollout_steps(method, 10)
+        assert data[method]["nfe_train"] == trained_steps(method, 10)
+        assert data[method]["floor_s"] > 0
+    assert [p["value"] for p in data["sweeps"]["steps"]] == [6, 10]
+    assert data["sweeps"]["steps"][0]["nfe_rollout"] == 6 and "from" not in data["sweeps"]["steps"][0]
+    assert data["sweeps"]["group_size"][0]["from"] == "table"  # 4 is the run's own group size
