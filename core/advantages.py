@@ -1,4 +1,4 @@
-"""Group-relative advantages (ALGORITHMS.md §7).
+"""Group-relative advantages (docs/algorithms.md §7).
 
 One advantage per sample, shared by all its trained steps::
 

@@ -1,6 +1,6 @@
 """The five interfaces of mixgrpo. Plugins implement them; the core composes them.
 
-Conventions (ALGORITHMS.md §1): rectified flow ``x_σ = (1−σ)·x0 + σ·ε``; σ = 1 is noise, σ = 0 is
+Conventions (docs/algorithms.md §1): rectified flow ``x_σ = (1−σ)·x0 + σ·ε``; σ = 1 is noise, σ = 0 is
 data; the backbone predicts the velocity ``v ≈ ε − x0``; step arithmetic is fp32.
 """
 

@@ -1,5 +1,5 @@
 """σ grids: the static shift, FLUX's dynamic (mu) shift, a diffusers-parity preset, and the
-MixGRPO-Flash grid compressed after the window (ALGORITHMS.md §2 and §6).
+MixGRPO-Flash grid compressed after the window (docs/algorithms.md §2 and §6).
 
 Grids are computed in float64 and returned as fp32 1-D tensors of T+1 values from 1 to 0.
 """
@@ -66,7 +66,7 @@ def num_post_window_points(num_steps: int, window_end: int, ratio: float) -> int
     """``n_post = max(int((T − L)·r), 2)``: points of the compressed grid after the window.
 
     The reference uses ``max(…, 1)``, which can stop short of σ = 0 near the end; the guard ≥ 2
-    keeps the last point at 0 (ALGORITHMS.md §6).
+    keeps the last point at 0 (docs/algorithms.md §6).
     """
     return max(int((num_steps - window_end) * ratio), 2)
 

@@ -2,7 +2,7 @@
 
 All tensors named ``x`` / ``latents`` are in the backbone's latent layout ``[B, *latent_shape]``.
 Step arithmetic is fp32 throughout; stored transitions are fp32 and reused bit-for-bit when
-training recomputes log-probabilities (ALGORITHMS.md §1).
+training recomputes log-probabilities (docs/algorithms.md §1).
 """
 
 from __future__ import annotations

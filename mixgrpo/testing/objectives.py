@@ -6,7 +6,7 @@ Subclass it in a test module, name the subclass ``Test…`` and override ``make_
         def make_objective(self):
             return MyObjective(clip_range=1e-3)
 
-Checked (ALGORITHMS.md §7, §8):
+Checked (docs/algorithms.md §7, §8):
 
 - ``advantages``: shape ``[N]``, float, finite; zero mean within each group (override
   ``zero_mean_groups = False`` for an objective with another baseline); independent of the order

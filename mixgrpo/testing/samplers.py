@@ -19,7 +19,7 @@ Only properties that hold for any correct sampler are checked, for both ODE solv
   ``(1−σ_{i+1})·x0 + σ_{i+1}·ε``, with or without a consistent history);
 - SDE samplers: ``log_prob`` ``[B]`` finite; ``noise = 0`` gives the mean; the draw is
   ``mean + std·ξ``; evaluating a drawn ``prev_sample`` reproduces its log-prob bit-for-bit (the
-  on-policy check, ALGORITHMS.md §3); the log-prob's gradient flows through ``v`` and not
+  on-policy check, docs/algorithms.md §3); the log-prob's gradient flows through ``v`` and not
   through ``prev_sample``.
 
 Override ``grid``, ``shape`` or ``step_indices`` to adapt the problem (e.g. an SDE sampler that is

@@ -6,7 +6,7 @@ Subclass it in a test module, name the subclass ``Test…`` and override ``make_
         def make_schedule(self):
             return MySchedule(window_size=3)
 
-Checked for several grid sizes T and iterations (ALGORITHMS.md §4, §5):
+Checked for several grid sizes T and iterations (docs/algorithms.md §4, §5):
 
 - ``plan`` returns a ``StepPlan`` for ``num_steps`` steps with sorted, unique indices in 0..T−1
   and trained steps ⊆ SDE steps;

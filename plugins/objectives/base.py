@@ -1,4 +1,4 @@
-"""The clipped GRPO objective shared by FlowGRPO, DanceGRPO and MixGRPO (ALGORITHMS.md §7, §8).
+"""The clipped GRPO objective shared by FlowGRPO, DanceGRPO and MixGRPO (docs/algorithms.md §7, §8).
 
 Per (sample, trained step) transition, with ``r = exp(logp_new − logp_old)``::
 

@@ -1,4 +1,4 @@
-"""Learned reward models: CLIP score, PickScore, HPS-v2.1, ImageReward (ALGORITHMS.md §11).
+"""Learned reward models: CLIP score, PickScore, HPS-v2.1, ImageReward (docs/algorithms.md §11).
 
 Every reward loads from LOCAL paths only (nothing is downloaded), runs on its own device (a reward
 model may sit on another GPU than the policy), in ``no_grad``, in the model's dtype, in batches of

@@ -1,4 +1,4 @@
-"""Multistep DPM-Solver++ (data prediction, 2M "midpoint") for rectified flow (ALGORITHMS.md §6).
+"""Multistep DPM-Solver++ (data prediction, 2M "midpoint") for rectified flow (docs/algorithms.md §6).
 
 For rectified flow ``α = 1 − σ``, ``λ = log(α/σ)`` and the data prediction is ``m = x̂0 = x − σ·v``.
 One step from σ_s to σ_t (``h = λ_t − λ_s > 0``):

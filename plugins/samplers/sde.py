@@ -1,4 +1,4 @@
-"""SDE steps with log-probabilities: the ``flow``, ``dance`` and ``cps`` noise forms (ALGORITHMS.md §3).
+"""SDE steps with log-probabilities: the ``flow``, ``dance`` and ``cps`` noise forms (docs/algorithms.md §3).
 
 Every SDE step of FlowGRPO, DanceGRPO and MixGRPO is one Euler–Maruyama step of the
 marginal-preserving reverse SDE of rectified flow; the forms differ only in the diffusion

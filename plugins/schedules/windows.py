@@ -1,4 +1,4 @@
-"""Window schedules: which steps of a rollout are SDE steps and which are trained (ALGORITHMS.md §4, §5).
+"""Window schedules: which steps of a rollout are SDE steps and which are trained (docs/algorithms.md §4, §5).
 
 Every schedule's ``plan(iteration, num_steps, num_samples, seed)`` is a pure function of
 ``(iteration, seed)`` (the run's seed) and its constructor arguments: no state is kept between

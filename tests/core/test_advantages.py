@@ -1,4 +1,4 @@
-"""Group-relative advantages (ALGORITHMS.md §7) against numpy re-derivations and hand cases."""
+"""Group-relative advantages (docs/algorithms.md §7) against numpy re-derivations and hand cases."""
 
 import math
 

@@ -38,7 +38,7 @@ GROUPS = [0, 0, 0, 1, 1, 1]
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("micro", [1, 4])
 def test_recomputed_log_probs_equal_rollout_log_probs(toy_config, method, micro):
-    """Ratio = 1 before any update, for every method and micro-batch size (ALGORITHMS §3)."""
+    """Ratio = 1 before any update, for every method and micro-batch size (docs/algorithms.md §3)."""
     cfg, pm = toy_config(method)
     c = _components(cfg, pm)
     plan = c["schedule"].plan(3, cfg.num_steps, len(PROMPTS))

@@ -1,4 +1,4 @@
-"""σ grids (core/sigmas.py) against ALGORITHMS.md §2/§6, a float64 formula, and diffusers' schedulers."""
+"""σ grids (core/sigmas.py) against docs/algorithms.md §2/§6, a float64 formula, and diffusers' schedulers."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ T, SHIFT, W = 25, 3.0, 4  # MixGRPO: 25 steps, shift 3, window of 4
 
 
 def float64_static(num_steps: int, shift: float) -> np.ndarray:
-    """``σ_k = s·u_k / (1 + (s−1)·u_k)``, ``u_k = 1 − k/T`` (ALGORITHMS.md §2), in float64."""
+    """``σ_k = s·u_k / (1 + (s−1)·u_k)``, ``u_k = 1 − k/T`` (docs/algorithms.md §2), in float64."""
     u = 1.0 - np.arange(num_steps + 1) / num_steps
     return shift * u / (1.0 + (shift - 1.0) * u)
 
@@ -93,7 +93,7 @@ def test_grid_errors():
         sigma_grid(10, kind="dynamic")
 
 
-# -- the MixGRPO-Flash compressed grid (ALGORITHMS.md §6) ------------------------------------
+# -- the MixGRPO-Flash compressed grid (docs/algorithms.md §6) ------------------------------------
 def flash_nfe_formula(start: int, size: int, ratio: float, num_steps: int = T) -> int:
     """NFE = l + w + (n_post − 1), n_post = max(int((T − L)·r), 2), L = l + w − 1."""
     last = start + size - 1
@@ -124,7 +124,7 @@ def test_flash_nfe_per_window_and_mean():
     Mean over the 12 windows: 176/12 = 14.67. Over the training schedule (τ = 20 iterations per
     window, 300 iterations, l = min(k // 20, 11): l = 0..10 for 20 iterations each, l = 11 for the
     last 80): (20·158 + 80·18)/300 = 4600/300 = 15.33. The paper reports ~16: it counts one more
-    call per rollout (ALGORITHMS.md §6), which gives 15.67 and 16.33.
+    call per rollout (docs/algorithms.md §6), which gives 15.67 and 16.33.
     """
     nfe = [rollout_nfe(compressed_grid(T, SHIFT, (start, W), 0.4)) for start in range(12)]
     assert nfe == [11, 12, 13, 13, 14, 14, 15, 16, 16, 17, 17, 18]

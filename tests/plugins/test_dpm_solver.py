@@ -189,7 +189,7 @@ def test_first_order_equals_euler(grid):
 
 # -- (d) when 2M is used ----------------------------------------------------------------------
 def reference_2m(x, v, m1, sigma_s1, sigma_s, sigma_t):
-    """ALGORITHMS.md §6 2M (midpoint) written out in float64 with logarithms."""
+    """docs/algorithms.md §6 2M (midpoint) written out in float64 with logarithms."""
     x, v, m1 = x.double(), v.double(), m1.double()
     lam = lambda s: math.log((1 - s) / s)  # noqa: E731
     h = lam(sigma_t) - lam(sigma_s)

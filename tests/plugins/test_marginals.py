@@ -165,7 +165,7 @@ def test_cps_mean_is_exact_but_variance_contracts_on_fine_grids():
     sin²(aπ/2) of the noise part whatever the step size, and replacing x0 by its posterior mean
     then loses variance each step. Per step (per dim, A = (1−σ)²s², B = σ², c = cos(aπ/2)) the
     variance leaves V = A + B as ``V − A·B·(1−c)²/V``. The mean stays exact (E[x̂0] = m,
-    E[x̂1] = 0). This is the method as specified (ALGORITHMS.md §3), not a bug of the step: the
+    E[x̂1] = 0). This is the method as specified (docs/algorithms.md §3), not a bug of the step: the
     data variance ends at 0.63-0.64·s² on 200 steps and 0.31-0.50·s² on the 10-step shift-3 grid."""
     mean, var = chain_moments("cps", 0.8)
     ref_mean, ref_var = cps_moments_float64(GRID, 0.8)

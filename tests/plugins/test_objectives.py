@@ -1,4 +1,4 @@
-"""Policy objectives (ALGORITHMS.md §7, §8): defaults, the clipped loss, the KL term, registration."""
+"""Policy objectives (docs/algorithms.md §7, §8): defaults, the clipped loss, the KL term, registration."""
 
 import math
 

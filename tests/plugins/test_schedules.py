@@ -1,4 +1,4 @@
-"""Window schedules (ALGORITHMS.md §4, §5): the paper's sequences, reference loops, purity, errors."""
+"""Window schedules (docs/algorithms.md §4, §5): the paper's sequences, reference loops, purity, errors."""
 
 import math
 from collections import Counter

@@ -1,4 +1,4 @@
-"""The SDE step (plugins/samplers/sde.py) against an independent float64 re-derivation of ALGORITHMS.md §3."""
+"""The SDE step (plugins/samplers/sde.py) against an independent float64 re-derivation of docs/algorithms.md §3."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _inputs(seed: int = 0):
 
 
 def reference_step(x, v, sigmas, i, form, a):
-    """ALGORITHMS.md §3 written out again in float64: returns (mean, std) as float64 tensors."""
+    """docs/algorithms.md §3 written out again in float64: returns (mean, std) as float64 tensors."""
     x, v = x.double(), v.double()
     s = [float(t) for t in sigmas.double()]
     sig, nxt = s[i], s[i + 1]
@@ -113,7 +113,7 @@ def test_flow_first_step_std_is_exactly_a():
 
 
 def test_flow_per_step_std_on_mixgrpo_grid():
-    """ALGORITHMS.md §3 lists the per-step std g·√Δ (not g: g_0 = a·sqrt(1/(1−σ_1)) ≈ 5.98).
+    """docs/algorithms.md §3 lists the per-step std g·√Δ (not g: g_0 = a·sqrt(1/(1−σ_1)) ≈ 5.98).
 
     To 4 decimals the values are 0.7000, 0.7145, 0.5087, 0.4182, 0.3646, …, 0.1107, 0.0825; the
     document's "0.083" is 0.08250 rounded up (strictly it rounds to 0.082), hence the 5.1e-4 bound.
@@ -139,7 +139,7 @@ def test_dance_std_is_eta_sqrt_delta():
         delta = float(grid[i]) - float(grid[i + 1])
         assert float(res.std) == pytest.approx(0.3 * math.sqrt(delta), rel=1e-6)
         stds.append(float(res.std))
-    # ALGORITHMS.md §3: DanceGRPO (T = 16, η = 0.3) goes from 0.044 up to 0.12
+    # docs/algorithms.md §3: DanceGRPO (T = 16, η = 0.3) goes from 0.044 up to 0.12
     assert stds[0] == pytest.approx(0.044, abs=5e-4) and stds[-1] == pytest.approx(0.12, abs=5e-3)
     assert all(b > a for a, b in zip(stds, stds[1:], strict=False))
 

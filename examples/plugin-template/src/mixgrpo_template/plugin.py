@@ -18,7 +18,7 @@ from mixgrpo import Reward, Sampler, StepResult, hookimpl
 class LinearNoiseSDE(Sampler):
     """Euler–Maruyama step of the marginal-preserving reverse SDE with diffusion ``g = a·σ``.
 
-    Any g keeps the marginals of rectified flow; this one injects noise proportional to σ (ALGORITHMS.md §3
+    Any g keeps the marginals of rectified flow; this one injects noise proportional to σ (docs/algorithms.md §3
     gives the mean for every g). Log-prob: mean over non-batch elements of the Gaussian density.
 
     Args:
