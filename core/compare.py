@@ -23,6 +23,7 @@ from mixgrpo.core.plugins import get_plugin_manager
 from mixgrpo.core.report import slug
 
 DONE = "done.json"
+BASE_CACHE = "base_eval"
 
 
 @gin.configurable
@@ -85,7 +86,7 @@ def _train_config(files: Sequence[Path], base: Path, bindings: Sequence[str], se
 
 
 def _run_one(files: Sequence[Path], base: Path, bindings: Sequence[str], seed: int, run_dir: Path,
-             threads: int | None = None) -> float:
+             threads: int | None = None, base_cache: Path | None = None, base_only: bool = False) -> float:
     """Train one (variant, seed) run from scratch in this process; returns its seconds.
 
     With ``threads`` (a worker of a parallel comparison) torch uses that many threads and the
@@ -101,7 +102,15 @@ def _run_one(files: Sequence[Path], base: Path, bindings: Sequence[str], seed: i
     pm = get_plugin_manager()
     config = _train_config(files, base, [*bindings, *(["TrainConfig.progress = False"] if threads else [])],
                            seed, run_dir, pm)
-    Trainer(config, pm).train(overwrite=True)  # an unfinished run restarts cleanly
+    trainer = Trainer(config, pm)
+    trainer.base_cache = base_cache
+    if base_only:  # the shared base evaluation alone, into the cache, before the runs start
+        from mixgrpo.core.base_eval import evaluate_base
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        evaluate_base(trainer, {}, base_cache)
+        return time.perf_counter() - started
+    trainer.train(overwrite=True)  # an unfinished run restarts cleanly
     seconds = time.perf_counter() - started
     (run_dir / DONE).write_text(json.dumps({"seconds": seconds}))
     return seconds
@@ -141,19 +150,21 @@ def run_compare(config_file: str | Path, bindings: Sequence[str] = (), output: s
                 continue
             _train_config(files, base, [*extra, *bindings], seed, run_dir, pm)  # fail early on a bad variant
             jobs.append((label, seed, (files, base, [*extra, *bindings], seed, run_dir)))
+    cache = out / BASE_CACHE  # the base model's evaluation, computed once for all runs that share it
     if cfg.workers == 1 or len(jobs) <= 1:
         for label, seed, job in jobs:
             print(f"[compare] {label} seed {seed} → {job[-1]}")
-            _run_one(*job)
+            _run_one(*job, base_cache=cache)
     else:
-        _run_parallel(jobs, cfg.workers)
+        _run_parallel(jobs, cfg.workers, cache)
     from mixgrpo.core.compare_report import write_report
 
     return write_report(out, runs, metric=cfg.metric)
 
 
-def _run_parallel(jobs: list, workers: int) -> None:
-    """Run the jobs in ``workers`` spawned processes, the CPU threads split evenly between them."""
+def _run_parallel(jobs: list, workers: int, cache: Path) -> None:
+    """Run the jobs in ``workers`` spawned processes, the CPU threads split evenly between them; the
+    first job's base evaluation runs first, alone, so that no two runs compute it at once."""
     import concurrent.futures
     import multiprocessing
     import os
@@ -164,7 +175,12 @@ def _run_parallel(jobs: list, workers: int) -> None:
     print(f"[compare] {len(jobs)} runs in {workers} processes of {threads} thread(s) each")
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = {pool.submit(_run_one, *job, threads=threads): (label, seed) for label, seed, job in jobs}
+        files, base, bindings, seed, _ = jobs[0][2]
+        seconds = pool.submit(_run_one, files, base, bindings, seed, cache / "run", threads=threads,
+                              base_cache=cache, base_only=True).result()
+        print(f"[compare] base model evaluated once for all runs in {seconds:.0f} s")
+        futures = {pool.submit(_run_one, *job, threads=threads, base_cache=cache): (label, seed)
+                   for label, seed, job in jobs}
         with tqdm(total=len(jobs), desc="compare", unit="run") as bar:
             for future in concurrent.futures.as_completed(futures):
                 label, seed = futures[future]

@@ -23,8 +23,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
+from mixgrpo.core import base_eval, records
 from mixgrpo.core import checkpoint as ckpt
-from mixgrpo.core import records
 from mixgrpo.core.config import TrainConfig
 from mixgrpo.core.ema import EMA
 from mixgrpo.core.parallel import clip_grad_norm, resolve_parallelism, shard
@@ -49,6 +49,7 @@ class Trainer:
         self.out = Path(config.output_dir)
         self.accelerator = accelerator or _make_accelerator(config, self.out)
         self._tensorboard = bool(self.accelerator.log_with)
+        self.base_cache: Path | None = None  # a folder of shared base evaluations (mixgrpo compare sets it)
         c = config
         # the cheap components first, and every check that needs no model: a mistake stops the run
         # before minutes of loading FLUX and the reward models
@@ -232,8 +233,8 @@ class Trainer:
         self._start_trackers()
         history: list[dict[str, float]] = []
         if self.start_iteration == 0 and (c.eval_every or c.sample_every):
-            self._evaluate_and_sample(0, history_row := {"iteration": 0}, evaluate=bool(c.eval_every),
-                                      sample=bool(c.sample_every))
+            history_row: dict[str, Any] = {"iteration": 0}
+            base_eval.evaluate_base(self, history_row, self.base_cache)  # shared with identical runs
             self._log(history_row)
         bar = tqdm(range(self.start_iteration, c.iterations), desc=f"{c.objective}", unit="it",
                    disable=not (c.progress and acc.is_main_process), initial=self.start_iteration,

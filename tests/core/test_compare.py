@@ -223,3 +223,47 @@ def test_labels_that_differ_only_in_symbols_get_their_own_folders_or_a_clear_err
         run_compare(tmp / "compare.gin", output=str(tmp_path),
                     variants=[f"a b={EXP / 'methods/mixgrpo.gin'}", f"a/b={EXP / 'methods/mixgrpo.gin'}"])
     assert not any(tmp_path.iterdir()), "nothing may run before the labels are checked"
+
+
+def test_the_base_model_is_evaluated_once_per_identical_setting(tmp_path, monkeypatch):
+    """Three variants × two seeds share two base evaluations (one per training seed, which picks the
+    evaluation prompts); each run's iteration-0 row and grid equal a run that evaluates for itself."""
+    from mixgrpo.core import base_eval
+    from mixgrpo.core.trainer import Trainer
+
+    (tmp_path / "world.gin").write_text(WORLD)
+    (tmp_path / "compare.gin").write_text(
+        "# cached base evaluation\n"
+        f"CompareConfig.base = '{tmp_path / 'world.gin'}'\n"
+        "CompareConfig.variants = {\n"
+        f"    'DanceGRPO': '{EXP / 'methods/dancegrpo.gin'}',\n"
+        f"    'MixGRPO': '{EXP / 'methods/mixgrpo.gin'}',\n"
+        f"    'Flash': '{EXP / 'methods/mixgrpo_flash.gin'}',\n"
+        "}\n"
+        "CompareConfig.seeds = (0, 1)\n"
+        f"CompareConfig.output_dir = '{tmp_path / 'out'}'\n")
+    calls = []
+    evaluate = Trainer.evaluate
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, *a, **k: calls.append(self.config.seed) or evaluate(
+        self, *a, **k))
+    run_compare(tmp_path / "compare.gin")
+    # base: once per seed; then iterations 1 and 2 of each of the 6 runs
+    assert sorted(calls).count(0) == 1 + 3 * 2 and sorted(calls).count(1) == 1 + 3 * 2
+    out = tmp_path / "out"
+    assert len(list((out / "base_eval").glob("*/row.json"))) == 2
+    for seed in (0, 1):
+        base_rows = [_rows(out, label, seed)[0] for label in ("DanceGRPO", "MixGRPO", "Flash")]
+        assert base_rows[0] == base_rows[1] == base_rows[2]
+        grids = [(out / label / f"seed_{seed}" / "samples" / "iter_000000.png").read_bytes()
+                 for label in ("DanceGRPO", "MixGRPO", "Flash")]
+        assert grids[0] == grids[1] == grids[2]
+    # a run on its own (no cache) computes the same row
+    from mixgrpo.core.config import parse_gin
+    from mixgrpo.core.trainer import TrainConfig
+
+    pm = parse_gin([EXP / "methods/mixgrpo.gin", tmp_path / "world.gin"],
+                   [f"TrainConfig.output_dir = '{tmp_path / 'alone'}'", "TrainConfig.iterations = 1"])
+    alone = Trainer(TrainConfig(), pm)
+    row = {"iteration": 0}
+    base_eval.evaluate_base(alone, row, None)
+    assert {k: v for k, v in row.items()} == {k: v for k, v in _rows(out, "MixGRPO", 0)[0].items()}
