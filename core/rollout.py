@@ -189,15 +189,18 @@ def rollout(
 
 @torch.no_grad()
 def sample_ode(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *, setup: SamplingSetup,
-               solver: Sampler, batch_size: int = 16) -> torch.Tensor:
+               solver: Sampler, batch_size: int = 16, indices: Sequence[int] | None = None) -> torch.Tensor:
     """Deterministic ODE sampling for evaluation and sample grids: images ``[N, 3, H, W]``.
 
-    The initial noise of prompt n is keyed by ``(seeds[n], "eval", n)``, so the same
-    (prompt, seed) pair always starts from the same noise, before and after training.
+    The initial noise of prompt n is keyed by ``(seeds[n], "eval", indices[n])`` (``indices``
+    defaults to 0..N−1), so the same (prompt, seed) pair always starts from the same noise, before
+    and after training, however the prompts are split into calls.
     """
     cond = encode_unique(backbone, prompts)
     shape = backbone.latent_shape()
-    x = torch.stack([keyed_normal(shape, int(s), "eval", n) for n, s in enumerate(seeds)]).to(backbone.device)
+    keys = range(len(seeds)) if indices is None else indices
+    x = torch.stack([keyed_normal(shape, int(s), "eval", int(n)) for n, s in zip(keys, seeds, strict=True)])
+    x = x.to(backbone.device)
     sigmas = setup.sigmas(None)
     history = SolverHistory()
     for i in range(sigmas.numel() - 1):

@@ -20,8 +20,7 @@ from tqdm.auto import tqdm
 
 from mixgrpo.core.export import ExportError, check_output_dir, open_model
 from mixgrpo.core.interfaces import Backbone, Sampler
-from mixgrpo.core.rollout import SamplingSetup, batched_velocity, encode_unique, keyed_normal
-from mixgrpo.core.types import SolverHistory
+from mixgrpo.core.rollout import SamplingSetup, sample_ode
 
 MANIFEST = "samples.json"
 GRID = "grid.png"
@@ -79,27 +78,13 @@ def set_guidance(backbone: Backbone, guidance: float) -> str:
     raise ExportError(f"backbone {type(backbone).__name__} has no guidance setting")
 
 
-def initial_noise(backbone: Backbone, indices: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
-    """``x_T`` of prompt ``indices[k]`` with ``seeds[k]``, keyed as ``sample_ode`` keys it."""
-    shape = backbone.latent_shape()
-    return torch.stack([keyed_normal(shape, int(s), "eval", int(n)) for n, s in zip(indices, seeds, strict=True)])
-
-
 @torch.no_grad()
 def sample_images(backbone: Backbone, prompts: Sequence[str], indices: Sequence[int], seeds: Sequence[int], *,
                   setup: SamplingSetup, solver: Sampler, batch_size: int = 16) -> torch.Tensor:
     """Images ``[N, 3, H, W]`` in [0, 1] of ``prompts[k]`` as prompt ``indices[k]`` with ``seeds[k]``:
-    the deterministic ODE of ``sample_ode`` (same noise keys, grid and solver steps)."""
-    cond = encode_unique(backbone, prompts)
-    x = initial_noise(backbone, indices, seeds).to(backbone.device)
-    sigmas = setup.sigmas(None)
-    history = SolverHistory()
-    for i in range(sigmas.numel() - 1):
-        v = batched_velocity(backbone, x, float(sigmas[i]), cond, batch_size)
-        res = solver.step(x, v, sigmas, i, history=history)
-        history.append(float(sigmas[i]), res.x0 if res.x0 is not None else x - float(sigmas[i]) * v)
-        x = res.prev_sample
-    return backbone.decode(x).float().cpu()
+    ``sample_ode`` with the noise keyed by the prompt's index in the whole list."""
+    return sample_ode(backbone, prompts, seeds, setup=setup, solver=solver, batch_size=batch_size,
+                      indices=indices).cpu()
 
 
 def _check_ode(name: str, solver: Any) -> None:
