@@ -21,6 +21,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# what only the tests need: the reference scorers the reward tests compare with
+$(VENV)/.test-refs: $(VENV)/.installed Makefile
 	$(PY) -m pip install -q --no-deps $(REWARD_REFS)
 	$(PY) -m pip install -q $(REWARD_REF_DEPS)
 	rm -rf $(VENV)/torchvision-cpu
@@ -30,7 +34,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: venv
+test: venv $(VENV)/.test-refs
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -n auto -q
 
