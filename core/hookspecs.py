@@ -16,6 +16,8 @@ import pluggy
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from mixgrpo.core.trainer import Trainer
+
 PROJECT = "mixgrpo"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -53,16 +55,17 @@ def register_objectives(register: Register) -> None:
 def register_prompt_sets(register: Register) -> None:
     """Register prompt-set factories: ``register("shapes", ShapesPrompts)``.
 
-    A prompt set is called as ``prompts(split, count, seed) -> list[str]`` with split ``"train"`` or
-    ``"eval"``.
+    A prompt set is called as ``prompts(split, count, seed, iteration=None) -> list[str]`` with split
+    ``"train"`` or ``"eval"``; the trainer asks for iteration k's training prompts of the run ``seed``
+    with ``iteration=k`` (a stream without repeats within an epoch, for a finite set).
     """
 
 
 @hookspec
-def on_iteration_end(trainer: Any, iteration: int, metrics: dict[str, float]) -> None:
+def on_iteration_end(trainer: Trainer, iteration: int, metrics: dict[str, float]) -> None:
     """Called on every process after iteration ``iteration`` with its logged metrics."""
 
 
 @hookspec
-def on_checkpoint(trainer: Any, path: Path) -> None:
+def on_checkpoint(trainer: Trainer, path: Path) -> None:
     """Called on the main process after a checkpoint was written (atomically) to ``path``."""

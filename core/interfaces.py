@@ -217,6 +217,13 @@ class PolicyObjective(ABC):
             ``approx_kl``, ``policy`` and ``kl`` to detached ``[M]`` tensors the trainer averages.
         """
 
+    def kl(self, policy: StepResult, reference: StepResult, sigmas: torch.Tensor, index: int) -> torch.Tensor:
+        """The KL term ``[B]`` between the policy's and the frozen reference's Gaussians of step
+        ``index`` (both the SDE sampler's results for the same ``x`` and ``prev_sample``). Called
+        only when ``uses_reference``; an objective that sets ``kl_beta > 0`` must implement it."""
+        raise NotImplementedError(f"{type(self).__name__} sets kl_beta > 0 but does not implement kl()")
+
     @property
     def uses_reference(self) -> bool:
+        """Whether training runs the frozen reference model (for the KL term): ``kl_beta > 0``."""
         return self.kl_beta > 0

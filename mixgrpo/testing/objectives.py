@@ -14,6 +14,7 @@ Checked (docs/algorithms.md §7, §8):
 - ``loss`` at ratio 1 (new log-probs equal the old ones): ``terms = −A (+ β·kl)`` and the gradient
   of ``sum(terms)`` w.r.t. the new log-probs is ``−A``; slightly off-policy inside the clip range
   it is ``−A·r``;
+- with ``kl_beta > 0``, ``kl`` is implemented: zero for equal step means, growing as they part;
 - ``stats`` has ``ratio``, ``clipped``, ``approx_kl``, ``policy`` and ``kl``, each a detached
   ``[M]`` tensor; at ratio 1: ratio 1, nothing clipped, approx_kl 0.
 
@@ -65,6 +66,27 @@ class ObjectiveContract:
         adv[0] = 0.0  # a zero advantage must give a zero policy term
         kl = torch.rand(m, generator=gen) if objective.kl_beta > 0 else None
         return old, adv, kl
+
+    # -- the KL term ------------------------------------------------------------------------------
+    def test_kl_when_the_objective_uses_a_reference(self):
+        """An objective with ``kl_beta > 0`` implements ``kl``: ``[B]``, zero when the policy's and
+        the reference's step means agree, positive and growing when they move apart."""
+        from mixgrpo.core.types import StepResult
+
+        objective = self.make_objective()
+        if not objective.uses_reference:
+            assert objective.kl_beta == 0
+            return
+        sigmas = torch.tensor([1.0, 0.8, 0.5, 0.0])
+        gen = torch.Generator().manual_seed(3)
+        x, mean = torch.randn(3, 2, 4, 4, generator=gen), torch.randn(3, 2, 4, 4, generator=gen)
+        step = StepResult(prev_sample=x, mean=mean, std=torch.full((3, 1, 1, 1), 0.3), log_prob=torch.zeros(3))
+        same = objective.kl(step, step, sigmas, 1)
+        assert same.shape == (3,) and torch.allclose(same, torch.zeros(3))
+        near = StepResult(prev_sample=x, mean=mean + 0.01, std=step.std, log_prob=step.log_prob)
+        far = StepResult(prev_sample=x, mean=mean + 0.1, std=step.std, log_prob=step.log_prob)
+        assert (objective.kl(step, near, sigmas, 1) > 0).all()
+        assert (objective.kl(step, far, sigmas, 1) > objective.kl(step, near, sigmas, 1)).all()
 
     # -- advantages ----------------------------------------------------------------------------
     def test_advantages_shape_dtype_finite(self):
