@@ -1,4 +1,5 @@
-"""The ``mixgrpo`` command line: plugins, train, compare, eval, pretrain, export, sample, serve-reward."""
+"""The ``mixgrpo`` command line: plugins, train, compare, eval, export, sample, and the commands plugins
+add through the ``register_commands`` hook (the shapes world's ``pretrain``, the rewards' ``serve-reward``)."""
 
 from __future__ import annotations
 
@@ -106,13 +107,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from mixgrpo.plugins.world.pretrain import run_pretrain
-
-    run_pretrain(args.config, list(args.gin or []))
-    return 0
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from mixgrpo.core.export import export_run
 
@@ -130,19 +124,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
                           steps=args.steps, solver=args.solver, guidance=args.guidance, shift=args.shift,
                           batch_size=args.batch_size, bindings=list(args.gin or []), force=args.force)
     print(f"{len(manifest['images'])} images of {manifest['checkpoint']} in {args.out}")
-    return 0
-
-
-def cmd_serve_reward(args: argparse.Namespace) -> int:
-    from mixgrpo.core.config import parse_gin
-    from mixgrpo.plugins.rewards.remote import serve
-
-    given = list(args.gin or [])
-    files = [g for g in given if g.strip().endswith(".gin")]
-    pm = parse_gin(files, [g for g in given if g not in files])
-    reward = pm.create("reward", args.name)
-    print(f"serving reward {args.name!r} on http://{args.host}:{args.port} (POST /score, GET /info)", flush=True)
-    serve(reward, args.name, host=args.host, port=args.port, max_images=args.max_images)
     return 0
 
 
@@ -208,20 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gin", action="append", metavar="BINDING", help="extra gin binding (repeatable)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("pretrain", help="pretrain the shapes-world base model by flow matching")
-    with_config(p)
-    p.set_defaults(func=cmd_pretrain)
-
-    p = sub.add_parser("serve-reward", help="serve a registered reward over HTTP for the `remote` reward")
-    p.add_argument("name", help="registered reward name (see `mixgrpo plugins`), e.g. hpsv2")
-    p.add_argument("--port", type=int, default=8700, help="TCP port (default 8700)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1; 0.0.0.0 serves other machines)")
-    p.add_argument("--gin", action="append", metavar="FILE.gin|BINDING",
-                   help="a .gin file or a binding configuring the reward, e.g. "
-                        "--gin \"HPSv2Reward.checkpoint = '/models/HPS_v2.1_compressed.pt'\" (repeatable)")
-    p.add_argument("--max-images", type=int, default=256, help="largest batch one request may send")
-    p.set_defaults(func=cmd_serve_reward)
+    for name, (help_text, configure, run, _plugin) in sorted(get_plugin_manager().commands().items()):
+        if name in sub.choices:
+            continue  # a plugin cannot replace a built-in command
+        p = sub.add_parser(name, help=help_text)
+        configure(p)
+        p.set_defaults(func=run)
     return parser
 
 

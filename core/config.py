@@ -203,16 +203,14 @@ def _configurable_names(pm: PluginManager) -> dict[str, Any]:
 
 
 def _extra_configurables() -> dict[str, Any]:
-    """Configurables outside the registries: comparisons and the shapes world's pretraining."""
+    """Configurables outside the registries: comparisons, and whatever gin configurables the loaded
+    plugins define (the shapes world's ``PretrainConfig``), found in gin's own registry."""
     from mixgrpo.core.compare import CompareConfig
 
     extra: dict[str, Any] = {"CompareConfig": CompareConfig}
-    try:
-        from mixgrpo.plugins.world.pretrain import PretrainConfig
-
-        extra["PretrainConfig"] = PretrainConfig
-    except ImportError:  # the world plugin is optional
-        pass
+    for selector, configurable in gin.config._REGISTRY.items():
+        if selector.startswith("mixgrpo."):
+            extra.setdefault(selector.rsplit(".", 1)[-1], configurable.wrapped)
     return extra
 
 

@@ -220,20 +220,15 @@ def publish(tmp: Path, out: Path) -> Path:
 
 # -- export ----------------------------------------------------------------------------------------
 def pipeline_class(backbone: Backbone) -> type:
-    """The diffusers pipeline class that loads this backbone's exports."""
-    from mixgrpo.plugins.backbones.flux import FluxBackbone
-    from mixgrpo.plugins.backbones.sd3 import SD3Backbone
+    """The diffusers pipeline class that loads this backbone's exports (the backbone names it in
+    ``diffusers_pipeline``, e.g. ``"FluxPipeline"``)."""
+    import diffusers
 
-    if isinstance(backbone, FluxBackbone):
-        from diffusers import FluxPipeline
-
-        return FluxPipeline
-    if isinstance(backbone, SD3Backbone):
-        from diffusers import StableDiffusion3Pipeline
-
-        return StableDiffusion3Pipeline
-    raise ExportError(f"export writes diffusers FLUX and SD3 models; backbone {type(backbone).__name__} is "
-                      f"neither")
+    name = getattr(backbone, "diffusers_pipeline", None)
+    if not name:
+        raise ExportError(f"export writes models for a diffusers pipeline (FLUX and SD3); backbone "
+                          f"{type(backbone).__name__} does not name one (its diffusers_pipeline attribute)")
+    return getattr(diffusers, name)
 
 
 def lora_layers(model: torch.nn.Module, bake_alpha: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

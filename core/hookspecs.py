@@ -61,6 +61,20 @@ def register_prompt_sets(register: Register) -> None:
     """
 
 
+#: ``register(name, help, configure, run)``: ``configure(parser)`` adds the command's arguments to its
+#: ``argparse`` sub-parser; ``run(args) -> int`` runs it and returns the exit status.
+CommandRegister = Callable[[str, str, Callable[[Any], None], Callable[[Any], int]], None]
+
+
+@hookspec
+def register_commands(register: CommandRegister) -> None:
+    """Register ``mixgrpo`` sub-commands: ``register("pretrain", "pretrain the base model", configure, run)``.
+
+    The command line offers them beside its own (train, compare, eval, export, sample, plugins);
+    errors they raise are reported as the built-in commands' are.
+    """
+
+
 @hookspec
 def on_iteration_end(trainer: Trainer, iteration: int, metrics: dict[str, float]) -> None:
     """Called on every process after iteration ``iteration`` with its logged metrics."""

@@ -155,6 +155,25 @@ class PluginManager:
 
         return register
 
+    def commands(self) -> dict[str, tuple[str, Callable[[Any], None], Callable[[Any], int], str]]:
+        """Sub-commands plugins add: ``{name: (help, configure, run, plugin)}``."""
+        found: dict[str, tuple[str, Callable[[Any], None], Callable[[Any], int], str]] = {}
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            def register(name: str, help: str, configure: Callable[[Any], None], run: Callable[[Any], int],
+                         _plugin: str = impl.plugin_name) -> None:
+                if name in found:
+                    raise ValueError(f"command {name!r} is registered twice: by plugins {found[name][3]!r} and "
+                                     f"{_plugin!r}; rename one of them")
+                found[name] = (help, configure, run, _plugin)
+
+            try:
+                impl.function(register=register)
+            except Exception as exc:
+                origin = self._origins.get(impl.plugin_name, "direct")
+                self.failures.append(LoadFailure(impl.plugin_name, origin, _short_error(exc)))
+                log.warning("mixgrpo plugin %r failed in register_commands: %s", impl.plugin_name, exc)
+        return found
+
     # -- lookup --------------------------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
         return sorted(self._kind(kind))

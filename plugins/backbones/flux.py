@@ -191,6 +191,8 @@ class DiffusersBackbone(TorchBackbone):
     encoders and latent layout, and implement ``encode`` and ``_forward``."""
 
     default_lora_targets: ClassVar[tuple[str, ...]] = FLUX_LORA_TARGETS
+    #: the diffusers pipeline class that loads this backbone's exports (``mixgrpo export``)
+    diffusers_pipeline: ClassVar[str | None] = None
 
     dtype: torch.dtype
     cfg_scale: float
@@ -368,6 +370,8 @@ class FluxBackbone(DiffusersBackbone):
         gradient_checkpointing: recompute transformer blocks in the backward pass (memory for time).
         device: where the model lives; default this process's GPU if there is one, else the CPU.
     """
+
+    diffusers_pipeline = "FluxPipeline"
 
     def __init__(self, path: str, height: int | None = None, width: int | None = None,
                  dtype: str = "float32", guidance: float = 3.5, cfg_scale: float = 1.0,

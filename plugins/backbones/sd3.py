@@ -79,6 +79,7 @@ class SD3Backbone(DiffusersBackbone):
     """
 
     default_lora_targets = SD3_LORA_TARGETS
+    diffusers_pipeline = "StableDiffusion3Pipeline"
 
     def __init__(self, path: str, height: int | None = None, width: int | None = None,
                  dtype: str = "float32", cfg_scale: float = 4.5, cfg_gradient: str = "conditional",

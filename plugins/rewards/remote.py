@@ -286,3 +286,32 @@ def register_rewards(register):
     register("remote.pickscore", RemotePickScoreReward)
     register("remote.imagereward", RemoteImageRewardReward)
     register("remote.clip_score", RemoteCLIPScoreReward)
+
+
+def _configure_server(parser) -> None:
+    parser.add_argument("name", help="registered reward name (see `mixgrpo plugins`), e.g. hpsv2")
+    parser.add_argument("--port", type=int, default=8700, help="TCP port (default 8700)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; 0.0.0.0 serves other machines)")
+    parser.add_argument("--gin", action="append", metavar="FILE.gin|BINDING",
+                        help="a .gin file or a binding configuring the reward, e.g. "
+                             "--gin \"HPSv2Reward.checkpoint = '/models/HPS_v2.1_compressed.pt'\" (repeatable)")
+    parser.add_argument("--max-images", type=int, default=256, help="largest batch one request may send")
+
+
+def _run_server(args) -> int:
+    from mixgrpo.core.config import parse_gin
+
+    given = list(args.gin or [])
+    files = [g for g in given if g.strip().endswith(".gin")]
+    pm = parse_gin(files, [g for g in given if g not in files])
+    reward = pm.create("reward", args.name)
+    print(f"serving reward {args.name!r} on http://{args.host}:{args.port} (POST /score, GET /info)", flush=True)
+    serve(reward, args.name, host=args.host, port=args.port, max_images=args.max_images)
+    return 0
+
+
+@hookimpl
+def register_commands(register):
+    register("serve-reward", "serve a registered reward over HTTP for the `remote` reward", _configure_server,
+             _run_server)

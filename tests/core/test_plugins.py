@@ -119,3 +119,29 @@ def test_a_plugin_manager_built_after_a_parse_still_registers():
     pm = PluginManager(load_entry_points=False, plugins=[Late()])
     assert pm.failures == []
     assert "test.late" in pm.names("sampler")
+
+
+def test_core_depends_on_no_plugin():
+    """Nothing under core/ imports mixgrpo.plugins: the shapes world, the rewards and the backbones
+    reach the core only through the plugin hooks (commands included)."""
+    import ast
+    from pathlib import Path
+
+    core = Path(__file__).resolve().parents[2] / "core"
+    offenders = []
+    for path in sorted(core.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("mixgrpo.plugins")]
+    assert not offenders, offenders
+
+
+def test_plugins_add_commands(capsys):
+    from mixgrpo.core.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["pretrain", "experiments/shapes/pretrain.gin"])
+    assert args.func.__module__ == "mixgrpo.plugins.world.commands"
+    args = parser.parse_args(["serve-reward", "clip_score", "--port", "9001"])
+    assert args.func.__module__ == "mixgrpo.plugins.rewards.remote" and args.port == 9001
