@@ -29,8 +29,8 @@ RESUMES = "resumes.jsonl"
 METRICS = "metrics.jsonl"
 EVAL_SCORES = "eval_scores.jsonl"
 #: what a run directory holds (``--overwrite`` removes exactly these)
-RUN_FILES = ("config.gin", BINDINGS, RESUMES, METRICS, EVAL_SCORES, "README.md")
-RUN_FOLDERS = ("checkpoints", "samples", "tensorboard")
+RUN_FILES = ("config.gin", BINDINGS, RESUMES, METRICS, EVAL_SCORES, "README.md", "reward_curve.png")
+RUN_FOLDERS = ("checkpoints", "samples", "tensorboard", "eval")
 
 #: TrainConfig fields a resume may change: they do not change what an iteration computes
 RESUMABLE_FIELDS = ("iterations", "eval_every", "sample_every", "checkpoint_every", "keep_last", "progress",
