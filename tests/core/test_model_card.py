@@ -103,3 +103,24 @@ def test_sample_grids_carry_the_iteration_and_each_image_score(run):
         scores = PreferenceReward()(images, prompts)
         for caption, score in zip(captions, scores):
             assert caption.split("\n")[1] == f"preference {float(score):.3g}"
+
+
+@pytest.mark.parametrize("method", ["flowgrpo", "dancegrpo", "mixgrpo_flash"])
+def test_metrics_hold_only_documented_names(tmp_path, method):
+    from mixgrpo.core.config import load_config
+    from mixgrpo.core.records import METRIC_NAMES
+    from mixgrpo.core.trainer import Trainer
+
+    from .conftest import TOY as METHOD_TOY
+
+    config, pm = load_config(ROOT / "experiments" / "methods" / f"{method}.gin",
+                             [*METHOD_TOY, "TrainConfig.eval_every = 1", "TrainConfig.eval_prompts = 2",
+                              "TrainConfig.eval_rewards = ('shapes.composition',)", "TrainConfig.tensorboard = False",
+                              f"TrainConfig.output_dir = '{tmp_path}'"])
+    Trainer(config, pm).train()
+    keys = {k for row in read_metrics(tmp_path / "metrics.jsonl") for k in row}
+    names = {re.sub(r"^(reward|eval)/shapes\.(preference|composition)/", r"\1/<name>/", k) for k in keys}
+    assert names <= set(METRIC_NAMES), sorted(names - set(METRIC_NAMES))
+    assert {"eval/<name>/sem", "policy/skipped_steps", "perf/nfe_train", "iteration"} <= names
+    documented = (ROOT / "docs" / "run-directory.md").read_text()
+    assert all(f"`{name}`" in documented for name in METRIC_NAMES)
