@@ -8,7 +8,6 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from mixgrpo.core.plugins import KINDS, UnknownComponentError, get_plugin_manager
 
@@ -70,8 +69,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not history and trainer.start_iteration >= config.iterations:
             print(f"  nothing to train: the checkpoint is at iteration {trainer.start_iteration} and "
                   f"TrainConfig.iterations = {config.iterations}; raise it to continue the run")
+        from mixgrpo.core.report import format_value, summary_lines
+
         for k, v in summary.items():
-            print(f"  {k} = {v:.4g}")
+            if not k.startswith("eval/"):  # held-out numbers: with their SEs below
+                print(f"  {k} = {format_value(v, 4)} (last iteration)")
+        for line in summary_lines(trainer.out):
+            print(line)
+        if (trainer.out / "README.md").is_file():
+            print(f"  model card: {trainer.out / 'README.md'}")
         if trainer.stopped:
             print(f"  {trainer.stopped}; continue with: {resume_hint}")
     trainer.close()
@@ -79,29 +85,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mixgrpo.core import checkpoint as ckpt
-    from mixgrpo.core.trainer import Trainer
+    from mixgrpo.core.side_by_side import run_eval, table_lines
 
-    config, pm = _load(args)
-    trainer = Trainer(config, pm)
-    if args.checkpoint:
-        path = Path(args.checkpoint)
-        if not path.is_dir():
-            raise FileNotFoundError(f"checkpoint folder {path} not found")
-        ckpt.load_weights(trainer, path)
-    elif (found := ckpt.latest(trainer.out / "checkpoints")) is not None:
-        ckpt.load_weights(trainer, found)
-        print(f"evaluating {found}")
-    else:
-        print("no checkpoint given or found: evaluating the base model")
-    with trainer.evaluation_weights():
-        results = trainer.evaluate()
-    print(json.dumps(results, indent=2))
+    out, data = run_eval(args.config, args.checkpoint, args.out, force=args.force, prompts=args.prompts,
+                         seeds=args.seeds, bindings=list(args.gin or []), output=args.output)
+    print("\n".join(table_lines(data)))
+    print(f"report, grids and results: {out / 'report.md'}, {out / 'results.json'}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from mixgrpo.core.compare import run_compare
+
+    if args.checkpoint:  # checkpoints that exist: evaluated and drawn side by side, nothing trained
+        from mixgrpo.core.side_by_side import run_eval, table_lines
+
+        if not args.output:
+            raise ValueError("compare --checkpoint writes its report into --output DIR: name the folder")
+        out, data = run_eval(args.config, args.checkpoint, args.output, force=args.force, prompts=args.prompts,
+                             seeds=args.seeds, bindings=list(args.gin or []), title="Comparison of checkpoints")
+        print("\n".join(table_lines(data)))
+        print(f"report: {out / 'report.md'}")
+        return 0
 
     run_compare(args.config, list(args.gin or []), output=args.output, variants=args.variant)
     return 0
@@ -127,6 +132,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+CHECKPOINT_SPECS = ("base, latest, an iteration (40), a name (iter_000040), a checkpoint folder, or another run "
+                    "directory (its latest checkpoint); LABEL= names the row")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixgrpo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="experiment .gin file")
         p.add_argument("--gin", action="append", metavar="BINDING",
                        help="extra gin binding, e.g. --gin \"TrainConfig.iterations = 10\" (repeatable)")
+
+    def with_grid(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--prompts", metavar="FILE|TEXT", help="prompts of the side-by-side grids (default: the "
+                                                              "first 4 of the run's sample-grid prompts)")
+        p.add_argument("--seeds", help="seeds (grid columns), e.g. 0-3 (default: the config's seed and the next 3)")
+        p.add_argument("--force", action="store_true", help="write into a non-empty report folder")
 
     p = sub.add_parser("train", help="train one experiment")
     with_config(p)
@@ -153,12 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="comparison directory")
     p.add_argument("--variant", action="append", metavar="NAME=FILE.gin|BINDING[;BINDING]",
                    help="a variant (repeatable); overrides the variants the config lists")
+    p.add_argument("--checkpoint", action="append", metavar="[LABEL=]CHECKPOINT",
+                   help="compare existing checkpoints instead of training (repeatable; CONFIG is then a run "
+                        "directory or gin file whose evaluation settings apply): " + CHECKPOINT_SPECS)
+    with_grid(p)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("eval", help="score a checkpoint on held-out prompts with every configured reward")
-    with_config(p)
-    p.add_argument("--output", help="run directory holding checkpoints/")
-    p.add_argument("--checkpoint", help="a checkpoint folder (default: the run directory's latest)")
+    p = sub.add_parser("eval", help="score checkpoints on held-out prompts with every configured reward; write a "
+                                    "report with a side-by-side grid per prompt (default into RUN/eval)")
+    p.add_argument("config", help="run directory, or experiment .gin file (its output_dir is the run)")
+    p.add_argument("--gin", action="append", metavar="BINDING", help="extra gin binding (repeatable)")
+    p.add_argument("--output", help="run directory holding checkpoints/ (with a gin file; overrides its output_dir)")
+    p.add_argument("--checkpoint", action="append", metavar="[LABEL=]CHECKPOINT",
+                   help="repeatable; default the latest (the base model without one): " + CHECKPOINT_SPECS)
+    p.add_argument("--out", metavar="DIR", help="report folder (default RUN/eval; missing or empty, unless --force)")
+    with_grid(p)
     p.set_defaults(func=cmd_eval)
 
     checkpoint_help = ("latest (default), base (the base model), an iteration (40), a name (iter_000040) "

@@ -158,8 +158,12 @@ def run_compare(config_file: str | Path, bindings: Sequence[str] = (), output: s
     else:
         _run_parallel(jobs, cfg.workers, cache)
     from mixgrpo.core.compare_report import write_report
+    from mixgrpo.core.side_by_side import compare_runs_side_by_side
 
-    return write_report(out, runs, metric=cfg.metric)
+    side = compare_runs_side_by_side(out, runs)  # None when the runs kept no checkpoint
+    if side is None:
+        print("[compare] no side-by-side grids: the runs kept no checkpoint (TrainConfig.checkpoint_every = 0)")
+    return write_report(out, runs, metric=cfg.metric, side_by_side=side)
 
 
 def _run_parallel(jobs: list, workers: int, cache: Path) -> None:

@@ -148,7 +148,10 @@ def _plot(table: dict[str, dict], metric: str, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, runs: dict[str, list[Path]], metric: str | None = None) -> Path:
+def write_report(out: Path, runs: dict[str, list[Path]], metric: str | None = None,
+                 side_by_side: dict | None = None) -> Path:
+    """``out/report.md``; ``side_by_side`` (``side_by_side.compare_runs_side_by_side``'s result, its
+    files in ``out/side_by_side/``) puts a grid per prompt right under the results table."""
     out.mkdir(parents=True, exist_ok=True)
     metric, table = summarize(runs, metric)
     if not table:
@@ -172,6 +175,13 @@ def write_report(out: Path, runs: dict[str, list[Path]], metric: str | None = No
             f"{r['gain'][0]:+.4f} | {r['iteration_s']:.2f} | {r['rollout_s']:.2f} | "
             f"{r['train_s']:.2f} | {r['nfe_rollout']:.1f} | {r['nfe_train']:.1f} | {r['wall_s']:.0f} |"
         )
+    if side_by_side is not None:
+        from mixgrpo.core.side_by_side import grid_section
+
+        lines += ["", "## Side by side", "",
+                  "Rows: the base model and each variant's final checkpoint (its first training seed); columns: "
+                  "sampling seeds, the same noise in every row; under each image its scores.", "",
+                  *grid_section(side_by_side, "side_by_side")]
     lines += ["", "## Did training change the held-out reward?", "",
               "Gain = final − base. *Against the curves' SE*: the gain in units of the final evaluation's standard "
               "error (over prompts and seeds, as in the table); above 2 means the final mean lies more than two of "

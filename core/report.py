@@ -6,8 +6,9 @@ import json
 import math
 import re
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -16,16 +17,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 
-def save_sample_grid(images: torch.Tensor, captions: Sequence[str], path: Path, columns: int = 4) -> Path:
-    """Write images ``[N, 3, H, W]`` in [0, 1] as a captioned PNG grid (atomically)."""
+def save_sample_grid(images: torch.Tensor, captions: Sequence[str], path: Path, columns: int = 4,
+                     title: str | None = None) -> Path:
+    """Write images ``[N, 3, H, W]`` in [0, 1] as a captioned PNG grid (atomically), under ``title``."""
     n = images.shape[0]
     rows = max(1, math.ceil(n / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows), squeeze=False)
+    wrapped = ["\n".join(w for part in c.split("\n") for w in textwrap.wrap(part, 24) or [""]) for c in captions]
+    lines = max((w.count("\n") + 1 for w in wrapped), default=1)
+    height = (2.1 + 0.13 * lines) * rows + (0.4 if title else 0)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, height), squeeze=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < n:
             ax.imshow(images[k].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
-            ax.set_title("\n".join(textwrap.wrap(captions[k], 24)), fontsize=7)
+            ax.set_title(wrapped[k], fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
@@ -37,7 +44,7 @@ def save_sample_grid(images: torch.Tensor, captions: Sequence[str], path: Path, 
 
 #: per-image held-out scores of every evaluation of a run: one JSON line per evaluation,
 #: ``{"iteration": k, "<reward name>": [score per image, ...]}``
-from mixgrpo.core.records import EVAL_SCORES  # noqa: E402,F401 (re-exported)
+from mixgrpo.core.records import EVAL_SCORES, METRICS  # noqa: E402,F401 (re-exported)
 
 
 def slug(label: str) -> str:
@@ -51,3 +58,84 @@ def read_metrics(path: Path) -> list[dict]:
     """Rows of a ``metrics.jsonl`` (blank lines skipped)."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def scored_captions(rewards: Mapping[str, Any], images: torch.Tensor, prompts: Sequence[str]) -> list[str]:
+    """Captions for a sample grid: each prompt with its image's score under every reward
+    (``n/a`` where the reward failed)."""
+    from mixgrpo.core.training import call_reward
+
+    scores = {name: call_reward(reward, name, images, prompts) for name, reward in rewards.items()}
+    return [prompt + "\n" + " ".join(f"{name.split('.')[-1]} {format_value(float(s[k]))}" for name, s in scores.items())
+            for k, prompt in enumerate(prompts)]
+
+
+def format_value(value: float, digits: int = 3) -> str:
+    """A score on its own: ``digits`` significant digits (``0.457``, ``1.23e-05``), ``n/a`` if not finite."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}g}"
+
+
+def format_estimate(mean: float, sem: float | None) -> str:
+    """``mean ± sem`` at the precision the standard error supports: the SE to two significant digits
+    and the mean to the same decimal place (``0.4570 ± 0.0080``, ``12.3 ± 1.5``); values too
+    small for four decimals in scientific notation (``1.02e-05 ± 3.1e-07``), never ``0.0000``."""
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    if sem is None or not math.isfinite(sem) or sem <= 0:
+        return format_value(mean, 4)
+    decimals = max(0, 1 - math.floor(math.log10(sem)))
+    if decimals > 4 or (mean != 0 and round(mean, decimals) == 0):
+        return f"{mean:.3g} ± {sem:.2g}"
+    return f"{mean:.{decimals}f} ± {sem:.{decimals}f}"
+
+
+def format_difference(diff: float, sem: float | None) -> str:
+    """A signed difference ``+0.018 ± 0.004`` at the precision of its standard error."""
+    text = format_estimate(diff, sem)
+    return text if text.startswith(("-", "n/a")) else "+" + text
+
+
+def held_out_summary(run_dir: Path) -> list[dict[str, Any]]:
+    """Per reward evaluated on held-out prompts: the first and the last evaluation of the run
+    (``base`` and ``final``: iteration, mean, SE) and, with per-image scores, the paired gain
+    (mean final − base per image and its SE), read from the run's records."""
+    from mixgrpo.core.compare_report import paired_gain
+
+    rows = read_metrics(run_dir / METRICS) if (run_dir / METRICS).is_file() else []
+    evaluated = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    if not evaluated:
+        return []
+    names = list(dict.fromkeys(k[len("eval/"):-len("/mean")] for r in evaluated for k in r
+                               if k.startswith("eval/") and k.endswith("/mean")))
+    out = []
+    for name in names:
+        with_name = [r for r in evaluated if r.get(f"eval/{name}/mean") is not None]
+        if not with_name:
+            continue
+        paired = paired_gain(run_dir, name) if len(with_name) > 1 else None
+        out.append({"reward": name, "base": _point(with_name[0], name), "final": _point(with_name[-1], name),
+                    "evaluations": len(with_name),
+                    "paired_gain": None if paired is None else {"mean": paired[0], "sem": paired[1],
+                                                                 "images": paired[2]}})
+    return out
+
+
+def _point(row: dict[str, Any], name: str) -> dict[str, Any]:
+    return {"iteration": int(row["iteration"]), "mean": row[f"eval/{name}/mean"], "sem": row.get(f"eval/{name}/sem")}
+
+
+def summary_lines(run_dir: Path) -> list[str]:
+    """The end of a run in a few lines: each reward's held-out base and final value with their SEs."""
+    lines = []
+    for s in held_out_summary(run_dir):
+        b, f = s["base"], s["final"]
+        line = f"  held-out {s['reward']}: {format_estimate(b['mean'], b['sem'])} at iteration {b['iteration']}"
+        if s["evaluations"] > 1:
+            line += f" → {format_estimate(f['mean'], f['sem'])} at iteration {f['iteration']}"
+            if s["paired_gain"] is not None:
+                p = s["paired_gain"]
+                line += f" (paired gain {format_difference(p['mean'], p['sem'])})"
+        lines.append(line)
+    return lines

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import torch
+from tqdm.auto import tqdm
 
 from mixgrpo.core.interfaces import Backbone, Sampler
 from mixgrpo.core.sigmas import compressed_grid, sigma_grid
@@ -85,14 +87,17 @@ def encode_unique(backbone: Backbone, prompts: Sequence[str]) -> Conditioning:
 
 
 def batched_velocity(backbone: Backbone, x: torch.Tensor, sigma: float, cond: Conditioning,
-                     batch_size: int) -> torch.Tensor:
-    """``backbone.velocity`` over ``x`` in chunks of ``batch_size`` (no grad), fp32 ``[N, ...]``."""
+                     batch_size: int, bar: Any = None) -> torch.Tensor:
+    """``backbone.velocity`` over ``x`` in chunks of ``batch_size`` (no grad), fp32 ``[N, ...]``;
+    ``bar`` (a tqdm bar, optional) advances by one per chunk."""
     out = []
     for start in range(0, x.shape[0], batch_size):
         rows = torch.arange(start, min(start + batch_size, x.shape[0]))
         xb = x[rows]
         sig = torch.full((xb.shape[0],), sigma, dtype=torch.float32, device=xb.device)
         out.append(backbone.velocity(xb, sig, cond.select(rows)).float())
+        if bar is not None:
+            bar.update(1)
     return torch.cat(out)
 
 
@@ -189,12 +194,15 @@ def rollout(
 
 @torch.no_grad()
 def sample_ode(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *, setup: SamplingSetup,
-               solver: Sampler, batch_size: int = 16, indices: Sequence[int] | None = None) -> torch.Tensor:
+               solver: Sampler, batch_size: int = 16, indices: Sequence[int] | None = None,
+               progress: str | None = None) -> torch.Tensor:
     """Deterministic ODE sampling for evaluation and sample grids: images ``[N, 3, H, W]``.
 
     The initial noise of prompt n is keyed by ``(seeds[n], "eval", indices[n])`` (``indices``
     defaults to 0..N−1), so the same (prompt, seed) pair always starts from the same noise, before
-    and after training, however the prompts are split into calls.
+    and after training, however the prompts are split into calls. ``progress``: a description for
+    a progress bar over the model calls (none when None); the bar is removed when done, so it can
+    sit under another one.
     """
     cond = encode_unique(backbone, prompts)
     shape = backbone.latent_shape()
@@ -203,9 +211,12 @@ def sample_ode(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int],
     x = x.to(backbone.device)
     sigmas = setup.sigmas(None)
     history = SolverHistory()
+    calls = (sigmas.numel() - 1) * -(-x.shape[0] // batch_size)
+    bar = tqdm(total=calls, desc=progress, unit="call", leave=False, disable=progress is None)
     for i in range(sigmas.numel() - 1):
-        v = batched_velocity(backbone, x, float(sigmas[i]), cond, batch_size)
+        v = batched_velocity(backbone, x, float(sigmas[i]), cond, batch_size, bar=bar)
         res = solver.step(x, v, sigmas, i, history=history)
         history.append(float(sigmas[i]), res.x0 if res.x0 is not None else x - float(sigmas[i]) * v)
         x = res.prev_sample
+    bar.close()
     return backbone.decode(x).float()

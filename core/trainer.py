@@ -29,6 +29,7 @@ from mixgrpo.core.config import TrainConfig
 from mixgrpo.core.ema import EMA
 from mixgrpo.core.parallel import clip_grad_norm, resolve_parallelism, shard
 from mixgrpo.core.plugins import PluginManager, get_plugin_manager
+from mixgrpo.core.report import format_value
 from mixgrpo.core.rollout import SamplingSetup, rollout, sample_ode
 from mixgrpo.core.training import RewardFailure, evaluate_rewards, score_rewards, train_on_trajectories
 from mixgrpo.core.types import Trajectories
@@ -253,7 +254,7 @@ class Trainer:
                     raise self._failure
                 self.pm.on_iteration_end(trainer=self, iteration=k + 1, metrics=metrics)
                 first = next(iter(c.rewards))
-                bar.set_postfix(reward=f"{metrics[f'reward/{first}/mean']:.3f}",
+                bar.set_postfix(reward=format_value(metrics[f"reward/{first}/mean"]),
                                 s_it=f"{metrics['perf/iteration_s']:.2f}")
                 halt = not self.all_processes(not stop)
                 if halt or (c.checkpoint_every and ((k + 1) % c.checkpoint_every == 0 or last)):
@@ -263,6 +264,11 @@ class Trainer:
                     break
         for tracker in self.accelerator.trackers:
             tracker.finish()  # flush and close the TensorBoard writer
+        if acc.is_main_process and not self.stopped:
+            from mixgrpo.core.model_card import write_model_card
+
+            # README.md: what was trained and how it scores, to publish as is
+            write_model_card(self.out, c, self.backbone, self.prompt_set("eval", 1, c.seed)[0])
         return history
 
     def _open_run(self, resume: bool, overwrite: bool) -> int:
@@ -330,12 +336,14 @@ class Trainer:
                 with open(self.out / records.EVAL_SCORES, "a") as f:
                     f.write(json.dumps({"iteration": iteration, **scores}) + "\n")
         if sample and self.accelerator.is_main_process:
-            from mixgrpo.core.report import save_sample_grid
+            from mixgrpo.core.report import save_sample_grid, scored_captions
 
             prompts = self.prompt_set("eval", c.sample_prompts, c.seed)
             images = sample_ode(self.backbone, prompts, [c.seed] * len(prompts), setup=self.eval_setup,
                                 solver=self.eval_solver, batch_size=c.rollout_batch_size)
-            save_sample_grid(images, prompts, self.out / "samples" / f"iter_{iteration:06d}.png")
+            captions = scored_captions({**self.rewards, **self.eval_only_rewards}, images, prompts)
+            save_sample_grid(images, captions, self.out / "samples" / f"iter_{iteration:06d}.png",
+                             title=f"iteration {iteration}" + (" (base model)" if iteration == 0 else ""))
 
     def evaluate(self, scores: dict[str, list[float]] | None = None) -> dict[str, float]:
         """Held-out rewards with deterministic ODE sampling: ``eval/<name>/mean`` and ``/sem``.
@@ -346,8 +354,10 @@ class Trainer:
         seeds = [c.seed + 1000 * s for s in range(c.eval_seeds)]
         all_prompts = [p for _ in seeds for p in prompts]
         all_seeds = [s for s in seeds for _ in prompts]
+        show = c.progress and self.accelerator.is_main_process
         images = sample_ode(self.backbone, all_prompts, all_seeds, setup=self.eval_setup,
-                            solver=self.eval_solver, batch_size=c.rollout_batch_size)
+                            solver=self.eval_solver, batch_size=c.rollout_batch_size,
+                            progress=f"held-out evaluation, {len(all_prompts)} images" if show else None)
         return evaluate_rewards({**self.rewards, **self.eval_only_rewards}, images, all_prompts, scores)
 
     def _log(self, metrics: dict[str, Any]) -> None:

@@ -32,6 +32,7 @@ TrainConfig.eval_prompts = 3
 TrainConfig.eval_seeds = 2
 TrainConfig.sample_every = 2
 TrainConfig.sample_prompts = 2
+TrainConfig.checkpoint_every = 2
 ProgressiveWindow.window_size = 2
 FixedWindow.window_size = 2
 """
@@ -95,6 +96,21 @@ def test_report_table_matches_the_metrics(comparison):
         nfe = sum(r["perf/nfe_rollout"] for rows in runs for r in rows[1:]) / 4
         assert float(cells[7]) == pytest.approx(nfe, abs=0.05)
         assert (out / f"samples_{folder}.png").is_file() and (out / f"samples_{folder}_base.png").is_file()
+
+
+def test_report_shows_a_grid_per_prompt_under_the_table(comparison):
+    from .test_side_by_side import check_grids
+
+    tmp, report = comparison
+    out = tmp / "out"
+    text = report.read_text()
+    assert text.index("| variant | base |") < text.index("## Side by side") < text.index("## Did training change")
+    data = json.loads((out / "side_by_side" / "results.json").read_text())
+    assert [c["label"] for c in data["checkpoints"]] == ["base", "DanceGRPO", "MixGRPO", "MixGRPO w=1"]
+    assert len(data["grids"]) == 2 and all(f"(side_by_side/{g['file']})" in text for g in data["grids"])
+    first = out / "DanceGRPO" / "seed_0"
+    check_grids(out / "side_by_side", data, [(first, "base"), *((out / f / "seed_0", "latest")
+                                                                for f in ("DanceGRPO", "MixGRPO", "MixGRPO_w_1"))])
 
 
 def test_predicted_ratio_follows_nfe_accounting(comparison):

@@ -1,0 +1,213 @@
+"""The run directory's ``README.md``: a model card written at the end of a run, to publish as is.
+
+It says what was trained (method, backbone and base model, fine-tuning mode, rewards, budget), how
+the model scores on held-out prompts (base and final, with standard errors and the paired gain, read
+from ``metrics.jsonl`` and ``eval_scores.jsonl``), shows the held-out curve (``reward_curve.png``)
+and the sample grids before and after, tells how to export the weights and load them in diffusers,
+and ends with the operative config (``config.gin``), from which the run can be repeated.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from mixgrpo.core.records import METRICS
+from mixgrpo.core.report import format_difference, format_estimate, held_out_summary, read_metrics
+
+CARD = "README.md"
+CURVE = "reward_curve.png"
+
+METHODS = {"flowgrpo": "FlowGRPO", "dancegrpo": "DanceGRPO", "mixgrpo": "MixGRPO"}
+
+
+def method_name(config: Any) -> str:
+    """The method a config trains, as the papers name it."""
+    name = METHODS.get(config.objective, config.objective)
+    if config.objective == "mixgrpo" and config.compression is not None:
+        name += "-Flash*" if config.schedule == "fixed" else "-Flash"
+    return name
+
+
+def plot_curve(run_dir: Path, path: Path) -> bool:
+    """Held-out reward against iteration, one panel per reward (mean ± SE); False without evaluations."""
+    rows = read_metrics(run_dir / METRICS) if (run_dir / METRICS).is_file() else []
+    names = list(dict.fromkeys(k[len("eval/"):-len("/mean")] for r in rows for k in r
+                               if k.startswith("eval/") and k.endswith("/mean")))
+    if not names:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        points = [(r["iteration"], r[f"eval/{name}/mean"], r.get(f"eval/{name}/sem") or 0.0) for r in rows
+                  if r.get(f"eval/{name}/mean") is not None]
+        xs, ys, es = zip(*points)
+        ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=3)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(f"held-out {name}")
+        ax.grid(alpha=0.3)
+    fig.suptitle("held-out reward (mean ± SE over evaluation prompts and seeds)", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def _backbone_facts(backbone: Any) -> dict[str, Any]:
+    # the backbone names the diffusers pipeline that loads its exports; the card knows FLUX's and SD3's
+    family = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}.get(getattr(backbone, "diffusers_pipeline",
+                                                                                    None))
+    lora = int(getattr(backbone, "lora_rank", 0) or 0)
+    facts: dict[str, Any] = {"family": family, "lora_rank": lora, "class": type(backbone).__name__,
+                             "path": str(getattr(backbone, "path", "")) or None,
+                             "has_vae": getattr(backbone, "vae", None) is not None}
+    if lora:
+        model = backbone.unwrapped()
+        facts["lora_alpha"] = model.peft_config["default"].lora_alpha if hasattr(model, "peft_config") else None
+    facts["height"], facts["width"] = getattr(backbone, "height", None), getattr(backbone, "width", None)
+    facts["guidance"] = getattr(backbone, "guidance", None) if family == "flux" else getattr(backbone, "cfg_scale",
+                                                                                              None)
+    return facts
+
+
+def usage_lines(run_dir: Path, config: Any, facts: dict[str, Any], prompt: str) -> list[str]:
+    """How to export the run and load it in diffusers (or why it cannot be)."""
+    if facts["family"] is None:
+        return [f"The `{config.backbone}` backbone is not a diffusers model: `mixgrpo export` writes FLUX and SD3 "
+                "runs only. Draw images with:", "", "```bash",
+                f"mixgrpo sample {run_dir} --prompts \"{prompt}\" --seeds 0-3 --out samples_out", "```"]
+    export = f"exported/{run_dir.name}"
+    pipeline = "FluxPipeline" if facts["family"] == "flux" else "StableDiffusion3Pipeline"
+    model = "FluxTransformer2DModel" if facts["family"] == "flux" else "SD3Transformer2DModel"
+    base = facts["path"] or "BASE_MODEL"
+    lines = ["Write the weights the way diffusers loads them:", "", "```bash",
+             f"mixgrpo export {run_dir} --to {export}", "```", ""]
+    if not facts["has_vae"]:  # the shipped shapes-world model: a transformer on pixels, no pipeline draws it
+        lines += [f"The base model (`{base}`) is a {model} on pixels without a VAE, so no diffusers pipeline "
+                  "draws it; its transformer loads the export:", "", "```python", "import torch",
+                  f"from diffusers import {model}", ""]
+        if facts["lora_rank"]:
+            lines += [f"transformer = {model}.from_pretrained(\"{base}\", subfolder=\"transformer\")",
+                      f"transformer.load_lora_adapter(\"{export}\", weight_name=\"pytorch_lora_weights.safetensors\", "
+                      "prefix=\"transformer\")"]
+        else:
+            lines += [f"transformer = {model}.from_pretrained(\"{export}\")"]
+        return [*lines, "```"]
+    call = (f"image = pipe(\"{prompt}\", height={facts['height']}, width={facts['width']}, "
+            f"num_inference_steps={config.eval_num_steps or config.num_steps}"
+            + (f", guidance_scale={facts['guidance']}" if facts["guidance"] is not None else "") + ").images[0]")
+    lines += ["```python", "import torch"]
+    if facts["lora_rank"]:
+        lines += [f"from diffusers import {pipeline}", "",
+                  f"pipe = {pipeline}.from_pretrained(\"{base}\", torch_dtype=torch.bfloat16)",
+                  f"pipe.load_lora_weights(\"{export}\")  # LoRA rank {facts['lora_rank']}, alpha "
+                  f"{facts.get('lora_alpha')} (stored in the file)"]
+    else:
+        lines += [f"from diffusers import {model}, {pipeline}", "",
+                  f"transformer = {model}.from_pretrained(\"{export}\", torch_dtype=torch.bfloat16)",
+                  f"pipe = {pipeline}.from_pretrained(\"{base}\", transformer=transformer, torch_dtype=torch.bfloat16)"]
+    return [*lines, call, "image.save(\"sample.png\")", "```"]
+
+
+def _front_matter(config: Any, facts: dict[str, Any]) -> list[str]:
+    tags = list(dict.fromkeys(["mixgrpo", config.objective, "reinforcement-learning", "text-to-image"]))
+    if facts["family"]:
+        tags.append(facts["family"])
+    if facts["lora_rank"]:
+        tags.append("lora")
+    lines = ["---"]
+    if facts["family"]:
+        lines.append("library_name: diffusers")
+    lines.append("pipeline_tag: text-to-image")
+    base = facts["path"] or ""
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not Path(base).exists():  # a Hub id, not a local folder
+        lines.append(f"base_model: {base}")
+    lines.append("tags:")
+    lines += [f"- {t}" for t in tags]
+    return [*lines, "---"]
+
+
+def model_card(run_dir: Path, config: Any, backbone: Any, prompt: str = "a red circle") -> str:
+    """The card's Markdown (``plot_curve`` draws the curve it shows)."""
+    facts = _backbone_facts(backbone)
+    rows = read_metrics(run_dir / METRICS) if (run_dir / METRICS).is_file() else []
+    iterations = max((int(r["iteration"]) for r in rows), default=0)
+    method = method_name(config)
+    base = facts["path"] or config.backbone
+    mode = (f"LoRA (rank {facts['lora_rank']}, alpha {facts.get('lora_alpha')})" if facts["lora_rank"]
+            else "full fine-tuning of the transformer")
+    rewards = ", ".join(f"`{n}` (weight {w:g})" for n, w in config.rewards.items())
+    lines = [*_front_matter(config, facts), "", f"# {run_dir.name}: {method} on `{base}`", "",
+             f"Trained with [mixgrpo](https://arxiv.org/abs/2507.21802)'s {method} recipe: online reinforcement "
+             "learning of the GRPO family on a flow-matching text-to-image model.", "",
+             "## What was trained", "",
+             "| | |", "|---|---|",
+             f"| method | {method}: objective `{config.objective}`, window schedule `{config.schedule}`, SDE "
+             f"`{config.sde_sampler}`, ODE `{config.pre_solver}` / `{config.post_solver}`"
+             + (f", compression {config.compression:g}" if config.compression is not None else "") + " |",
+             f"| backbone | `{config.backbone}` ({facts['class']}), base model `{base}` |",
+             f"| fine-tuning | {mode} |",
+             f"| rewards | {rewards}"
+             + (f"; evaluated only: {', '.join(f'`{n}`' for n in config.eval_rewards)}" if config.eval_rewards else "")
+             + " |",
+             f"| budget | {iterations} iterations × {config.prompts_per_iteration} prompts × {config.group_size} "
+             f"samples, {config.num_steps} steps, learning rate {config.learning_rate:g}, seed {config.seed}, "
+             f"prompts `{config.prompt_set}` |", ""]
+    summary = held_out_summary(run_dir)
+    lines += ["## Held-out evaluation", ""]
+    if summary:
+        lines += [f"{config.eval_prompts} evaluation prompts never trained on × {config.eval_seeds} sampling seeds, "
+                  f"deterministic ODE (`{config.eval_solver}`, {config.eval_num_steps or config.num_steps} steps); ± "
+                  "is the standard error over those images. The paired gain is the mean per-image difference "
+                  "between the final and the base evaluation (the same prompts and seeds), with its SE.", "",
+                  "| reward | trained on | base | final | gain | paired gain |", "|---|---|---|---|---|---|"]
+        for s in summary:
+            b, f, p = s["base"], s["final"], s["paired_gain"]
+            gain = f["mean"] - b["mean"] if s["evaluations"] > 1 else None
+            lines.append(
+                f"| {s['reward']} | {'yes' if s['reward'] in config.rewards else 'no'} | "
+                f"{format_estimate(b['mean'], b['sem'])} (iteration {b['iteration']}) | "
+                + (f"{format_estimate(f['mean'], f['sem'])} (iteration {f['iteration']}) | "
+                   f"{format_difference(gain, math.hypot(b['sem'] or 0.0, f['sem'] or 0.0))} | " if gain is not None
+                   else "n/a | n/a | ")
+                + (f"{format_difference(p['mean'], p['sem'])} |" if p else "n/a |"))
+        if (run_dir / CURVE).is_file():
+            lines += ["", f"![held-out reward]({CURVE})"]
+    else:
+        lines.append("This run evaluated nothing on held-out prompts (`TrainConfig.eval_every = 0`).")
+    grids = sorted((run_dir / "samples").glob("iter_*.png"))
+    if grids:
+        lines += ["", "## Samples", "",
+                  "The same prompts and seeds (the same initial noise) before and after training, each image with "
+                  "its scores:", ""]
+        for grid in dict.fromkeys([grids[0], grids[-1]]):
+            k = int(grid.stem.split("_")[1])
+            lines += [f"**iteration {k}**{' (base model)' if k == 0 else ''}", "",
+                      f"![iteration {k}](samples/{grid.name})", ""]
+    lines += ["", "## Use it", "", *usage_lines(run_dir, config, facts, prompt), "",
+              "## Configuration", "",
+              "The operative config of the run (`config.gin`); `mixgrpo train config.gin --output NEW_DIR` "
+              "repeats it.", "", "<details><summary>config.gin</summary>", "", "```gin"]
+    config_text = (run_dir / "config.gin").read_text() if (run_dir / "config.gin").is_file() else ""
+    lines += [config_text.rstrip(), "```", "", "</details>", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(run_dir: Path, config: Any, backbone: Any, prompt: str = "a red circle") -> Path:
+    """Write ``README.md`` (and ``reward_curve.png``) into the run directory; returns the card's path.
+    ``prompt`` is the example prompt of the usage snippet."""
+    run_dir = Path(run_dir)
+    plot_curve(run_dir, run_dir / CURVE)
+    path = run_dir / CARD
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(model_card(run_dir, config, backbone, prompt))
+    tmp.replace(path)
+    return path
