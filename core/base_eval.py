@@ -62,7 +62,10 @@ def evaluate_base(trainer: Trainer, metrics: dict[str, Any], cache: Path | None)
                 (trainer.out / "samples").mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(folder / GRID, trainer.out / "samples" / "iter_000000.png")
         return
-    trainer._evaluate_and_sample(0, metrics, evaluate=evaluate, sample=sample)
+    if evaluate:
+        trainer.record_evaluation(0, metrics)
+    if sample:
+        trainer.draw_grid(0)
     if folder is None or not trainer.accelerator.is_main_process:
         return
     tmp = folder.with_name(folder.name + ".tmp")

@@ -246,8 +246,10 @@ class Trainer:
                 last = k + 1 == c.iterations  # the final model is always evaluated and drawn
                 due_eval = bool(c.eval_every) and ((k + 1) % c.eval_every == 0 or last)
                 due_sample = bool(c.sample_every) and ((k + 1) % c.sample_every == 0 or last)
-                if due_eval or due_sample:
-                    self._evaluate_and_sample(k + 1, metrics, evaluate=due_eval, sample=due_sample)
+                if due_eval:
+                    self.record_evaluation(k + 1, metrics)
+                if due_sample:
+                    self.draw_grid(k + 1)
                 self._log(metrics)
                 history.append(metrics)
                 if self._failure is not None:  # recorded first, then the run stops with the reward's error
@@ -315,35 +317,39 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.state.destroy_process_group()  # trackers were finished by train()
 
-    def _evaluate_and_sample(self, iteration: int, metrics: dict[str, Any], evaluate: bool, sample: bool) -> None:
+    def record_evaluation(self, iteration: int, metrics: dict[str, Any]) -> None:
+        """Held-out rewards of the model as it is at ``iteration`` (its EMA when the run keeps one)
+        into ``metrics``, and every image's score into ``eval_scores.jsonl``."""
         self.backbone.module.eval()
+        scores: dict[str, list[float]] = {}
         with self.evaluation_weights():
-            self._evaluate_and_sample_now(iteration, metrics, evaluate, sample)
+            metrics.update(self.evaluate(scores))
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / records.EVAL_SCORES, "a") as f:
+                f.write(json.dumps({"iteration": iteration, **scores}) + "\n")
+
+    def draw_grid(self, iteration: int) -> None:
+        """The sample grid at fixed prompts and seeds, each image with its scores (main process)."""
+        if not self.accelerator.is_main_process:
+            return
+        from mixgrpo.core.report import save_sample_grid, scored_captions
+
+        c = self.config
+        self.backbone.module.eval()
+        prompts = self.prompt_set("eval", c.sample_prompts, c.seed)
+        with self.evaluation_weights():
+            images = sample_ode(self.backbone, prompts, [c.seed] * len(prompts), setup=self.eval_setup,
+                                solver=self.eval_solver, batch_size=c.rollout_batch_size)
+        captions = scored_captions({**self.rewards, **self.eval_only_rewards}, images, prompts)
+        save_sample_grid(images, captions, self.out / "samples" / f"iter_{iteration:06d}.png",
+                         title=f"iteration {iteration}" + (" (base model)" if iteration == 0 else ""))
 
     def evaluation_weights(self) -> contextlib.AbstractContextManager:
         """The weights held-out numbers are reported for: the EMA when the run keeps one."""
         if self.ema is None:
             return contextlib.nullcontext()
         return self.ema.applied(self.backbone.trainable_parameters())
-
-    def _evaluate_and_sample_now(self, iteration: int, metrics: dict[str, Any], evaluate: bool, sample: bool) -> None:
-        c = self.config
-        if evaluate:
-            scores: dict[str, list[float]] = {}
-            metrics.update(self.evaluate(scores))
-            if self.accelerator.is_main_process:
-                self.out.mkdir(parents=True, exist_ok=True)
-                with open(self.out / records.EVAL_SCORES, "a") as f:
-                    f.write(json.dumps({"iteration": iteration, **scores}) + "\n")
-        if sample and self.accelerator.is_main_process:
-            from mixgrpo.core.report import save_sample_grid, scored_captions
-
-            prompts = self.prompt_set("eval", c.sample_prompts, c.seed)
-            images = sample_ode(self.backbone, prompts, [c.seed] * len(prompts), setup=self.eval_setup,
-                                solver=self.eval_solver, batch_size=c.rollout_batch_size)
-            captions = scored_captions({**self.rewards, **self.eval_only_rewards}, images, prompts)
-            save_sample_grid(images, captions, self.out / "samples" / f"iter_{iteration:06d}.png",
-                             title=f"iteration {iteration}" + (" (base model)" if iteration == 0 else ""))
 
     def evaluate(self, scores: dict[str, list[float]] | None = None) -> dict[str, float]:
         """Held-out rewards with deterministic ODE sampling: ``eval/<name>/mean`` and ``/sem``.
