@@ -98,7 +98,7 @@ def write_model_dir(arch: dict[str, Any], root: str | Path) -> Path:
     """
     from transformers import CLIPTextConfig, T5Config
 
-    from mixgrpo.plugins.backbones.flux import DEFAULT_VOCAB, build_word_tokenizer, save_tokenizer, tiny_clip_config
+    from mixgrpo.plugins.backbones.tiny import DEFAULT_VOCAB, build_word_tokenizer, save_tokenizer, tiny_clip_config
 
     root = Path(root)
     text = arch["text"]

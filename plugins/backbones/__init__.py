@@ -8,10 +8,11 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_PREFIX = "shipped:"
 
 
-def resolve_model_path(path: str | Path) -> Path:
+def resolve_model_path(path: str | Path, what: str = "model") -> Path:
     """A local model folder; ``shipped:NAME`` names a model shipped in the package (``assets/NAME``).
 
-    Nothing is ever downloaded: a path that does not exist is an error that says so.
+    Nothing is ever downloaded: a path that is not an existing folder is an error that says so and
+    how to get one. ``what`` names the model in the message (``"FLUX"``, ``"SD3"``).
     """
     text = str(path)
     if text.startswith(SHIPPED_PREFIX):
@@ -22,9 +23,11 @@ def resolve_model_path(path: str | Path) -> Path:
             raise FileNotFoundError(f"no shipped model {name!r}; shipped models: {', '.join(known) or '(none)'}")
         return folder
     folder = Path(text).expanduser()
-    if not folder.exists():
+    if not folder.is_dir():
         raise FileNotFoundError(
-            f"model folder {text!r} does not exist. mixgrpo loads weights from local paths only (no hub "
-            f"downloads): pass the folder of a local snapshot, or 'shipped:NAME' for a model shipped with mixgrpo"
+            f"{what} model folder {text!r} does not exist. mixgrpo loads models from local paths only and never "
+            "downloads from the Hugging Face Hub: download a diffusers-format snapshot first (e.g. "
+            "`huggingface-cli download <repo> --local-dir /models/<name>`) and pass that folder, or "
+            "'shipped:NAME' for a model shipped with mixgrpo"
         )
     return folder

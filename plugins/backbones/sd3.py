@@ -17,7 +17,6 @@ them itself and takes the timestep ``σ·1000``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,21 +24,14 @@ import torch
 
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.types import Conditioning
-from mixgrpo.plugins.backbones.flux import (
-    DEFAULT_VOCAB,
-    DEFAULTS_FILE,
+from mixgrpo.plugins.backbones import resolve_model_path
+from mixgrpo.plugins.backbones.diffusers_base import (
     DiffusersBackbone,
-    build_word_tokenizer,
     check_model_class,
     component,
     default_device,
-    model_dir,
     read_defaults,
     resolve_dtype,
-    save_tokenizer,
-    tiny_clip_config,
-    tiny_t5,
-    tiny_vae,
     tokenize,
 )
 
@@ -90,7 +82,7 @@ class SD3Backbone(DiffusersBackbone):
         from diffusers import AutoencoderKL, SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-        root = model_dir(path, "SD3")
+        root = resolve_model_path(path, "SD3")
         self.path = root
         self.dtype = resolve_dtype(dtype)
         self._set_guidance(cfg_scale, cfg_gradient)
@@ -194,51 +186,6 @@ class SD3Backbone(DiffusersBackbone):
                  pooled: torch.Tensor) -> torch.Tensor:
         return self.module(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
                            timestep=(t * 1000).to(self.dtype), return_dict=False)[0]
-
-
-def build_tiny_sd3(path: str | os.PathLike, *, vocab: Sequence[str] | None = None, image_size: int = 32,
-                   num_layers: int = 2, attention_head_dim: int = 16, num_attention_heads: int = 2,
-                   clip_dims: tuple[int, int] = (32, 48), t5_dim: int = 96, with_t5: bool = True,
-                   dual_attention_layers: tuple[int, ...] = (0,), max_text_length: int = 16,
-                   seed: int = 0) -> Path:
-    """Write a complete, loadable SD3.5-style directory with random weights of the real classes.
-
-    ``SD3Transformer2DModel`` (``num_layers`` joint blocks, RMS q/k norm, dual attention in
-    ``dual_attention_layers`` as SD3.5-medium, patch 2), two ``CLIPTextModelWithProjection`` of widths
-    ``clip_dims`` (projection = width), an optional ``T5EncoderModel`` of width ``t5_dim``
-    (= ``joint_attention_dim``), word-level tokenizers over ``vocab`` (default: the shapes-world
-    words), and a tiny ``AutoencoderKL`` (4 latent channels, downsampling 2). Returns ``path``.
-    """
-    from diffusers import SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection
-
-    if sum(clip_dims) > t5_dim:
-        raise ValueError(f"t5_dim={t5_dim} must hold both CLIP widths {clip_dims}")
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    words = list(vocab) if vocab is not None else list(DEFAULT_VOCAB)
-    tokenizer = build_word_tokenizer(words, max_text_length)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = tiny_vae()
-        vae.save_pretrained(root / "vae")
-        latent = image_size // 2 ** (len(vae.config.block_out_channels) - 1)
-        SD3Transformer2DModel(
-            sample_size=latent, patch_size=2, in_channels=vae.config.latent_channels, num_layers=num_layers,
-            attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
-            joint_attention_dim=t5_dim, caption_projection_dim=attention_head_dim * num_attention_heads,
-            pooled_projection_dim=sum(clip_dims), out_channels=vae.config.latent_channels,
-            pos_embed_max_size=latent, dual_attention_layers=tuple(dual_attention_layers), qk_norm="rms_norm",
-        ).save_pretrained(root / "transformer")
-        for suffix, dim in zip(("", "_2"), clip_dims, strict=True):
-            config = tiny_clip_config(len(tokenizer), dim, 1, max_text_length, projection_dim=dim)
-            CLIPTextModelWithProjection(config).save_pretrained(root / f"text_encoder{suffix}")
-            save_tokenizer(tokenizer, root / f"tokenizer{suffix}")
-        if with_t5:
-            tiny_t5(len(tokenizer), t5_dim).save_pretrained(root / "text_encoder_3")
-            save_tokenizer(build_word_tokenizer(words, 512, bos=False), root / "tokenizer_3")
-    (root / DEFAULTS_FILE).write_text(f'{{"height": {image_size}, "width": {image_size}}}\n')
-    return root
 
 
 @hookimpl

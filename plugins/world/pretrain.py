@@ -144,7 +144,8 @@ class _Pretrainer:
     """The state of one pretraining: the backbone, its EMA copies, the optimizer and the step."""
 
     def __init__(self, config: PretrainConfig, scratch: Path) -> None:
-        from mixgrpo.plugins.backbones.flux import FluxBackbone, build_tiny_flux
+        from mixgrpo.plugins.backbones.flux import FluxBackbone
+        from mixgrpo.plugins.backbones.tiny import build_tiny_flux
 
         self.config = c = config
         build_tiny_flux(scratch, vocab=vocabulary(), patch=c.patch, num_layers=c.num_layers,

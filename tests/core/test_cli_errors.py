@@ -101,7 +101,7 @@ def test_a_gin_file_anywhere_includes_the_shipped_presets(capsys, tmp_path):
 
 
 def test_a_model_of_the_wrong_family_is_named(capsys, tmp_path):
-    from mixgrpo.plugins.backbones.sd3 import build_tiny_sd3
+    from mixgrpo.plugins.backbones.tiny import build_tiny_sd3
 
     sd3 = build_tiny_sd3(tmp_path / "sd3")
     rc, err = train(capsys, MIXGRPO, *TOY, "TrainConfig.backbone = 'flux'", f"FluxBackbone.path = '{sd3}'",

@@ -17,8 +17,7 @@ from mixgrpo.core.config import load_config
 from mixgrpo.core.export import EXPORT_INFO, LORA_WEIGHTS, lora_layers, open_model
 from mixgrpo.core.rollout import SamplingSetup, keyed_normal, sample_ode
 from mixgrpo.core.trainer import Trainer
-from mixgrpo.plugins.backbones.flux import build_tiny_flux
-from mixgrpo.plugins.backbones.sd3 import build_tiny_sd3
+from mixgrpo.plugins.backbones.tiny import build_tiny_flux, build_tiny_sd3
 from mixgrpo.plugins.samplers.euler import Euler
 
 ROOT = Path(__file__).resolve().parents[2]

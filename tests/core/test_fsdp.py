@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mixgrpo.plugins.backbones.flux import build_tiny_flux
+from mixgrpo.plugins.backbones.tiny import build_tiny_flux
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 

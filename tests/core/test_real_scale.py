@@ -16,8 +16,8 @@ from mixgrpo.core.config import load_config
 from mixgrpo.core.rollout import rollout
 from mixgrpo.core.trainer import Trainer
 from mixgrpo.core.training import score_rewards, train_on_trajectories
-from mixgrpo.plugins.backbones.flux import build_tiny_flux
-from mixgrpo.plugins.backbones.sd3 import SD3Backbone, build_tiny_sd3
+from mixgrpo.plugins.backbones.sd3 import SD3Backbone
+from mixgrpo.plugins.backbones.tiny import build_tiny_flux, build_tiny_sd3
 
 from .conftest import ROOT
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mixgrpo.core.plugins import PluginManager
-from mixgrpo.plugins.backbones.flux import FluxBackbone, build_tiny_flux
+from mixgrpo.plugins.backbones.flux import FluxBackbone
+from mixgrpo.plugins.backbones.tiny import build_tiny_flux
 from mixgrpo.testing import BackboneContract
 
 PROMPTS = ["a red circle", "two blue squares on the left"]

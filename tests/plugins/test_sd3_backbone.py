@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mixgrpo.core.plugins import PluginManager
-from mixgrpo.plugins.backbones.sd3 import SD3Backbone, build_tiny_sd3
+from mixgrpo.plugins.backbones.sd3 import SD3Backbone
+from mixgrpo.plugins.backbones.tiny import build_tiny_sd3
 from mixgrpo.testing import BackboneContract
 
 PROMPTS = ["a red circle", "two blue squares"]
