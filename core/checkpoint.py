@@ -91,12 +91,12 @@ def save(trainer: Trainer, root: Path, iteration: int, keep_last: int = 0) -> Pa
     options = _options(cpu_offload=True, ignore_frozen_params=True)
     weights = get_model_state_dict(model, options=options)
     optim = get_optimizer_state_dict(model, _torch_optimizer(trainer), options=options)
+    names = trainable_names(trainer)
     ema = None
     if trainer.ema is not None:
-        names = trainable_names(trainer)
         ema = {n: full_tensor(t).cpu() for n, t in zip(names, trainer.ema.shadow, strict=True)}
     if acc.is_main_process:
-        trainable = set(trainable_names(trainer))  # buffers (e.g. SD3's fixed position table) are not state
+        trainable = set(names)  # buffers (e.g. SD3's fixed position table) are not state
         _write_tensors({k: v.contiguous() for k, v in weights.items() if k in trainable}, tmp / MODEL_FILE)
         tensors = {f"{name}{_SEP}{key}": torch.as_tensor(value).contiguous()
                    for name, state in optim["state"].items() for key, value in state.items()}
@@ -126,7 +126,7 @@ def prune(root: Path, keep_last: int) -> list[Path]:
     current = latest(root)
     done = sorted(p for p in root.glob("iter_*") if (p / STATE_FILE).is_file())
     deleted = [p for p in done[:-keep_last] if p != current]
-    deleted += [p for p in root.glob(".tmp_iter_*") if current is None or p.name != f".tmp_{current.name}"]
+    deleted += list(root.glob(".tmp_iter_*"))  # a write that never completed (save renames its own)
     for path in deleted:
         shutil.rmtree(path, ignore_errors=True)
     return deleted
