@@ -128,19 +128,22 @@ def holds_a_run(out: Path) -> bool:
     return (out / METRICS).is_file() or (out / "checkpoints").is_dir()
 
 
-def prepare_new(out: Path, overwrite: bool) -> None:
-    """A fresh run in ``out``: refuse a directory that holds a run unless ``overwrite``."""
+def refuse_existing_run(out: Path) -> None:
+    """A ``RunDirectoryError`` when ``out`` already holds a run (a new run needs --resume or --overwrite)."""
     if holds_a_run(out):
-        if not overwrite:
-            rows = len(read_rows(out / METRICS))
-            raise RunDirectoryError(
-                f"run directory {out} already holds a run ({rows} rows in {METRICS}"
-                f"{', and checkpoints' if (out / 'checkpoints').is_dir() else ''}): continue it with --resume, "
-                f"start over with --overwrite (deletes its records and checkpoints), or choose another --output")
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        for name in RUN_FOLDERS:
-            shutil.rmtree(out / name, ignore_errors=True)
+        rows = len(read_rows(out / METRICS))
+        raise RunDirectoryError(
+            f"run directory {out} already holds a run ({rows} rows in {METRICS}"
+            f"{', and checkpoints' if (out / 'checkpoints').is_dir() else ''}): continue it with --resume, "
+            f"start over with --overwrite (deletes its records and checkpoints), or choose another --output")
+
+
+def prepare_new(out: Path) -> None:
+    """Start a fresh run in ``out``: remove what an earlier run left there, record the bindings."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / BINDINGS).write_text(json.dumps(snapshot(), indent=1, sort_keys=True) + "\n")
 

@@ -288,11 +288,11 @@ class Trainer:
         else:
             if resume:  # nothing to continue: whatever records exist belong to iterations to run again
                 log.warning("--resume: no checkpoint in %s; starting from iteration 0", root)
-            elif not overwrite and records.holds_a_run(self.out):
-                records.prepare_new(self.out, overwrite=False)  # raises, on every process alike
+            elif not overwrite:
+                records.refuse_existing_run(self.out)  # on every process alike
             acc.wait_for_everyone()
             if acc.is_main_process:
-                records.prepare_new(self.out, overwrite=True)
+                records.prepare_new(self.out)
         if acc.is_main_process:
             (self.out / "config.gin").write_text(gin.operative_config_str() or gin.config_str())
         acc.wait_for_everyone()
@@ -330,8 +330,10 @@ class Trainer:
                 f.write(json.dumps({"iteration": iteration, **scores}) + "\n")
 
     def draw_grid(self, iteration: int) -> None:
-        """The sample grid at fixed prompts and seeds, each image with its scores (main process)."""
-        if not self.accelerator.is_main_process:
+        """The sample grid at fixed prompts and seeds, each image with its scores (written by the main
+        process; under FSDP every process takes part in the forward passes, which gather shards)."""
+        main = self.accelerator.is_main_process
+        if not main and self.parallelism != "fsdp":
             return
         from mixgrpo.core.report import save_sample_grid, scored_captions
 
@@ -341,6 +343,8 @@ class Trainer:
         with self.evaluation_weights():
             images = sample_ode(self.backbone, prompts, [c.seed] * len(prompts), setup=self.eval_setup,
                                 solver=self.eval_solver, batch_size=c.rollout_batch_size)
+        if not main:
+            return
         captions = scored_captions({**self.rewards, **self.eval_only_rewards}, images, prompts)
         save_sample_grid(images, captions, self.out / "samples" / f"iter_{iteration:06d}.png",
                          title=f"iteration {iteration}" + (" (base model)" if iteration == 0 else ""))

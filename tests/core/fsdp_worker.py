@@ -30,6 +30,9 @@ def main(parallelism: str, flux_dir: str, run: Path, iterations: int, flags: lis
         "TrainConfig.checkpoint_every = 1", "TrainConfig.learning_rate = 1e-4", "TrainConfig.progress = False",
         "TrainConfig.tensorboard = False", "TrainConfig.rewards = {'shapes.preference': 1.0}",
         "ProgressiveWindow.window_size = 2", f"TrainConfig.output_dir = '{run}'",
+        # evaluation and grids run their forward passes on every process under FSDP (shards are gathered)
+        "TrainConfig.eval_every = 1", "TrainConfig.eval_prompts = 2", "TrainConfig.eval_seeds = 1",
+        "TrainConfig.sample_every = 1", "TrainConfig.sample_prompts = 2",
     ]
     cfg, pm = load_config(ROOT / "experiments" / "methods" / "mixgrpo.gin", bindings)
     trainer = Trainer(cfg, pm)

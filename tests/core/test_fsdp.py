@@ -68,6 +68,17 @@ def test_fsdp_matches_one_process(runs):
     _close(ranks[1]["weights"], ranks[0]["weights"])
 
 
+def test_fsdp_evaluates_and_draws_like_one_process(runs):
+    from mixgrpo.core.records import read_rows
+
+    sharded = read_rows(runs["tmp"] / "sharded" / "metrics.jsonl")
+    single = read_rows(runs["tmp"] / "single" / "metrics.jsonl")
+    for a, b in zip(sharded, single[: len(sharded)]):
+        assert a["eval/shapes.preference/mean"] == pytest.approx(b["eval/shapes.preference/mean"], abs=1e-5)
+    assert sorted(p.name for p in (runs["tmp"] / "sharded" / "samples").iterdir()) == [
+        "iter_000000.png", "iter_000001.png"]
+
+
 def test_fsdp_really_shards_the_parameters(runs):
     ranks = runs["sharded"]
     for (sharded0, local0, full), (sharded1, local1, _) in zip(ranks[0]["shards"], ranks[1]["shards"]):
