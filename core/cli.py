@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     from mixgrpo.core.records import StorageError
-    from mixgrpo.core.training import RewardFailure
+    from mixgrpo.core.scoring import RewardFailure
 
     try:
         return args.func(args)

@@ -41,8 +41,14 @@ class TrainConfig:
         ratio r for the post-window grid, or None), shared_noise (same x_T within a group).
     Batch:
         prompts_per_iteration (groups per iteration, all processes together), group_size (G),
-        rollout_batch_size (samples per model call in rollouts), micro_batch_size (samples per
+        rollout_batch_size (samples per model call in rollouts, and per rollout chunk: a chunk
+        walks the whole grid and is decoded before the next starts), micro_batch_size (samples per
         backward pass), num_minibatches (optimizer steps per iteration).
+    Rewards:
+        overlap_rewards: score each rollout chunk's images in a background thread while the next
+        chunk rolls out (the same reward calls on the same images as without: the scores are
+        identical). It pays when scoring waits on something other than this process's cores: a
+        reward model on another GPU, or a remote reward server (docs/rewards.md).
     Optimisation:
         learning_rate, weight_decay, adam_betas, max_grad_norm, iterations; ema_decay (None: no
         moving average; else the EMA of the trainable weights that evaluation and sample grids
@@ -86,6 +92,7 @@ class TrainConfig:
     rollout_batch_size: int = 16
     micro_batch_size: int = 4
     num_minibatches: int = 1
+    overlap_rewards: bool = False
 
     learning_rate: float = 1e-5
     weight_decay: float = 1e-4

@@ -44,7 +44,7 @@ RUN_FOLDERS = ("checkpoints", "samples", "tensorboard", "eval")
 #: TrainConfig fields a resume may change: they do not change what an iteration computes
 RESUMABLE_FIELDS = ("iterations", "eval_every", "sample_every", "checkpoint_every", "keep_last", "progress",
                     "tensorboard", "learning_rate", "weight_decay", "max_grad_norm", "max_failed_iterations",
-                    "output_dir", "ratio_tolerance")
+                    "output_dir", "ratio_tolerance", "overlap_rewards")
 
 
 class RunDirectoryError(ValueError):

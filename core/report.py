@@ -63,7 +63,7 @@ def read_metrics(path: Path) -> list[dict]:
 def scored_captions(rewards: Mapping[str, Any], images: torch.Tensor, prompts: Sequence[str]) -> list[str]:
     """Captions for a sample grid: each prompt with its image's score under every reward
     (``n/a`` where the reward failed)."""
-    from mixgrpo.core.training import call_reward
+    from mixgrpo.core.scoring import call_reward
 
     scores = {name: call_reward(reward, name, images, prompts) for name, reward in rewards.items()}
     return [prompt + "\n" + " ".join(f"{name.split('.')[-1]} {format_value(float(s[k]))}" for name, s in scores.items())

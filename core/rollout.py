@@ -14,7 +14,7 @@ size, the number of processes, or the order in which it is drawn.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -118,8 +118,14 @@ def rollout(
     batch_size: int = 16,
     cond: Conditioning | None = None,
     decode: bool = True,
+    on_images: Callable[[torch.Tensor, slice], None] | None = None,
 ) -> Trajectories:
-    """Sample ``len(prompts)`` trajectories under ``plan``.
+    """Sample ``len(prompts)`` trajectories under ``plan``, ``batch_size`` samples at a time.
+
+    Each chunk of ``batch_size`` samples walks the whole grid and is decoded before the next one
+    starts, so its images exist while the next chunk rolls out (``on_images`` receives them: the
+    trainer scores them meanwhile). A sample's trajectory depends only on its noise keys and on the
+    chunk it is evaluated in, never on the order of the chunks.
 
     Args:
         backbone: the policy.
@@ -131,9 +137,11 @@ def rollout(
         pre_solver / post_solver: ODE solvers before / after the window (``post_solver`` is also
             used for non-SDE steps of window-less plans).
         seed, iteration: noise keys.
-        batch_size: samples per model call.
+        batch_size: samples per model call (and per chunk).
         cond: precomputed conditioning of the N prompts (else encoded here, once per distinct prompt).
         decode: decode the final latents to images.
+        on_images: called with each chunk's images ``[B, 3, H, W]`` and its rows of the N samples,
+            as soon as they are decoded.
     Returns:
         ``Trajectories`` with fp32 transitions of every SDE step.
     """
@@ -141,7 +149,6 @@ def rollout(
         raise ValueError(f"plan has {plan.num_steps} steps but the sampling setup has {setup.num_steps}")
     if not sde_sampler.stochastic:
         raise ValueError(f"{type(sde_sampler).__name__} is an ODE solver; the SDE sampler must be stochastic")
-    device = backbone.device
     n = len(prompts)
     group_ids = torch.as_tensor(group_ids, dtype=torch.long)
     sample_ids = torch.as_tensor(sample_ids, dtype=torch.long)
@@ -149,31 +156,20 @@ def rollout(
         raise ValueError(f"group_ids and sample_ids must have shape [{n}]")
     cond = encode_unique(backbone, prompts) if cond is None else cond
     sigmas = setup.sigmas(plan)
-    sde = set(plan.sde_steps)
-    window_start = plan.window[0] if plan.window is not None else None
+    steps = tuple(i for i in sorted(set(plan.sde_steps)) if i < plan.num_steps)
+    solvers = _solver_per_step(sigmas.numel() - 1, plan, steps, pre_solver, post_solver)
     shape = backbone.latent_shape()
-
-    x = initial_noise(shape, group_ids, sample_ids, seed, iteration, setup.shared_noise).to(device)
-    history = SolverHistory()
-    xs, x_nexts, log_probs = [], [], []
-    for i in range(sigmas.numel() - 1):
-        v = batched_velocity(backbone, x, float(sigmas[i]), cond, batch_size)
-        if i in sde and i < plan.num_steps:
-            noise = step_noise(shape, sample_ids, seed, iteration, i).to(device)
-            res = sde_sampler.step(x, v, sigmas, i, history=history, noise=noise)
-            xs.append(x.float().cpu())
-            x_nexts.append(res.prev_sample.float().cpu())
-            log_probs.append(res.log_prob.float().cpu())
-        else:
-            solver = pre_solver if window_start is not None and i < window_start else post_solver
-            res = solver.step(x, v, sigmas, i, history=history)
-        x0 = res.x0 if res.x0 is not None else x.float() - float(sigmas[i]) * v
-        history.append(float(sigmas[i]), x0)
-        x = res.prev_sample
-
-    steps = tuple(i for i in sorted(sde) if i < plan.num_steps)
-    empty = torch.zeros(n, 0, *shape)
-    images = backbone.decode(x) if decode else torch.zeros(n, 3, 1, 1)
+    x0_all = initial_noise(shape, group_ids, sample_ids, seed, iteration, setup.shared_noise)
+    parts = []
+    for start in range(0, n, batch_size):
+        rows = slice(start, min(start + batch_size, n))
+        part = _rollout_chunk(backbone, x0_all[rows], cond.select(torch.arange(n)[rows]), sample_ids[rows],
+                              sigmas, solvers, sde_sampler, seed, iteration)
+        images = backbone.decode(part[3]).float() if decode else torch.zeros(part[3].shape[0], 3, 1, 1)
+        if on_images is not None:
+            on_images(images, rows)
+        parts.append((*part, images))
+    xs, x_nexts, log_probs, latents, images = (torch.cat(column) for column in zip(*parts, strict=True))
     return Trajectories(
         prompts=list(prompts),
         group_ids=group_ids,
@@ -181,15 +177,55 @@ def rollout(
         sigmas=sigmas,
         plan=plan,
         sde_steps=steps,
-        x=torch.stack(xs, 1) if xs else empty,
-        x_next=torch.stack(x_nexts, 1) if x_nexts else empty,
-        log_prob=torch.stack(log_probs, 1) if log_probs else torch.zeros(n, 0),
-        latents=x.float(),
-        images=images.float(),
+        x=xs,
+        x_next=x_nexts,
+        log_prob=log_probs,
+        latents=latents,
+        images=images,
         cond=cond,
         nfe=(sigmas.numel() - 1) * backbone.calls_per_velocity,
         seed=seed,
     )
+
+
+def _solver_per_step(num_calls: int, plan: StepPlan, sde_steps: tuple[int, ...], pre_solver: Sampler,
+                     post_solver: Sampler) -> list[Sampler | None]:
+    """The ODE solver of each step of the walked grid, ``None`` for the SDE steps."""
+    start = plan.window[0] if plan.window is not None else None
+    sde = set(sde_steps)
+    return [None if i in sde else pre_solver if start is not None and i < start else post_solver
+            for i in range(num_calls)]
+
+
+def _rollout_chunk(backbone: Backbone, x: torch.Tensor, cond: Conditioning, sample_ids: torch.Tensor,
+                   sigmas: torch.Tensor, solvers: list[Sampler | None], sde_sampler: Sampler, seed: int,
+                   iteration: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk down the whole grid in one model call per step: its stored transitions
+    ``x``, ``x_next`` ``[B, K, *latent]`` and log-probs ``[B, K]`` (CPU, fp32), and the final
+    latents (fp32, on the backbone's device)."""
+    device, shape = backbone.device, backbone.latent_shape()
+    x = x.to(device)
+    history = SolverHistory()
+    xs, x_nexts, log_probs = [], [], []
+    for i, solver in enumerate(solvers):
+        sig = torch.full((x.shape[0],), float(sigmas[i]), dtype=torch.float32, device=device)
+        v = backbone.velocity(x, sig, cond).float()
+        if solver is None:
+            noise = step_noise(shape, sample_ids, seed, iteration, i).to(device)
+            res = sde_sampler.step(x, v, sigmas, i, history=history, noise=noise)
+            xs.append(x.float().cpu())
+            x_nexts.append(res.prev_sample.float().cpu())
+            log_probs.append(res.log_prob.float().cpu())
+        else:
+            res = solver.step(x, v, sigmas, i, history=history)
+        x0 = res.x0 if res.x0 is not None else x.float() - float(sigmas[i]) * v
+        history.append(float(sigmas[i]), x0)
+        x = res.prev_sample
+    b = x.shape[0]
+    if not xs:
+        empty = torch.zeros(b, 0, *shape)
+        return empty, empty, torch.zeros(b, 0), x.float()
+    return torch.stack(xs, 1), torch.stack(x_nexts, 1), torch.stack(log_probs, 1), x.float()
 
 
 @torch.no_grad()

@@ -182,7 +182,7 @@ def evaluate_entries(trainer: Any, entries: Sequence[Entry], prompts: Sequence[s
     without ``evaluate``) and its grid images, prompt-major, with their scores. The base model comes
     first, before any checkpoint overwrites the weights; results are in the order of ``entries``."""
     from mixgrpo.core.sample import sample_images
-    from mixgrpo.core.training import call_reward
+    from mixgrpo.core.scoring import call_reward
 
     c = trainer.config
     rewards = {**trainer.rewards, **trainer.eval_only_rewards}

@@ -217,7 +217,7 @@ def evaluate_base_model(path: str | Path, *, prompts: int = 64, seeds: int = 2, 
     """Held-out compositional reward (mean, SE, strict accuracy) of the model at ``path``, loaded
     through the ``flux`` backbone plugin and sampled with the Euler ODE."""
     from mixgrpo.core.rollout import SamplingSetup, sample_ode
-    from mixgrpo.core.training import evaluate_rewards
+    from mixgrpo.core.scoring import evaluate as evaluate_rewards
     from mixgrpo.plugins.backbones.flux import FluxBackbone
     from mixgrpo.plugins.rewards.shapes import CompositionReward
     from mixgrpo.plugins.samplers.euler import Euler

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from mixgrpo.core.config import load_config
+from mixgrpo.core.scoring import score
 from mixgrpo.core.trainer import Trainer
-from mixgrpo.core.training import score_rewards
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -27,16 +27,12 @@ def main(method: str, out: Path) -> None:
     # the advantages the iteration will use, computed as the trainer does
     from mixgrpo.core.rollout import rollout
 
-    plan = trainer.schedule.plan(0, cfg.num_steps, cfg.prompts_per_iteration * cfg.group_size)
-    if plan.per_sample:
-        from mixgrpo.core.trainer import _select_plan_rows
-
-        plan = _select_plan_rows(plan, sample_ids)
+    plan = trainer.plan(0, sample_ids)
     traj = rollout(trainer.backbone, prompts, group_ids, sample_ids, plan, setup=trainer.setup,
                    sde_sampler=trainer.sde_sampler, pre_solver=trainer.pre_solver, post_solver=trainer.post_solver,
                    seed=cfg.seed, iteration=0, batch_size=cfg.rollout_batch_size)
-    rewards, _ = score_rewards(trainer.rewards, traj.images, prompts, traj.group_ids, acc)
-    advantages = trainer._advantages(rewards, traj)
+    rewards = score(trainer.rewards, traj.images, prompts)
+    advantages = trainer.advantages(rewards, traj)
     trainer.iteration(0)
     weights = [p.detach().cpu().clone() for p in trainer.backbone.trainable_parameters()]
     torch.save({"sample_ids": sample_ids, "group_ids": group_ids, "advantages": advantages,

@@ -38,7 +38,7 @@ def main(parallelism: str, flux_dir: str, run: Path, iterations: int, flags: lis
     trainer = Trainer(cfg, pm)
     acc = trainer.accelerator
     advantages: dict[int, float] = {}
-    compute = trainer._advantages
+    compute = trainer.advantages
 
     def record(rewards, traj):
         adv = compute(rewards, traj)
@@ -46,7 +46,7 @@ def main(parallelism: str, flux_dir: str, run: Path, iterations: int, flags: lis
             advantages.update(zip(traj.sample_ids.tolist(), adv.tolist()))
         return adv
 
-    trainer._advantages = record
+    trainer.advantages = record
     trainer.train(resume="--resume" in flags)
     params = trainer.backbone.trainable_parameters()
     weights = [full_tensor(p.detach()).cpu().clone() for p in params]

@@ -14,8 +14,8 @@ import torch
 from mixgrpo.core import checkpoint as ckpt
 from mixgrpo.core.config import load_config
 from mixgrpo.core.rollout import rollout
+from mixgrpo.core.scoring import score
 from mixgrpo.core.trainer import Trainer
-from mixgrpo.core.training import score_rewards, train_on_trajectories
 from mixgrpo.plugins.backbones.sd3 import SD3Backbone
 from mixgrpo.plugins.backbones.tiny import build_tiny_flux, build_tiny_sd3
 
@@ -61,8 +61,7 @@ def sample_and_score(trainer: Trainer, k: int = 0):
     traj = rollout(trainer.backbone, prompts, group_ids, sample_ids, plan, setup=trainer.setup,
                    sde_sampler=trainer.sde_sampler, pre_solver=trainer.pre_solver, post_solver=trainer.post_solver,
                    seed=c.seed, iteration=k, batch_size=c.rollout_batch_size)
-    rewards, _ = score_rewards(trainer.rewards, traj.images, prompts, traj.group_ids, trainer.accelerator)
-    return traj, trainer._advantages(rewards, traj)
+    return traj, trainer.advantages(score(trainer.rewards, traj.images, prompts), traj)
 
 
 def params(trainer: Trainer) -> list[torch.Tensor]:
@@ -81,8 +80,8 @@ def test_bf16_full_finetune_keeps_fp32_master_weights_and_small_steps_land(flux_
     assert {p.dtype for p in half.backbone.text_encoder.parameters()} == {torch.bfloat16}  # frozen: compute dtype
     traj, advantages = sample_and_score(full)
     before = params(half)
-    train_on_trajectories(half, traj, advantages, 0)
-    train_on_trajectories(full, traj, advantages, 0)
+    half.optimize(traj, advantages, 0)
+    full.optimize(traj, advantages, 0)
     after = params(half)
     changed = sum(int((a != b).sum()) for a, b in zip(after, before)) / sum(b.numel() for b in before)
     assert changed > 0.9, f"only {changed:.1%} of the trainable elements changed"
@@ -185,8 +184,8 @@ def test_ratio_tolerance_defaults_to_a_tenth_of_the_clip_range(toy_config, caplo
     assert trainer.ratio_tolerance == pytest.approx(trainer.objective.clip_range / 10)
     traj, advantages = sample_and_score(trainer)
     traj.log_prob += 3e-5  # a systematic mismatch smaller than the old 1e-3 tolerance
-    with caplog.at_level(logging.WARNING, logger="mixgrpo.core.training"):
-        metrics = train_on_trajectories(trainer, traj, advantages, 0)
+    with caplog.at_level(logging.WARNING, logger="mixgrpo.core.trainer"):
+        metrics = trainer.optimize(traj, advantages, 0)
     assert metrics["policy/onpolicy_ratio_dev"] == pytest.approx(3e-5, rel=0.05)
     assert any("on-policy ratio deviates" in r.getMessage() for r in caplog.records)
 

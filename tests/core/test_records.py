@@ -13,8 +13,8 @@ import torch
 
 from mixgrpo.core import checkpoint as ckpt
 from mixgrpo.core.records import RunDirectoryError, read_rows
+from mixgrpo.core.scoring import RewardFailure
 from mixgrpo.core.trainer import Trainer
-from mixgrpo.core.training import RewardFailure
 
 BASE = ["TrainConfig.checkpoint_every = 2", "TrainConfig.tensorboard = True"]
 
@@ -122,14 +122,16 @@ def test_a_failing_reward_is_masked_counted_and_stops_the_run_when_it_persists(t
     trainer = Trainer(cfg, pm)
     reward = trainer.rewards["shapes.preference"]
     real, broken = reward.__call__, FAILURES[kind]
-    calls = []
+    n = cfg.prompts_per_iteration * cfg.group_size
+    scored = []  # samples per reward call (one call per rollout chunk)
 
-    def flaky(images, prompts):  # iteration 1 scores (NaN/Inf: half of it), iterations 2 and 3 fail
-        calls.append(1)
-        if len(calls) > 1:
+    def flaky(images, prompts):  # iteration 1 scores (NaN/Inf: its first 3 samples), iterations 2 and 3 fail
+        first = not scored
+        scored.append(len(prompts))
+        if sum(scored) > n:
             return broken(images, prompts)
         scores = real(images, prompts)
-        return torch.cat([broken(images, prompts[:3]), scores[3:]]) if kind in ("nan", "inf") else scores
+        return torch.cat([broken(images, prompts[:3]), scores[3:]]) if kind in ("nan", "inf") and first else scores
 
     type(reward).__call__ = lambda self, images, prompts: flaky(images, prompts)
     before = [p.detach().clone() for p in trainer.backbone.trainable_parameters()]
@@ -140,7 +142,6 @@ def test_a_failing_reward_is_masked_counted_and_stops_the_run_when_it_persists(t
     finally:
         type(reward).__call__ = real.__func__
     rows = read_rows(tmp_path / "run" / "metrics.jsonl")
-    n = cfg.prompts_per_iteration * cfg.group_size
     expected_first = 3 if kind in ("nan", "inf") else 0
     assert [r["reward/shapes.preference/failed"] for r in rows] == [expected_first, n, n]  # logged, then stopped
     assert rows[1]["policy/skipped_steps"] == rows[2]["policy/skipped_steps"] == cfg.num_minibatches

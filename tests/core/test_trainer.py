@@ -119,3 +119,54 @@ def test_evaluations_and_grids_follow_their_own_intervals_and_the_last_iteration
         "iter_000000.png", "iter_000003.png", "iter_000005.png"]
     scored = [json.loads(x)["iteration"] for x in (run / "eval_scores.jsonl").read_text().splitlines()]
     assert scored == [0, 2, 4, 5]
+
+
+def test_rewards_scored_in_the_background_overlap_the_next_chunk_and_score_the_same(toy_config, tmp_path):
+    """With overlap_rewards, chunk k's images are scored in a background thread while chunk k+1 rolls
+    out; the reward calls (and so the scores, advantages and update) are those of inline scoring."""
+    import threading
+    import time
+
+    runs = {}
+    for overlap in (False, True):
+        cfg, pm = toy_config("mixgrpo", "TrainConfig.rollout_batch_size = 2",  # 6 samples: 3 chunks
+                             f"TrainConfig.overlap_rewards = {overlap}",
+                             f"TrainConfig.output_dir = '{tmp_path / str(overlap)}'")
+        trainer = Trainer(cfg, pm)
+        events = []
+        velocity, reward = trainer.backbone.velocity, trainer.rewards["shapes.preference"]
+
+        def logged_velocity(x, sigma, cond, velocity=velocity, events=events):
+            events.append(("velocity", x.shape[0]))
+            return velocity(x, sigma, cond)
+
+        def slow_reward(images, prompts, reward=reward, events=events):
+            events.append(("reward start", threading.current_thread() is threading.main_thread()))
+            time.sleep(0.2)  # a reward model elsewhere, or a server: waiting, not computing here
+            events.append(("reward end", len(prompts)))
+            return reward(images, prompts)
+
+        trainer.backbone.velocity = logged_velocity
+        trainer.rewards["shapes.preference"] = slow_reward
+        metrics = trainer.iteration(0)
+        runs[overlap] = metrics, _weights(trainer), events
+    (inline, w_inline, ev_inline), (overlapped, w_overlapped, ev_overlapped) = runs[False], runs[True]
+    # the same three reward calls of two samples each, and bit-identical results
+    for events in (ev_inline, ev_overlapped):
+        assert [e[1] for e in events if e[0] == "reward end"] == [2, 2, 2]
+    for key in ("reward/shapes.preference/mean", "reward/shapes.preference/std", "loss/policy",
+                "policy/grad_norm", "policy/ratio_mean"):
+        assert inline[key] == overlapped[key], key
+    assert all(torch.equal(a, b) for a, b in zip(w_inline, w_overlapped))
+    # inline: each reward call runs on the main thread between the chunks, no model call meanwhile
+    assert all(e[1] for e in ev_inline if e[0] == "reward start")
+    starts = [i for i, e in enumerate(ev_inline) if e[0] == "reward start"]
+    assert all(ev_inline[i + 1][0] == "reward end" for i in starts)
+    # background: off the main thread, and model calls of the next chunk happen during a reward call
+    assert not any(e[1] for e in ev_overlapped if e[0] == "reward start")
+    first_start = next(i for i, e in enumerate(ev_overlapped) if e[0] == "reward start")
+    first_end = next(i for i, e in enumerate(ev_overlapped) if e[0] == "reward end")
+    assert any(e[0] == "velocity" for e in ev_overlapped[first_start:first_end])
+    # inline scoring inside the rollout loop is counted as reward time, not rollout time
+    assert inline["perf/reward_s"] >= 3 * 0.2
+    assert inline["perf/rollout_s"] + inline["perf/reward_s"] <= inline["perf/iteration_s"]

@@ -15,7 +15,7 @@ import torch
 
 from mixgrpo.core.cli import main
 from mixgrpo.core.interfaces import Reward
-from mixgrpo.core.training import call_reward
+from mixgrpo.core.scoring import call_reward
 from mixgrpo.plugins.rewards.models import PickScoreReward
 from mixgrpo.plugins.rewards.remote import (
     RemoteHPSv2Reward,

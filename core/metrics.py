@@ -1,0 +1,75 @@
+"""The names of everything a run records: one row per iteration in ``metrics.jsonl`` and TensorBoard.
+
+Fixed names, as cleanrl's: the trainer writes them, the compare report, the model card, the
+benchmark and the tests read them, and all of them take the names from here. ``NAMES`` is the
+documented list (docs/run-directory.md); ``<name>`` stands for a reward's registered name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+ITERATION = "iteration"
+
+# -- the trained rewards, over every process's samples of the iteration ---------------------------
+REWARD_STATS = ("mean", "std", "failed", "zero_std_groups")
+
+
+def reward(name: str, stat: str) -> str:
+    """``reward/<name>/<stat>``: ``mean`` and ``std`` of the finite scores, ``failed`` the number of
+    masked samples (an exception, NaN or Inf), ``zero_std_groups`` the fraction of groups whose
+    scores are all equal (no advantage signal)."""
+    if stat not in REWARD_STATS:
+        raise KeyError(f"unknown reward statistic {stat!r}; one of {REWARD_STATS}")
+    return f"reward/{name}/{stat}"
+
+
+# -- held-out evaluation (deterministic ODE sampling, trained and evaluation-only rewards) ----------
+EVAL_STATS = ("mean", "sem")
+
+
+def evaluation(name: str, stat: str) -> str:
+    """``eval/<name>/<stat>``: the mean held-out score and its standard error over the images."""
+    if stat not in EVAL_STATS:
+        raise KeyError(f"unknown evaluation statistic {stat!r}; one of {EVAL_STATS}")
+    return f"eval/{name}/{stat}"
+
+
+def evaluated_rewards(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The reward names with a held-out mean in ``rows``, in order of first appearance."""
+    return list(dict.fromkeys(key[len("eval/"):-len("/mean")] for row in rows for key in row
+                              if key.startswith("eval/") and key.endswith("/mean")))
+
+
+# -- the policy update ------------------------------------------------------------------------------
+RATIO_MEAN = "policy/ratio_mean"
+CLIPFRAC = "policy/clipfrac"
+APPROX_KL = "policy/approx_kl"
+ONPOLICY_RATIO_DEV = "policy/onpolicy_ratio_dev"  # max |ratio − 1| before the first update: must be ~0
+GRAD_NORM = "policy/grad_norm"
+SKIPPED_STEPS = "policy/skipped_steps"  # optimizer steps skipped for a non-finite loss or gradient
+LOSS_POLICY = "loss/policy"
+LOSS_KL = "loss/kl"
+#: what the optimisation of one iteration reports (NaN when it trained nothing)
+POLICY = (RATIO_MEAN, CLIPFRAC, APPROX_KL, ONPOLICY_RATIO_DEV, GRAD_NORM, LOSS_POLICY, LOSS_KL)
+
+# -- the window of the iteration's plan (-1, 0 without one) -----------------------------------------
+WINDOW_START = "window/start"
+WINDOW_SIZE = "window/size"
+
+# -- cost ---------------------------------------------------------------------------------------------
+NFE_ROLLOUT = "perf/nfe_rollout"  # network evaluations per sample in the rollout (a CFG call counts 2)
+NFE_TRAIN = "perf/nfe_train"  # ... and in training (a reference-model call counts 1)
+ROLLOUT_S = "perf/rollout_s"
+REWARD_S = "perf/reward_s"  # scoring not hidden behind the rollout, and the advantages
+TRAIN_S = "perf/train_s"
+ITERATION_S = "perf/iteration_s"
+PEAK_MEM_GB = "perf/peak_mem_gb"
+
+#: every name ``metrics.jsonl`` may hold; nothing else is written there
+NAMES = (
+    ITERATION, *(reward("<name>", s) for s in REWARD_STATS), *(evaluation("<name>", s) for s in EVAL_STATS),
+    RATIO_MEAN, CLIPFRAC, APPROX_KL, ONPOLICY_RATIO_DEV, GRAD_NORM, SKIPPED_STEPS, LOSS_POLICY, LOSS_KL,
+    WINDOW_START, WINDOW_SIZE, NFE_ROLLOUT, NFE_TRAIN, ROLLOUT_S, REWARD_S, TRAIN_S, ITERATION_S, PEAK_MEM_GB,
+)

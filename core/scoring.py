@@ -1,0 +1,97 @@
+"""Scoring images with rewards: pure functions of the rewards, the images and the prompts.
+
+A reward is any callable ``(images [N, 3, H, W] in [0, 1], prompts) -> N scores`` (the ``Reward``
+interface). Whatever goes wrong in one is masked, loudly, and never scored as a plausible value:
+an exception or scores of the wrong number or dtype mask every sample of the call, NaN or ±Inf mask
+those samples. A masked sample is NaN here; the advantages leave it out of its group's statistics
+and give it advantage 0. The trainer gathers the scores over its processes and calls ``statistics``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from mixgrpo.core import metrics as m
+from mixgrpo.core.advantages import zero_std_fraction
+from mixgrpo.core.interfaces import Reward
+
+_INTEGER = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+class RewardFailure(RuntimeError):
+    """A reward returned something that is not one finite score per image, or failed every sample."""
+
+
+def _as_scores(raw: Any, name: str, count: int) -> torch.Tensor:
+    scores = torch.as_tensor(raw)
+    if not (scores.is_floating_point() or scores.dtype in _INTEGER):
+        raise RewardFailure(f"reward {name!r} returned scores of dtype {scores.dtype}; expected real numbers")
+    scores = scores.detach().float().reshape(-1).cpu()
+    if scores.numel() != count:
+        raise RewardFailure(f"reward {name!r} returned {scores.numel()} scores for {count} images")
+    return scores
+
+
+def call_reward(reward: Reward, name: str, images: torch.Tensor, prompts: Sequence[str],
+                errors: dict[str, BaseException] | None = None) -> torch.Tensor:
+    """Scores ``[N]`` float32 on the CPU, NaN where masked. ``errors`` receives the exception of a
+    call that scored no sample."""
+    try:
+        scores = _as_scores(reward(images, list(prompts)), name, len(prompts))
+    except Exception as exc:  # one failed reward call must neither kill the run nor score 0
+        warnings.warn(f"reward {name!r} failed on {len(prompts)} samples ({type(exc).__name__}: {exc}); "
+                      f"they are masked out of the group statistics", RuntimeWarning, stacklevel=2)
+        if errors is not None:
+            errors[name] = exc
+        return torch.full((len(prompts),), float("nan"))
+    bad = ~torch.isfinite(scores)
+    if bad.any():
+        warnings.warn(f"reward {name!r} gave {int(bad.sum())} non-finite score(s) of {len(prompts)}; they are "
+                      f"masked out of the group statistics", RuntimeWarning, stacklevel=2)
+        scores[bad] = float("nan")
+        if bad.all() and errors is not None:
+            errors[name] = RewardFailure(f"reward {name!r} scored every sample NaN or Inf")
+    return scores
+
+
+def score(rewards: Mapping[str, Reward], images: torch.Tensor, prompts: Sequence[str],
+          errors: dict[str, BaseException] | None = None) -> dict[str, torch.Tensor]:
+    """Every reward's scores of ``images`` (``call_reward`` each)."""
+    return {name: call_reward(reward, name, images, prompts, errors) for name, reward in rewards.items()}
+
+
+def statistics(scores: Mapping[str, torch.Tensor], group_ids: torch.Tensor) -> dict[str, float]:
+    """``reward/<name>/{mean,std,failed,zero_std_groups}`` of scores over all of an iteration's
+    samples (masked samples are counted in ``failed`` and left out of the others)."""
+    out: dict[str, float] = {}
+    for name, s in scores.items():
+        ok = s[~s.isnan()]
+        out[m.reward(name, "mean")] = ok.mean().item() if ok.numel() else float("nan")
+        out[m.reward(name, "std")] = ok.std(unbiased=False).item() if ok.numel() else float("nan")
+        out[m.reward(name, "failed")] = float(s.isnan().sum())
+        out[m.reward(name, "zero_std_groups")] = zero_std_fraction(s, group_ids)
+    return out
+
+
+def evaluate(rewards: Mapping[str, Reward], images: torch.Tensor, prompts: Sequence[str],
+             scores: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """``eval/<name>/mean`` and ``eval/<name>/sem`` (standard error over the evaluated images).
+
+    ``scores``, when given, receives each reward's per-image scores (NaN for a failed image), in
+    the order of ``images``: the same prompts and seeds at every evaluation make them pairable.
+    """
+    out: dict[str, float] = {}
+    for name, reward in rewards.items():
+        s = call_reward(reward, name, images, prompts)
+        if scores is not None:
+            scores[name] = [float(v) for v in s.float().cpu()]
+        ok = s[~s.isnan()]
+        n = ok.numel()
+        out[m.evaluation(name, "mean")] = ok.mean().item() if n else float("nan")
+        out[m.evaluation(name, "sem")] = (ok.std().item() / math.sqrt(n)) if n > 1 else float("nan")
+    return out
