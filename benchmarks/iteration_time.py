@@ -286,6 +286,8 @@ def time_iterations(trainer: Any, inst: Instruments, warmup: int, iterations: in
                     ) -> dict[str, float]:
     """Mean over ``iterations`` timed iterations (after ``warmup`` untimed ones), numbered from ``first``:
     plans are pure functions of the iteration number, so a run can be timed at any point of its schedule."""
+    from mixgrpo.core import metrics
+
     rows = []
     samples = trainer.config.prompts_per_iteration * trainer.config.group_size
     for n in range(warmup + iterations):
@@ -295,13 +297,14 @@ def time_iterations(trainer: Any, inst: Instruments, warmup: int, iterations: in
             continue
         rollout_rows = inst.rollout_rows if inst.rollout_rows is not None else inst.rows
         rows.append({
-            "iteration_s": m["perf/iteration_s"], "rollout_s": m["perf/rollout_s"], "reward_s": m["perf/reward_s"],
-            "train_s": m["perf/train_s"], "optimizer_s": inst.optimizer_s, "peak_mem_gb": m["perf/peak_mem_gb"],
+            "iteration_s": m[metrics.ITERATION_S], "rollout_s": m[metrics.ROLLOUT_S],
+            "reward_s": m[metrics.REWARD_S], "train_s": m[metrics.TRAIN_S], "optimizer_s": inst.optimizer_s,
+            "peak_mem_gb": m[metrics.PEAK_MEM_GB],
             "nfe_rollout": rollout_rows / samples, "nfe_train": (inst.rows - rollout_rows) / samples,
-            "trainer_nfe_rollout": m["perf/nfe_rollout"], "trainer_nfe_train": m["perf/nfe_train"],
-            "reward_mean": m["reward/shapes.preference/mean"],
+            "trainer_nfe_rollout": m[metrics.NFE_ROLLOUT], "trainer_nfe_train": m[metrics.NFE_TRAIN],
+            "reward_mean": m[metrics.reward("shapes.preference", "mean")],
             # optimizer steps the trainer skipped for non-finite gradients (their seconds would be missing)
-            "skipped_steps": m.get("policy/skipped_steps", 0.0),
+            "skipped_steps": m.get(metrics.SKIPPED_STEPS, 0.0),
         })
     out = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     out["peak_mem_gb"] = max(r["peak_mem_gb"] for r in rows)

@@ -14,6 +14,7 @@ import json  # noqa: E402
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mixgrpo.core import metrics  # noqa: E402
 from mixgrpo.core.report import EVAL_SCORES, read_metrics, slug  # noqa: E402
 
 
@@ -29,10 +30,11 @@ def _curve(rows: list[dict], key: str) -> list[tuple[int, float, float, float, f
     """(iteration, mean, sem, wall-clock s, cumulative NFE per sample) at every evaluation."""
     out, wall, nfe = [], 0.0, 0.0
     for row in rows:
-        wall += row.get("perf/iteration_s") or 0.0
-        nfe += (row.get("perf/nfe_rollout") or 0.0) + (row.get("perf/nfe_train") or 0.0)
-        if row.get(f"eval/{key}/mean") is not None:
-            out.append((row["iteration"], row[f"eval/{key}/mean"], row.get(f"eval/{key}/sem") or 0.0, wall, nfe))
+        wall += row.get(metrics.ITERATION_S) or 0.0
+        nfe += (row.get(metrics.NFE_ROLLOUT) or 0.0) + (row.get(metrics.NFE_TRAIN) or 0.0)
+        mean, sem = metrics.evaluation(key, "mean"), metrics.evaluation(key, "sem")
+        if row.get(mean) is not None:
+            out.append((row[metrics.ITERATION], row[mean], row.get(sem) or 0.0, wall, nfe))
     return out
 
 
@@ -66,10 +68,8 @@ def paired_gain(run_dir: Path, key: str) -> tuple[float, float, int] | None:
 
 
 def _pick_metric(rows: list[dict]) -> str:
-    for row in rows:
-        for k in row:
-            if k.startswith("eval/") and k.endswith("/mean"):
-                return k[len("eval/"): -len("/mean")]
+    for name in metrics.evaluated_rewards(rows):
+        return name
     raise ValueError("no evaluation rows in metrics.jsonl: set TrainConfig.eval_every > 0 for comparisons")
 
 
@@ -82,7 +82,7 @@ def summarize(runs: dict[str, list[Path]], metric: str | None = None) -> tuple[s
             continue
         metric = metric or _pick_metric(per_seed[0])
         curves = [_curve(rows, metric) for rows in per_seed]
-        iters = [r for rows in per_seed for r in rows if "perf/iteration_s" in r]
+        iters = [r for rows in per_seed for r in rows if metrics.ITERATION_S in r]
         base = _combine([c[0][1] for c in curves], [c[0][2] for c in curves])
         final = _combine([c[-1][1] for c in curves], [c[-1][2] for c in curves])
         paired = [paired_gain(d, metric) for d in dirs if (d / "metrics.jsonl").is_file()]
@@ -95,14 +95,14 @@ def summarize(runs: dict[str, list[Path]], metric: str | None = None) -> tuple[s
             "final": final,
             "gain": (final[0] - base[0], math.hypot(final[1], base[1])),
             "paired_gain": paired_gain_,
-            "iteration_s": mean(r["perf/iteration_s"] for r in iters),
-            "rollout_s": mean(r["perf/rollout_s"] for r in iters),
-            "train_s": mean(r["perf/train_s"] for r in iters),
-            "nfe_rollout": mean(r["perf/nfe_rollout"] for r in iters),
-            "nfe_train": mean(r["perf/nfe_train"] for r in iters),
-            "wall_s": mean(sum(r.get("perf/iteration_s", 0.0) for r in rows) for rows in per_seed),
+            "iteration_s": mean(r[metrics.ITERATION_S] for r in iters),
+            "rollout_s": mean(r[metrics.ROLLOUT_S] for r in iters),
+            "train_s": mean(r[metrics.TRAIN_S] for r in iters),
+            "nfe_rollout": mean(r[metrics.NFE_ROLLOUT] for r in iters),
+            "nfe_train": mean(r[metrics.NFE_TRAIN] for r in iters),
+            "wall_s": mean(sum(r.get(metrics.ITERATION_S, 0.0) for r in rows) for rows in per_seed),
             "seeds": len(per_seed),
-            "iterations": max(r["iteration"] for r in iters),
+            "iterations": max(r[metrics.ITERATION] for r in iters),
         }
     return metric or "", table
 

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mixgrpo.core import metrics
 from mixgrpo.core.records import METRICS
 from mixgrpo.core.report import format_difference, format_estimate, held_out_summary, read_metrics
 
@@ -34,8 +35,7 @@ def method_name(config: Any) -> str:
 def plot_curve(run_dir: Path, path: Path) -> bool:
     """Held-out reward against iteration, one panel per reward (mean ± SE); False without evaluations."""
     rows = read_metrics(run_dir / METRICS) if (run_dir / METRICS).is_file() else []
-    names = list(dict.fromkeys(k[len("eval/"):-len("/mean")] for r in rows for k in r
-                               if k.startswith("eval/") and k.endswith("/mean")))
+    names = metrics.evaluated_rewards(rows)
     if not names:
         return False
     import matplotlib
@@ -45,8 +45,8 @@ def plot_curve(run_dir: Path, path: Path) -> bool:
 
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
-        points = [(r["iteration"], r[f"eval/{name}/mean"], r.get(f"eval/{name}/sem") or 0.0) for r in rows
-                  if r.get(f"eval/{name}/mean") is not None]
+        mean, sem = metrics.evaluation(name, "mean"), metrics.evaluation(name, "sem")
+        points = [(r[metrics.ITERATION], r[mean], r.get(sem) or 0.0) for r in rows if r.get(mean) is not None]
         xs, ys, es = zip(*points)
         ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=3)
         ax.set_xlabel("iteration")

@@ -28,15 +28,6 @@ BINDINGS = "bindings.json"
 RESUMES = "resumes.jsonl"
 METRICS = "metrics.jsonl"
 EVAL_SCORES = "eval_scores.jsonl"
-#: every name ``metrics.jsonl`` may hold (``<name>``: a reward's registered name), as documented in
-#: docs/run-directory.md; nothing else is written there
-METRIC_NAMES = (
-    "iteration", "reward/<name>/mean", "reward/<name>/std", "reward/<name>/failed", "reward/<name>/zero_std_groups",
-    "eval/<name>/mean", "eval/<name>/sem", "policy/ratio_mean", "policy/clipfrac", "policy/approx_kl",
-    "policy/onpolicy_ratio_dev", "policy/grad_norm", "policy/skipped_steps", "loss/policy", "loss/kl",
-    "window/start", "window/size", "perf/nfe_rollout", "perf/nfe_train", "perf/rollout_s", "perf/reward_s",
-    "perf/train_s", "perf/iteration_s", "perf/peak_mem_gb",
-)
 #: what a run directory holds (``--overwrite`` removes exactly these)
 RUN_FILES = ("config.gin", BINDINGS, RESUMES, METRICS, EVAL_SCORES, "README.md", "reward_curve.png")
 RUN_FOLDERS = ("checkpoints", "samples", "tensorboard", "eval")

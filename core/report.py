@@ -44,6 +44,7 @@ def save_sample_grid(images: torch.Tensor, captions: Sequence[str], path: Path, 
 
 #: per-image held-out scores of every evaluation of a run: one JSON line per evaluation,
 #: ``{"iteration": k, "<reward name>": [score per image, ...]}``
+from mixgrpo.core import metrics  # noqa: E402
 from mixgrpo.core.records import EVAL_SCORES, METRICS  # noqa: E402,F401 (re-exported)
 
 
@@ -104,14 +105,13 @@ def held_out_summary(run_dir: Path) -> list[dict[str, Any]]:
     from mixgrpo.core.compare_report import paired_gain
 
     rows = read_metrics(run_dir / METRICS) if (run_dir / METRICS).is_file() else []
-    evaluated = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    names = metrics.evaluated_rewards(rows)
+    evaluated = [r for r in rows if any(r.get(metrics.evaluation(n, "mean")) is not None for n in names)]
     if not evaluated:
         return []
-    names = list(dict.fromkeys(k[len("eval/"):-len("/mean")] for r in evaluated for k in r
-                               if k.startswith("eval/") and k.endswith("/mean")))
     out = []
     for name in names:
-        with_name = [r for r in evaluated if r.get(f"eval/{name}/mean") is not None]
+        with_name = [r for r in evaluated if r.get(metrics.evaluation(name, "mean")) is not None]
         if not with_name:
             continue
         paired = paired_gain(run_dir, name) if len(with_name) > 1 else None
@@ -123,7 +123,8 @@ def held_out_summary(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _point(row: dict[str, Any], name: str) -> dict[str, Any]:
-    return {"iteration": int(row["iteration"]), "mean": row[f"eval/{name}/mean"], "sem": row.get(f"eval/{name}/sem")}
+    return {"iteration": int(row[metrics.ITERATION]), "mean": row[metrics.evaluation(name, "mean")],
+            "sem": row.get(metrics.evaluation(name, "sem"))}
 
 
 def summary_lines(run_dir: Path) -> list[str]:

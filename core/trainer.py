@@ -173,7 +173,7 @@ class Trainer:
         # 3. reward: each chunk's images scored as soon as decoded (in the background with
         #    overlap_rewards, while the next chunk rolls out)
         self.backbone.module.eval()
-        with _ChunkScorer(self.rewards, prompts, background=c.overlap_rewards) as scorer:
+        with _ChunkScorer(self.rewards, prompts, _reward_thread() if c.overlap_rewards else None) as scorer:
             traj = rollout(self.backbone, prompts, group_ids, sample_ids, plan, setup=self.setup,
                            sde_sampler=self.sde_sampler, pre_solver=self.pre_solver,
                            post_solver=self.post_solver, seed=c.seed, iteration=k,
@@ -503,17 +503,22 @@ class Trainer:
         return float(failed) == 0.0
 
 
+def _reward_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="mixgrpo-reward")
+
+
 class _ChunkScorer:
-    """Scores each rollout chunk's images as the rollout hands them over: at once, or in one
+    """Scores each rollout chunk's images as the rollout hands them over: at once, or in ``pool``'s
     background thread (``TrainConfig.overlap_rewards``). The reward calls and their images are the
     same either way, so are the scores. ``inline_s`` is the scoring time spent inside the rollout."""
 
-    def __init__(self, rewards: Mapping[str, Reward], prompts: Sequence[str], background: bool) -> None:
+    def __init__(self, rewards: Mapping[str, Reward], prompts: Sequence[str],
+                 pool: ThreadPoolExecutor | None) -> None:
         self.rewards, self.prompts = rewards, list(prompts)
         self.scores = {name: torch.full((len(prompts),), float("nan")) for name in rewards}
         self.errors: dict[str, BaseException] = {}
         self.inline_s = 0.0
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mixgrpo-reward") if background else None
+        self._pool = pool
         self._pending: list[Future] = []
 
     def __enter__(self) -> _ChunkScorer:

@@ -108,7 +108,7 @@ def test_sample_grids_carry_the_iteration_and_each_image_score(run):
 @pytest.mark.parametrize("method", ["flowgrpo", "dancegrpo", "mixgrpo_flash"])
 def test_metrics_hold_only_documented_names(tmp_path, method):
     from mixgrpo.core.config import load_config
-    from mixgrpo.core.records import METRIC_NAMES
+    from mixgrpo.core.metrics import NAMES as METRIC_NAMES
     from mixgrpo.core.trainer import Trainer
 
     from .conftest import TOY as METHOD_TOY

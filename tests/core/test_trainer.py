@@ -5,17 +5,15 @@ import json
 import pytest
 import torch
 
+from mixgrpo.core import metrics as m
 from mixgrpo.core.report import read_metrics
 from mixgrpo.core.trainer import Trainer
 
 from .conftest import METHODS
 
-FIXED_METRICS = [
-    "policy/ratio_mean", "policy/clipfrac", "policy/approx_kl", "loss/policy", "loss/kl",
-    "window/start", "window/size", "perf/nfe_rollout", "perf/nfe_train", "perf/rollout_s",
-    "perf/reward_s", "perf/train_s", "perf/iteration_s", "perf/peak_mem_gb",
-    "reward/shapes.preference/mean", "reward/shapes.preference/std",
-]
+FIXED_METRICS = [*m.POLICY, m.WINDOW_START, m.WINDOW_SIZE, m.NFE_ROLLOUT, m.NFE_TRAIN, m.ROLLOUT_S, m.REWARD_S,
+                 m.TRAIN_S, m.ITERATION_S, m.PEAK_MEM_GB, m.reward("shapes.preference", "mean"),
+                 m.reward("shapes.preference", "std")]
 
 
 def _weights(trainer):
