@@ -101,6 +101,23 @@ class Trainer:
                 raise ValueError(f"schedule {c.schedule!r} trains steps {sorted(outside)} at iteration {k}, which are "
                                  "not SDE steps: a log-prob exists only on SDE steps")
             self.setup.sigmas(plan)
+        if not self.sde_sampler.supports_final_step:
+            # every iteration, not only the first and last: a random window may reach the end at any
+            # (windowed plans are O(1); a schedule that samples every step is refused at iteration 0)
+            for k in range(c.iterations):
+                plan = self.schedule.plan(k, c.num_steps, c.prompts_per_iteration * c.group_size, seed=c.seed)
+                last = self.setup.sigmas(plan).numel() - 2  # the step into σ = 0 (of a Flash grid too)
+                if last in plan.sde_steps and last < plan.num_steps:
+                    takes = sorted(n for n, e in self.pm.registry["sampler"].items()
+                                   if getattr(e.factory, "stochastic", False)
+                                   and getattr(e.factory, "supports_final_step", True))
+                    raise ValueError(
+                        f"TrainConfig.sde_sampler = {c.sde_sampler!r} ({type(self.sde_sampler).__name__}) cannot "
+                        f"take the grid's last step, into σ = 0, as an SDE step (its std is 0 there, so the step "
+                        f"has no log-prob), but TrainConfig.schedule = {c.schedule!r} makes step {last}, the last "
+                        f"of {last + 1}, an SDE step at iteration {k}. Use an SDE sampler that takes the last "
+                        f"step ({', '.join(takes)}), or a windowed schedule ('fixed', 'progressive', 'decay') "
+                        f"whose window ends before step {last} at every iteration")
 
     def _shard_backbone(self) -> None:
         if getattr(self.backbone, "lora_rank", 0) > 0:
