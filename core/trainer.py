@@ -439,8 +439,12 @@ def _stop_on_signals() -> Iterator[list[str]]:
 def _check_batch_layout(c: TrainConfig, world: int) -> None:
     """Whole groups on every process, and minibatches that split each process's samples evenly."""
     if c.prompts_per_iteration % world:
-        raise ValueError(f"prompts_per_iteration={c.prompts_per_iteration} must be divisible by the "
-                         f"number of processes ({world}) so that every process holds whole groups")
+        n = c.prompts_per_iteration
+        near = [m for m in (n // world * world, (n // world + 1) * world) if m > 0]
+        raise ValueError(f"TrainConfig.prompts_per_iteration = {n} is not divisible by the number of processes "
+                         f"({world}), so the processes cannot each hold whole groups: set it to a multiple of "
+                         f"{world} (" + " or ".join(f'--gin "TrainConfig.prompts_per_iteration = {m}"' for m in near)
+                         + f"), or launch a number of processes that divides {n}")
     local = c.prompts_per_iteration // world * c.group_size
     if local % c.num_minibatches:
         raise ValueError(f"num_minibatches={c.num_minibatches} must divide the {local} samples each process holds "
