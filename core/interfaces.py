@@ -123,10 +123,14 @@ class Sampler(ABC):
     """One step of an ODE solver or an SDE sampler on the σ grid.
 
     Class attribute ``stochastic`` is True for SDE samplers (which return log-probs) and False for
-    ODE solvers (which never do: a log-prob is undefined at g = 0).
+    ODE solvers (which never do: a log-prob is undefined at g = 0). ``supports_final_step`` says
+    whether the sampler can take the grid's last step, into σ = 0; an SDE sampler whose step has std
+    0 there (CPS: std = σ_{i+1}·sin(aπ/2)) declares False, and the trainer then refuses, before any
+    model loads, a schedule that would make that step an SDE step.
     """
 
     stochastic: ClassVar[bool] = False
+    supports_final_step: ClassVar[bool] = True
 
     @abstractmethod
     def step(

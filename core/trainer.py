@@ -222,8 +222,9 @@ class Trainer:
 
     def _check_plans(self) -> None:
         """Plan the first and last iterations (plans are pure and cheap): a window that does not fit
-        the grid, a trained step that is not an SDE step, or a Flash grid that cannot be built is
-        reported now rather than after the models have loaded."""
+        the grid, a trained step that is not an SDE step, a Flash grid that cannot be built, or an
+        SDE step the sampler cannot take (CPS into σ = 0, checked at every iteration) is reported now
+        rather than after the models have loaded."""
         c = self.config
         for k in sorted({0, c.iterations - 1}):
             plan = self.schedule.plan(k, c.num_steps, c.prompts_per_iteration * c.group_size, seed=c.seed)
@@ -232,6 +233,23 @@ class Trainer:
                 raise ValueError(f"schedule {c.schedule!r} trains steps {sorted(outside)} at iteration {k}, which are "
                                  "not SDE steps: a log-prob exists only on SDE steps")
             self.setup.sigmas(plan)
+        if not self.sde_sampler.supports_final_step:
+            # every iteration, not only the first and last: a random window may reach the end at any
+            # (windowed plans are O(1); a schedule that samples every step is refused at iteration 0)
+            for k in range(c.iterations):
+                plan = self.schedule.plan(k, c.num_steps, c.prompts_per_iteration * c.group_size, seed=c.seed)
+                last = self.setup.sigmas(plan).numel() - 2  # the step into σ = 0 (of a Flash grid too)
+                if last in plan.sde_steps and last < plan.num_steps:
+                    takes = sorted(n for n, e in self.pm.registry["sampler"].items()
+                                   if getattr(e.factory, "stochastic", False)
+                                   and getattr(e.factory, "supports_final_step", True))
+                    raise ValueError(
+                        f"TrainConfig.sde_sampler = {c.sde_sampler!r} ({type(self.sde_sampler).__name__}) cannot "
+                        f"take the grid's last step, into σ = 0, as an SDE step (its std is 0 there, so the step "
+                        f"has no log-prob), but TrainConfig.schedule = {c.schedule!r} makes step {last}, the last "
+                        f"of {last + 1}, an SDE step at iteration {k}. Use an SDE sampler that takes the last "
+                        f"step ({', '.join(takes)}), or a windowed schedule ('fixed', 'progressive', 'decay') "
+                        f"whose window ends before step {last} at every iteration")
 
     # == 3. reward and 4. advantages ================================================================
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -589,8 +607,12 @@ def _stop_on_signals() -> Iterator[list[str]]:
 def _check_batch_layout(c: TrainConfig, world: int) -> None:
     """Whole groups on every process, and minibatches that split each process's samples evenly."""
     if c.prompts_per_iteration % world:
-        raise ValueError(f"prompts_per_iteration={c.prompts_per_iteration} must be divisible by the "
-                         f"number of processes ({world}) so that every process holds whole groups")
+        n = c.prompts_per_iteration
+        near = [k for k in (n // world * world, (n // world + 1) * world) if k > 0]
+        raise ValueError(f"TrainConfig.prompts_per_iteration = {n} is not divisible by the number of processes "
+                         f"({world}), so the processes cannot each hold whole groups: set it to a multiple of "
+                         f"{world} (" + " or ".join(f'--gin "TrainConfig.prompts_per_iteration = {k}"' for k in near)
+                         + f"), or launch a number of processes that divides {n}")
     local = c.prompts_per_iteration // world * c.group_size
     if local % c.num_minibatches:
         raise ValueError(f"num_minibatches={c.num_minibatches} must divide the {local} samples each process holds "

@@ -17,6 +17,9 @@ Only properties that hold for any correct sampler are checked, for both ODE solv
 - ODE solvers: ``log_prob is None``, ``std == 0``, ``mean == prev_sample``, and exactness on a
   straight-line flow (``x = (1−σ)·x0 + σ·ε`` with the exact ``v = ε − x0`` lands on
   ``(1−σ_{i+1})·x0 + σ_{i+1}·ε``, with or without a consistent history);
+- the grid's last step, into σ = 0, does what ``supports_final_step`` declares: a finite step (and,
+  for SDE samplers, a finite log-prob with std > 0) when True; a ``ValueError`` when False (never a
+  silent NaN or infinite log-prob), which only an SDE sampler may declare;
 - SDE samplers: ``log_prob`` ``[B]`` finite; ``noise = 0`` gives the mean; the draw is
   ``mean + std·ξ``; evaluating a drawn ``prev_sample`` reproduces its log-prob bit-for-bit (the
   on-policy check, docs/algorithms.md §3); the log-prob's gradient flows through ``v`` and not
@@ -59,10 +62,10 @@ class SamplerContract:
         return _static_grid(10, 3.0)
 
     def step_indices(self, sampler: Sampler, sigmas: torch.Tensor) -> list[int]:
-        """Steps to test: all of them for ODE solvers; all but the last for SDE samplers (a step into
-        σ = 0 may have std 0, where no log-prob exists, e.g. CPS)."""
+        """Steps to test: all of them, but the last (into σ = 0) only for a sampler that declares
+        ``supports_final_step`` (a step into σ = 0 may have std 0, where no log-prob exists, e.g. CPS)."""
         num_steps = sigmas.numel() - 1
-        return list(range(num_steps - 1 if sampler.stochastic else num_steps))
+        return list(range(num_steps if sampler.supports_final_step else num_steps - 1))
 
     def inputs(self, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Random ``(x, v)`` ``[B, *shape]``, reproducible from ``seed``."""
@@ -153,6 +156,24 @@ class SamplerContract:
         assert len(history.entries) == len(before)
         for (s0, t0), (s1, t1) in zip(before, history.entries, strict=True):
             assert s0 == s1 and torch.equal(t0, t1)
+
+    def test_final_step_is_as_declared(self):
+        """``supports_final_step`` is what the trainer trusts to refuse, before any model loads, a
+        schedule that samples the last step with an SDE that cannot take it."""
+        sampler, sigmas = self.make_sampler(), self.grid()
+        assert isinstance(sampler.supports_final_step, bool)
+        assert sampler.supports_final_step or sampler.stochastic, "an ODE solver must take the last step"
+        x, v = self.inputs()
+        last = sigmas.numel() - 2
+        if not sampler.supports_final_step:
+            with pytest.raises(ValueError):
+                self._step(sampler, x, v, sigmas, last)
+            return
+        res = self._step(sampler, x, v, sigmas, last)
+        assert torch.isfinite(res.prev_sample).all()
+        if sampler.stochastic:
+            assert res.log_prob is not None and torch.isfinite(res.log_prob).all()
+            assert float(torch.as_tensor(res.std).min()) > 0.0
 
     def test_index_out_of_range_raises(self):
         sampler, sigmas = self.make_sampler(), self.grid()

@@ -100,7 +100,7 @@ def build_tiny_flux(path: str | os.PathLike, *, vocab: Sequence[str] | None = No
                     patch: int = 4, num_layers: int = 2, num_single_layers: int = 4, attention_head_dim: int = 32,
                     num_attention_heads: int = 4, text_dim: int = 64, text_layers: int = 1, seed: int = 0,
                     with_vae: bool = False, with_t5: bool = False, t5_dim: int | None = None,
-                    max_text_length: int = 32) -> Path:
+                    max_text_length: int = 32, snapshot: bool = False) -> Path:
     """Write a complete, loadable FLUX directory with random weights of the real classes.
 
     The transformer is a ``FluxTransformer2DModel`` with ``num_layers`` double and
@@ -111,6 +111,9 @@ def build_tiny_flux(path: str | os.PathLike, *, vocab: Sequence[str] | None = No
     (``in_channels = 3·patch²``); ``with_vae`` adds a tiny ``AutoencoderKL`` (4 latent channels,
     downsampling 2, packed 2×2; ``patch`` is then unused); ``with_t5`` adds a tiny
     ``T5EncoderModel`` of width ``t5_dim`` (default ``text_dim``) as the sequence encoder.
+    ``snapshot`` writes the folder as FLUX.1-dev's snapshot is (``FluxPipeline.save_pretrained``:
+    ``model_index.json``, ``scheduler/``, both text encoders and the VAE, no ``mixgrpo.json``, so the
+    image size is the backbone's to set); it implies ``with_vae`` and ``with_t5``.
 
     Returns:
         ``path`` (created), loadable with ``FluxBackbone(path)``.
@@ -120,6 +123,7 @@ def build_tiny_flux(path: str | os.PathLike, *, vocab: Sequence[str] | None = No
 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
+    with_vae, with_t5 = with_vae or snapshot, with_t5 or snapshot
     words = list(vocab) if vocab is not None else list(DEFAULT_VOCAB)
     tokenizer = build_word_tokenizer(words, max_text_length)
     vocab_size = len(tokenizer)
@@ -143,26 +147,60 @@ def build_tiny_flux(path: str | os.PathLike, *, vocab: Sequence[str] | None = No
         if with_t5:
             tiny_t5(vocab_size, seq_dim).save_pretrained(root / "text_encoder_2")
             save_tokenizer(build_word_tokenizer(words, 512, bos=False), root / "tokenizer_2")
+    if snapshot:
+        _save_pipeline(root, "FluxPipeline")
+        return root
     (root / DEFAULTS_FILE).write_text(json.dumps({"height": image_size, "width": image_size}, indent=2) + "\n")
     return root
+
+
+def _save_pipeline(root: Path, pipeline: str) -> None:
+    """Rewrite the component folders in ``root`` as diffusers' ``<pipeline>.save_pretrained`` writes a
+    model snapshot: ``model_index.json`` and a ``scheduler/`` (flow matching, shift 3) beside them."""
+    import diffusers
+    import transformers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import AutoTokenizer
+
+    cls = getattr(diffusers, pipeline)
+    names = [n for n in cls._get_signature_keys(cls)[0] if n != "scheduler"]
+    components = {n: None for n in cls._optional_components}
+    for name in names:
+        folder = root / name
+        if name.startswith("tokenizer") and folder.is_dir():
+            components[name] = AutoTokenizer.from_pretrained(folder)
+        elif folder.is_dir():
+            config = json.loads((folder / "config.json").read_text())
+            if name in ("transformer", "vae"):
+                components[name] = getattr(diffusers, config["_class_name"]).from_pretrained(folder)
+            else:
+                components[name] = getattr(transformers, config["architectures"][0]).from_pretrained(folder)
+    pipe = cls(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **components)
+    pipe.save_pretrained(root)
+    for name in names:  # the word-level tokenizers under the class name every transformers version knows
+        if name.startswith("tokenizer") and (root / name).is_dir():
+            save_tokenizer(components[name], root / name)
 
 
 def build_tiny_sd3(path: str | os.PathLike, *, vocab: Sequence[str] | None = None, image_size: int = 32,
                    num_layers: int = 2, attention_head_dim: int = 16, num_attention_heads: int = 2,
                    clip_dims: tuple[int, int] = (32, 48), t5_dim: int = 96, with_t5: bool = True,
                    dual_attention_layers: tuple[int, ...] = (0,), max_text_length: int = 16,
-                   seed: int = 0) -> Path:
+                   seed: int = 0, snapshot: bool = False) -> Path:
     """Write a complete, loadable SD3.5-style directory with random weights of the real classes.
 
     ``SD3Transformer2DModel`` (``num_layers`` joint blocks, RMS q/k norm, dual attention in
     ``dual_attention_layers`` as SD3.5-medium, patch 2), two ``CLIPTextModelWithProjection`` of widths
     ``clip_dims`` (projection = width), an optional ``T5EncoderModel`` of width ``t5_dim``
     (= ``joint_attention_dim``), word-level tokenizers over ``vocab`` (default: the shapes-world
-    words), and a tiny ``AutoencoderKL`` (4 latent channels, downsampling 2). Returns ``path``.
+    words), and a tiny ``AutoencoderKL`` (4 latent channels, downsampling 2). ``snapshot`` writes the
+    folder as SD3.5's snapshot is (``StableDiffusion3Pipeline.save_pretrained``: ``model_index.json``,
+    ``scheduler/``, no ``mixgrpo.json``); it implies ``with_t5``. Returns ``path``.
     """
     from diffusers import SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection
 
+    with_t5 = with_t5 or snapshot
     if sum(clip_dims) > t5_dim:
         raise ValueError(f"t5_dim={t5_dim} must hold both CLIP widths {clip_dims}")
     root = Path(path)
@@ -188,5 +226,8 @@ def build_tiny_sd3(path: str | os.PathLike, *, vocab: Sequence[str] | None = Non
         if with_t5:
             tiny_t5(len(tokenizer), t5_dim).save_pretrained(root / "text_encoder_3")
             save_tokenizer(build_word_tokenizer(words, 512, bos=False), root / "tokenizer_3")
+    if snapshot:
+        _save_pipeline(root, "StableDiffusion3Pipeline")
+        return root
     (root / DEFAULTS_FILE).write_text(f'{{"height": {image_size}, "width": {image_size}}}\n')
     return root

@@ -245,7 +245,8 @@ class DanceSDE(_SDESampler):
 class CPSSDE(_SDESampler):
     """Coefficient-preserving sampling (newer FlowGRPO and MixGRPO code): std ``σ_{i+1}·sin(aπ/2)``.
 
-    The std is 0 on a step into σ = 0, so the last step must be an ODE step (``step`` raises there).
+    The std is 0 on a step into σ = 0, so the last step must be an ODE step (``step`` raises there, and
+    ``supports_final_step = False`` lets the trainer refuse a schedule that samples it before anything loads).
 
     Args:
         noise_level (`float`, defaults to 0.8):
@@ -255,6 +256,7 @@ class CPSSDE(_SDESampler):
     """
 
     form = "cps"
+    supports_final_step = False  # std σ_{i+1}·sin(aπ/2) is 0 on the step into σ = 0
 
     def __init__(self, noise_level: float = 0.8, reduction: str = "mean") -> None:
         super().__init__(noise_level, reduction)

@@ -112,3 +112,37 @@ def test_a_model_of_the_wrong_family_is_named(capsys, tmp_path):
     rc, err = train(capsys, MIXGRPO, *TOY, "TrainConfig.backbone = 'sd3'", f"SD3Backbone.path = '{sd3}'",
                     output=tmp_path / "run")
     assert rc == 2 and "has no config.json: an incomplete diffusers snapshot" in err
+
+
+FLOWGRPO = str(ROOT / "experiments" / "methods" / "flowgrpo.gin")
+
+
+@pytest.mark.parametrize("config, bindings, where", [
+    # FlowGRPO samples every step with the SDE, the last one (into σ = 0) included
+    (FLOWGRPO, (), "TrainConfig.schedule = 'all' makes step 7, the last of 8, an SDE step at iteration 0"),
+    # MixGRPO's window (3 of 8 steps, moving every 25 iterations) reaches the last step at iteration 125
+    (MIXGRPO, ("TrainConfig.iterations = 200",),
+     "TrainConfig.schedule = 'progressive' makes step 7, the last of 8, an SDE step at iteration 125"),
+], ids=["flowgrpo-all", "mixgrpo-progressive"])
+def test_cps_with_a_schedule_that_samples_the_last_step_stops_before_the_model_loads(
+        capsys, tmp_path, config, bindings, where):
+    rc, err = train(capsys, config, *TOY, "TrainConfig.backbone = 'flux'", NO_MODEL,
+                    "TrainConfig.sde_sampler = 'sde.cps'", *bindings, output=tmp_path / "run")
+    assert rc == 2
+    assert err.startswith("mixgrpo train: error: TrainConfig.sde_sampler = 'sde.cps' (CPSSDE) cannot take the "
+                          "grid's last step, into σ = 0, as an SDE step (its std is 0 there")
+    assert where in err
+    assert "Use an SDE sampler that takes the last step (sde.dance, sde.flow)" in err
+    assert "whose window ends before step 7 at every iteration" in err
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+def test_cps_with_a_window_that_stops_before_the_last_step_is_accepted(toy_config):
+    from mixgrpo.core.trainer import Trainer
+
+    # 100 iterations, a move every 40: the window starts at 0, 1, 2 and never reaches step 7
+    cfg, pm = toy_config("mixgrpo", "TrainConfig.sde_sampler = 'sde.cps'", "TrainConfig.iterations = 100",
+                         "ProgressiveWindow.shift_interval = 40")
+    trainer = Trainer(cfg, pm)
+    assert type(trainer.sde_sampler).__name__ == "CPSSDE" and not trainer.sde_sampler.supports_final_step
+    trainer.close()

@@ -301,7 +301,9 @@ def test_sd3_recipe_is_flowgrpos(sd3_dir, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
     cfg, pm = load_config(ROOT / "experiments" / "flowgrpo_sd3.gin",
-                         [f"SD3_PATH = '{sd3_dir}'", f"PROMPTS_TRAIN = '{prompts}'", f"PROMPTS_TEST = '{prompts}'"])
+                         [f"SD3_PATH = '{sd3_dir}'", f"PROMPTS_TRAIN = '{prompts}'", f"PROMPTS_TEST = '{prompts}'",
+                          "PICKSCORE_PATH = '/nonexistent/pickscore'"])  # nothing loads the reward here
+    assert cfg.rewards == {"pickscore": 1.0}
     assert (cfg.num_steps, cfg.eval_num_steps, cfg.num_minibatches) == (10, 40, 2)
     assert (cfg.ema_decay, cfg.ema_interval, cfg.group_size, cfg.prompts_per_iteration) == (0.9, 8, 24, 48)
     bb = pm.create("backbone", cfg.backbone)  # with the recipe's backbone settings
