@@ -31,13 +31,18 @@ EVAL_FIELDS = ("backbone", "eval_solver", "prompt_set", "rewards", "eval_rewards
 
 def signature(trainer: Trainer) -> str:
     """A hash of the settings the base evaluation depends on: the fields above and every binding of
-    the backbone, prompt set, evaluation solver and reward classes (macros included)."""
+    the backbone, prompt set, evaluation solver and reward classes (macros included), unscoped or in
+    the evaluation solver's scope ``eval/`` (a ``post/`` binding configures another role's solver)."""
     c, pm = trainer.config, trainer.pm
     classes = {pm.get("backbone", c.backbone).gin_name, pm.get("prompt_set", c.prompt_set).gin_name,
                pm.get("sampler", c.eval_solver).gin_name}
     classes |= {pm.get("reward", name).gin_name for name in [*c.rewards, *c.eval_rewards]}
-    bindings = {k: v for k, v in records.snapshot().items()
-                if k.startswith("%") or k.rsplit(".", 2)[-2] in classes}
+
+    def applies(key: str) -> bool:
+        scope, _, binding = key.rpartition("/")
+        return key.startswith("%") or (scope in ("", "eval") and binding.rsplit(".", 2)[-2] in classes)
+
+    bindings = {k: v for k, v in records.snapshot().items() if applies(k)}
     fields = {name: repr(getattr(c, name)) for name in EVAL_FIELDS}
     fields["rewards"] = repr(sorted(c.rewards))  # the weights do not change an evaluation
     blob = json.dumps({"fields": fields, "bindings": bindings}, sort_keys=True)

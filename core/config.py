@@ -22,7 +22,15 @@ import attrs
 import gin
 
 from mixgrpo.core.parallel import PARALLELISMS
-from mixgrpo.core.plugins import PluginManager, UnknownComponentError, get_plugin_manager, unknown_message
+from mixgrpo.core.plugins import (
+    SAMPLER_ROLES,
+    PluginManager,
+    UnknownComponentError,
+    get_plugin_manager,
+    unknown_message,
+)
+
+log = logging.getLogger(__name__)
 
 
 @gin.configurable
@@ -35,7 +43,9 @@ class TrainConfig:
         ``dpmsolver++`` for Flash), eval_solver (the ODE solver of held-out evaluation and sample
         grids: the same for every method, so that base models compare equal), schedule, objective,
         prompt_set; rewards: {name: weight} trained on; eval_rewards: names scored on held-out
-        prompts but never trained on.
+        prompts but never trained on. The four samplers are built in the gin scopes of their roles,
+        ``sde``, ``pre``, ``post`` and ``eval``: ``post/DPMSolverPP.order = 1`` configures the
+        post-window solver alone, an unscoped ``DPMSolverPP.order = 1`` every role that uses it.
     Sampling:
         num_steps (T), shift (s), grid (``static``|``dynamic``|``diffusers``), compression (Flash
         ratio r for the post-window grid, or None), shared_noise (same x_T within a group).
@@ -117,6 +127,10 @@ class TrainConfig:
     ratio_tolerance: float | None = None
     progress: bool = True
     tensorboard: bool = True
+
+    def samplers(self) -> dict[str, str]:
+        """``{role: sampler name}`` for the roles of ``SAMPLER_ROLES`` (each built in its gin scope)."""
+        return {"sde": self.sde_sampler, "pre": self.pre_solver, "post": self.post_solver, "eval": self.eval_solver}
 
     def components(self) -> list[tuple[str, str]]:
         """``(kind, name)`` of every component this config selects."""
@@ -318,7 +332,49 @@ def parse_gin(config_files: Sequence[str | Path], bindings: Sequence[str] = (), 
         if "but not subsequently overridden" in str(exc):  # gin names only the first unbound macro
             check_macros_bound(config_files[-1])
         raise ConfigError(explain_gin_error(exc, pm)) from None
+    check_scoped_bindings(pm)
     return pm
+
+
+def _scoped_bindings() -> Iterator[tuple[str, str, str]]:
+    """``(scope, class name, parameter)`` of every scoped binding of the parsed config."""
+    for (scope, selector), params in gin.config._CONFIG.items():
+        if scope and selector != "gin.macro":
+            for param in params:
+                yield scope, selector.rsplit(".", 1)[-1], param
+
+
+def check_scoped_bindings(pm: PluginManager) -> None:
+    """gin scopes name the roles of samplers (``post/DPMSolverPP.order = 1``): a binding in any other
+    scope, or on a class that is not a sampler, would never apply, so it is an error naming the roles."""
+    samplers = {entry.gin_name for entry in pm.registry["sampler"].values()}
+    roles = ", ".join(SAMPLER_ROLES)
+    for scope, cls, param in _scoped_bindings():
+        binding = f"{scope}/{cls}.{param}"
+        if scope not in SAMPLER_ROLES:
+            close = difflib.get_close_matches(scope, SAMPLER_ROLES, n=1)
+            hint = f" Did you mean '{close[0]}/{cls}.{param}'?" if close else ""
+            raise ConfigError(f"binding {binding}: {scope!r} is not a sampler role. A scope names the role of the "
+                              f"sampler it configures ({roles}), e.g. post/DPMSolverPP.order = 1; a binding "
+                              f"without a scope applies to every role.{hint}")
+        if cls not in samplers:
+            raise ConfigError(f"binding {binding}: scopes name the roles of samplers ({roles}) and {cls} is not a "
+                              f"sampler, so the binding would never apply; bind {cls}.{param} without a scope")
+
+
+def warn_unused_role_bindings(config: TrainConfig, pm: PluginManager) -> list[str]:
+    """Log (and return) the role-scoped bindings on a class that the run does not use in that role,
+    e.g. ``post/DPMSolverPP.order`` with ``post_solver = 'euler'`` (a comparison's variant may switch
+    a solver, so this is a warning, not an error)."""
+    chosen = config.samplers()
+    unused = []
+    for scope, cls, param in _scoped_bindings():
+        name = chosen.get(scope)
+        if name is not None and pm.get("sampler", name).gin_name != cls:
+            unused.append(f"{scope}/{cls}.{param}")
+            log.warning("binding %s/%s.%s applies to nothing: the %s role uses sampler %r (%s)", scope, cls, param,
+                        scope, name, pm.get("sampler", name).gin_name)
+    return unused
 
 
 UNSET_PREFIX = "unset:"  # a macro default that must be bound (gin.REQUIRED, where a string is needed)
@@ -356,6 +412,7 @@ def load_config(config_file: str | Path, bindings: Sequence[str] = (), pm: Plugi
     except (ValueError, TypeError) as exc:
         raise ConfigError(explain_gin_error(exc, pm)) from None
     config.validate(pm)
+    warn_unused_role_bindings(config, pm)
     return config, pm
 
 

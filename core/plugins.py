@@ -212,6 +212,25 @@ class PluginManager:
         self.pm.hook.on_checkpoint(trainer=trainer, path=path)
 
 
+#: The roles a sampler plays in a run (``TrainConfig.sde_sampler``, ``pre_solver``, ``post_solver``,
+#: ``eval_solver``). Each is created inside the gin scope of its role's name, so ``post/DPMSolverPP.order = 1``
+#: configures the post-window solver alone, while an unscoped ``DPMSolverPP.order = 2`` applies to every
+#: role that uses the class (a scoped binding overrides an unscoped one).
+SAMPLER_ROLES: tuple[str, ...] = ("sde", "pre", "post", "eval")
+
+
+def make_sampler(pm: PluginManager, role: str, name: str, **kwargs: Any) -> Any:
+    """The sampler ``name`` for ``role`` (one of ``SAMPLER_ROLES``), created in the gin scope ``role``.
+
+    Every place that builds a sampler for a run (the trainer, ``mixgrpo sample``, evaluation of a
+    checkpoint) goes through this, so a run's solver of one role is the same wherever it is built.
+    """
+    if role not in SAMPLER_ROLES:
+        raise ValueError(f"unknown sampler role {role!r}; roles: {', '.join(SAMPLER_ROLES)}")
+    with gin.config_scope(role):
+        return pm.create("sampler", name, **kwargs)
+
+
 def unknown_message(kind: str, name: str, known: list[str], failures: Iterable[LoadFailure] = ()) -> str:
     msg = f"unknown {kind} {name!r}; known {kind}s: {', '.join(known) or '(none)'}"
     close = difflib.get_close_matches(name, known, n=1)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from mixgrpo.core.export import ExportError, check_output_dir, open_model
 from mixgrpo.core.interfaces import Backbone, Sampler
+from mixgrpo.core.plugins import make_sampler
 from mixgrpo.core.rollout import SamplingSetup, sample_ode
 
 MANIFEST = "samples.json"
@@ -139,7 +140,7 @@ def run_sample(source: str | os.PathLike, prompts: str | Sequence[str], out: str
     if not seed_list:
         raise ExportError("no seed given")
     solver_name = solver or c.eval_solver
-    ode = opened.pm.create("sampler", solver_name)
+    ode = make_sampler(opened.pm, "eval", solver_name)
     _check_ode(solver_name, ode)
     if guidance is not None:
         set_guidance(backbone, guidance)

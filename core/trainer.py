@@ -43,7 +43,7 @@ from mixgrpo.core.config import TrainConfig
 from mixgrpo.core.ema import EMA
 from mixgrpo.core.interfaces import Reward
 from mixgrpo.core.parallel import clip_grad_norm, resolve_parallelism, shard
-from mixgrpo.core.plugins import PluginManager, get_plugin_manager
+from mixgrpo.core.plugins import PluginManager, get_plugin_manager, make_sampler
 from mixgrpo.core.report import format_value
 from mixgrpo.core.rollout import SamplingSetup, keyed_generator, rollout, sample_ode
 from mixgrpo.core.scoring import RewardFailure
@@ -66,10 +66,11 @@ class Trainer:
         self.base_cache: Path | None = None  # a folder of shared base evaluations (mixgrpo compare sets it)
         # the cheap components first, and every check that needs no model: a mistake stops the run
         # before minutes of loading FLUX and the reward models
-        self.sde_sampler = self.pm.create("sampler", c.sde_sampler)
-        self.pre_solver = self.pm.create("sampler", c.pre_solver)
-        self.post_solver = self.pm.create("sampler", c.post_solver)
-        self.eval_solver = self.pm.create("sampler", c.eval_solver)
+        # each in the gin scope of its role: `post/DPMSolverPP.order = 1` reaches the post-window solver alone
+        self.sde_sampler = make_sampler(self.pm, "sde", c.sde_sampler)
+        self.pre_solver = make_sampler(self.pm, "pre", c.pre_solver)
+        self.post_solver = make_sampler(self.pm, "post", c.post_solver)
+        self.eval_solver = make_sampler(self.pm, "eval", c.eval_solver)
         self.schedule = self.pm.create("schedule", c.schedule)
         self.objective = self.pm.create("objective", c.objective, weights=dict(c.rewards))
         self.prompt_set = self.pm.create("prompt_set", c.prompt_set)

@@ -6,7 +6,9 @@ Per (sample, trained step) transition, with ``r = exp(logp_new − logp_old)``::
 
 The trainer sums the terms and divides by the number of (sample, trained step) pairs. The three
 methods differ only in their advantage options and defaults, set by the subclasses in
-``flowgrpo.py``, ``dancegrpo.py`` and ``mixgrpo.py``.
+``flowgrpo.py``, ``dancegrpo.py`` and ``mixgrpo.py``. Objectives are frozen ``attrs`` classes whose
+arguments are checked by validators (``mixgrpo.core.validators``); the ``*_field`` helpers below
+give a subclass the same checks with its own defaults.
 """
 
 from __future__ import annotations
@@ -14,11 +16,42 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import attrs
 import torch
 
 from mixgrpo.core.advantages import AGGREGATES, STD_MODES, group_advantages
 from mixgrpo.core.interfaces import PolicyObjective
 from mixgrpo.core.types import StepResult
+from mixgrpo.core.validators import finite_non_negative, one_of, positive
+
+
+# -- the fields of ClippedGRPO, with their checks, for subclasses that change a default ----------------
+def std_field(default: str) -> str:
+    return attrs.field(default=default, validator=one_of("std mode", STD_MODES))
+
+
+def aggregate_field(default: str) -> str:
+    return attrs.field(default=default, validator=one_of("aggregate", AGGREGATES))
+
+
+def eps_field(default: float) -> float:
+    return attrs.field(default=default, converter=float)
+
+
+def weights_field() -> Mapping[str, float] | None:
+    return attrs.field(default=None, converter=attrs.converters.optional(dict))
+
+
+def clip_range_field(default: float) -> float:
+    return attrs.field(default=default, converter=float, validator=positive)
+
+
+def kl_beta_field(default: float) -> float:
+    return attrs.field(default=default, converter=float, validator=finite_non_negative)
+
+
+def kl_include_dt_field(default: bool) -> bool:
+    return attrs.field(default=default, converter=bool)
 
 
 def gaussian_kl(
@@ -63,6 +96,7 @@ def gaussian_kl(
     return per_element.reshape(per_element.shape[0], -1).mean(dim=1)
 
 
+@attrs.frozen
 class ClippedGRPO(PolicyObjective):
     """Group-relative advantages and the PPO-style clipped policy loss, with an optional KL term.
 
@@ -88,40 +122,15 @@ class ClippedGRPO(PolicyObjective):
             False: FlowGRPO's KL ``‖Δμ‖²/(2g²)``; True: the exact step KL ``‖Δμ‖²/(2g²Δ)``.
     """
 
-    def __init__(
-        self,
-        std: str = "group",
-        ddof: float = 1,
-        eps: float = 1e-8,
-        aggregate: str = "advantage",
-        weights: Mapping[str, float] | None = None,
-        adv_clip: float | None = 5.0,
-        clip_range: float = 1e-4,
-        kl_beta: float = 0.0,
-        kl_include_dt: bool = False,
-    ) -> None:
-        if std not in STD_MODES:
-            raise ValueError(f"unknown std mode {std!r}; valid: {', '.join(STD_MODES)}")
-        if aggregate not in AGGREGATES:
-            raise ValueError(f"unknown aggregate {aggregate!r}; valid: {', '.join(AGGREGATES)}")
-        if not clip_range > 0:
-            raise ValueError(f"clip_range must be > 0, got {clip_range}")
-        if not (kl_beta >= 0 and math.isfinite(kl_beta)):
-            raise ValueError(f"kl_beta must be a finite number >= 0, got {kl_beta}")
-        self.std = std
-        self.ddof = ddof
-        self.eps = float(eps)
-        self.aggregate = aggregate
-        self.weights = dict(weights) if weights is not None else None
-        self.adv_clip = adv_clip
-        self.clip_range = float(clip_range)
-        self.kl_beta = float(kl_beta)
-        self.kl_include_dt = bool(kl_include_dt)
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(std={self.std!r}, ddof={self.ddof}, eps={self.eps}, "
-                f"aggregate={self.aggregate!r}, weights={self.weights}, adv_clip={self.adv_clip}, "
-                f"clip_range={self.clip_range}, kl_beta={self.kl_beta}, kl_include_dt={self.kl_include_dt})")
+    std: str = std_field("group")
+    ddof: float = 1
+    eps: float = eps_field(1e-8)
+    aggregate: str = aggregate_field("advantage")
+    weights: Mapping[str, float] | None = weights_field()
+    adv_clip: float | None = 5.0
+    clip_range: float = clip_range_field(1e-4)
+    kl_beta: float = kl_beta_field(0.0)
+    kl_include_dt: bool = kl_include_dt_field(False)
 
     # -- advantages ------------------------------------------------------------------------------
     def advantages(self, rewards: dict[str, torch.Tensor], group_ids: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import attrs
+
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.plugins.objectives.base import ClippedGRPO
 
 
+@attrs.frozen
 class DanceGRPO(ClippedGRPO):
     """DanceGRPO (arXiv 2505.07818 and its public code): a group is the G samples of one prompt,
     kept on one process; per-group mean and unbiased std (ddof 1) plus eps 1e-8; several rewards

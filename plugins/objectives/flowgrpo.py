@@ -4,10 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import attrs
+
 from mixgrpo.core.hookspecs import hookimpl
-from mixgrpo.plugins.objectives.base import ClippedGRPO
+from mixgrpo.plugins.objectives.base import (
+    ClippedGRPO,
+    aggregate_field,
+    clip_range_field,
+    eps_field,
+    kl_beta_field,
+    kl_include_dt_field,
+    std_field,
+    weights_field,
+)
 
 
+@attrs.frozen
 class FlowGRPO(ClippedGRPO):
     """FlowGRPO (arXiv 2505.05470 and its public code): a group is all samples of one prompt in the
     iteration, gathered across processes; advantages use the per-prompt mean and the std of ALL
@@ -20,20 +32,17 @@ class FlowGRPO(ClippedGRPO):
     ``kl_include_dt=False`` (the reference's KL, Δ absorbed into β).
     """
 
-    def __init__(
-        self,
-        std: str = "global",
-        ddof: float = 0,
-        eps: float = 1e-4,
-        aggregate: str = "reward",
-        weights: Mapping[str, float] | None = None,
-        adv_clip: float | None = 5.0,
-        clip_range: float = 1e-4,
-        kl_beta: float = 0.04,
-        kl_include_dt: bool = False,
-    ) -> None:
-        super().__init__(std=std, ddof=ddof, eps=eps, aggregate=aggregate, weights=weights, adv_clip=adv_clip,
-                         clip_range=clip_range, kl_beta=kl_beta, kl_include_dt=kl_include_dt)
+    # every field, in ClippedGRPO's order (attrs appends redefined fields at the end), so that the
+    # signature and the repr read as the other objectives'
+    std: str = std_field("global")
+    ddof: float = 0
+    eps: float = eps_field(1e-4)
+    aggregate: str = aggregate_field("reward")
+    weights: Mapping[str, float] | None = weights_field()
+    adv_clip: float | None = 5.0
+    clip_range: float = clip_range_field(1e-4)
+    kl_beta: float = kl_beta_field(0.04)
+    kl_include_dt: bool = kl_include_dt_field(False)
 
 
 @hookimpl

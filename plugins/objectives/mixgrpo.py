@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import attrs
+
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.plugins.objectives.base import ClippedGRPO
 
 
+@attrs.frozen
 class MixGRPO(ClippedGRPO):
     """MixGRPO (arXiv 2507.21802 and its public code): a group is the G = 12 samples of one prompt;
     per-group, per-reward z-scores with the unbiased std (ddof 1) plus eps 1e-8, combined as a

@@ -4,6 +4,8 @@ Every schedule's ``plan(iteration, num_steps, num_samples, seed)`` is a pure fun
 ``(iteration, seed)`` (the run's seed) and its constructor arguments: no state is kept between
 calls, so resuming a run needs nothing saved, the calling order is irrelevant, and every process computes the same plan
 (random draws come from a generator keyed by ``(seed, iteration, …)``, never from global RNG state).
+Schedules are frozen ``attrs`` classes: their arguments are checked by validators when one is
+built (``mixgrpo.core.validators``), and a built schedule cannot change.
 
 | name | class | SDE steps | trained steps |
 |---|---|---|---|
@@ -23,17 +25,24 @@ from __future__ import annotations
 
 import math
 
+import attrs
 import torch
 
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import WindowSchedule
 from mixgrpo.core.rollout import keyed_generator
 from mixgrpo.core.types import StepPlan
+from mixgrpo.core.validators import as_integer, in_unit_interval, integer, non_negative, not_above, one_of
 
 DECAY_MODES = ("linear", "exp")
 
 
 # -- validation helpers ----------------------------------------------------------------------------
+def _int_field(default: int, minimum: int) -> int:
+    """An attrs field holding an integer >= ``minimum`` (a whole float such as 4.0 is taken as 4)."""
+    return attrs.field(default=default, converter=as_integer, validator=integer(minimum))
+
+
 def _check_int(name: str, value: int, minimum: int) -> int:
     if isinstance(value, bool) or int(value) != value or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -72,6 +81,7 @@ def _positions(start: int, stride: int, last: int, count: int) -> int:
 
 
 # -- FlowGRPO and DanceGRPO --------------------------------------------------------------------------
+@attrs.frozen
 class AllSteps(WindowSchedule):
     """FlowGRPO: every step is an SDE step; the first ⌊train_fraction·T⌋ steps are trained.
 
@@ -84,13 +94,7 @@ class AllSteps(WindowSchedule):
             ``timestep_fraction``); in [0, 1].
     """
 
-    def __init__(self, train_fraction: float = 0.99) -> None:
-        if not 0.0 <= train_fraction <= 1.0:
-            raise ValueError(f"train_fraction must be in [0, 1], got {train_fraction}")
-        self.train_fraction = float(train_fraction)
-
-    def __repr__(self) -> str:
-        return f"AllSteps(train_fraction={self.train_fraction})"
+    train_fraction: float = attrs.field(default=0.99, converter=float, validator=in_unit_interval)
 
     def num_trained(self, num_steps: int) -> int:
         # the 1e-9 keeps e.g. 0.29·100 = 28.999999999999996 at 29
@@ -105,6 +109,7 @@ class AllSteps(WindowSchedule):
         )
 
 
+@attrs.frozen
 class RandomSubset(WindowSchedule):
     """DanceGRPO: every step is an SDE step; each sample trains its own random subset of steps.
 
@@ -118,13 +123,7 @@ class RandomSubset(WindowSchedule):
             ``timestep_fraction``); in [0, 1].
     """
 
-    def __init__(self, fraction: float = 0.6) -> None:
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-        self.fraction = float(fraction)
-
-    def __repr__(self) -> str:
-        return f"RandomSubset(fraction={self.fraction})"
+    fraction: float = attrs.field(default=0.6, converter=float, validator=in_unit_interval)
 
     def num_trained(self, num_steps: int) -> int:
         return math.floor(self.fraction * (num_steps - 1) + 1e-9)
@@ -142,6 +141,7 @@ class RandomSubset(WindowSchedule):
 
 
 # -- MixGRPO windows ---------------------------------------------------------------------------------
+@attrs.frozen
 class FixedWindow(WindowSchedule):
     """A frozen window: the same w steps are SDE and trained at every iteration (MixGRPO "frozen",
     and MixGRPO-Flash* with ``start=0``).
@@ -153,12 +153,8 @@ class FixedWindow(WindowSchedule):
             Number of steps w in the window; ``start + w <= T`` is checked when planning.
     """
 
-    def __init__(self, start: int = 0, window_size: int = 4) -> None:
-        self.start = _check_int("start", start, 0)
-        self.window_size = _check_int("window_size", window_size, 1)
-
-    def __repr__(self) -> str:
-        return f"FixedWindow(start={self.start}, window_size={self.window_size})"
+    start: int = _int_field(0, minimum=0)
+    window_size: int = _int_field(4, minimum=1)
 
     def plan(self, iteration: int, num_steps: int, num_samples: int = 1, seed: int = 0) -> StepPlan:
         _check_call(iteration, num_steps, num_samples)
@@ -166,6 +162,7 @@ class FixedWindow(WindowSchedule):
         return _window_plan(num_steps, self.start, self.window_size)
 
 
+@attrs.frozen
 class ProgressiveWindow(WindowSchedule):
     """MixGRPO's sliding window (paper Alg. 1): l = start; every τ iterations l ← min(l + s, T − w).
 
@@ -188,17 +185,11 @@ class ProgressiveWindow(WindowSchedule):
             reference code, which rolls back to 0).
     """
 
-    def __init__(self, window_size: int = 4, shift_interval: int = 25, stride: int = 1, start: int = 0,
-                 rollback: bool = False) -> None:
-        self.window_size = _check_int("window_size", window_size, 1)
-        self.shift_interval = _check_int("shift_interval", shift_interval, 1)
-        self.stride = _check_int("stride", stride, 0)
-        self.start = _check_int("start", start, 0)
-        self.rollback = bool(rollback)
-
-    def __repr__(self) -> str:
-        return (f"ProgressiveWindow(window_size={self.window_size}, shift_interval={self.shift_interval}, "
-                f"stride={self.stride}, start={self.start}, rollback={self.rollback})")
+    window_size: int = _int_field(4, minimum=1)
+    shift_interval: int = _int_field(25, minimum=1)
+    stride: int = _int_field(1, minimum=0)
+    start: int = _int_field(0, minimum=0)
+    rollback: bool = attrs.field(default=False, converter=bool)
 
     def window_start(self, iteration: int, num_steps: int) -> int:
         """The window start l at ``iteration`` on a grid of ``num_steps`` steps."""
@@ -218,6 +209,7 @@ class ProgressiveWindow(WindowSchedule):
         return _window_plan(num_steps, self.window_start(iteration, num_steps), self.window_size)
 
 
+@attrs.frozen
 class RandomWindow(WindowSchedule):
     """A window at a uniformly random start l ~ U{0..T−w}, drawn afresh each iteration (MixGRPO's
     "random" ablation; Flow-GRPO-Fast's random window).
@@ -230,11 +222,7 @@ class RandomWindow(WindowSchedule):
             Number of steps w in the window; must be <= T.
     """
 
-    def __init__(self, window_size: int = 4) -> None:
-        self.window_size = _check_int("window_size", window_size, 1)
-
-    def __repr__(self) -> str:
-        return f"RandomWindow(window_size={self.window_size})"
+    window_size: int = _int_field(4, minimum=1)
 
     def window_start(self, iteration: int, num_steps: int, seed: int = 0) -> int:
         _check_fits(self.window_size, num_steps)
@@ -246,6 +234,7 @@ class RandomWindow(WindowSchedule):
         return _window_plan(num_steps, self.window_start(iteration, num_steps, seed), self.window_size)
 
 
+@attrs.frozen
 class DecayWindow(WindowSchedule):
     """Progressive window whose dwell time τ(l) shrinks as the window moves (MixGRPO ablation).
 
@@ -269,29 +258,15 @@ class DecayWindow(WindowSchedule):
             Move size and initial start, as in ``ProgressiveWindow``.
     """
 
-    def __init__(self, window_size: int = 4, mode: str = "linear", tau_max: int = 25, tau_min: int = 10,
-                 tau: int = 25, k: float = 0.1, l0: int = 13, stride: int = 1, start: int = 0) -> None:
-        if mode not in DECAY_MODES:
-            raise ValueError(f"unknown decay mode {mode!r}; valid modes: {', '.join(DECAY_MODES)}")
-        self.window_size = _check_int("window_size", window_size, 1)
-        self.mode = mode
-        self.tau_max = _check_int("tau_max", tau_max, 1)
-        self.tau_min = _check_int("tau_min", tau_min, 1)
-        if self.tau_min > self.tau_max:
-            raise ValueError(f"tau_min={tau_min} must be <= tau_max={tau_max}")
-        self.tau = _check_int("tau", tau, 1)
-        if not k >= 0:
-            raise ValueError(f"k must be >= 0, got {k}")
-        self.k = float(k)
-        self.l0 = int(l0)
-        self.stride = _check_int("stride", stride, 1)
-        self.start = _check_int("start", start, 0)
-
-    def __repr__(self) -> str:
-        shape = (f"tau_max={self.tau_max}, tau_min={self.tau_min}" if self.mode == "linear"
-                 else f"tau={self.tau}, k={self.k}, l0={self.l0}")
-        return (f"DecayWindow(window_size={self.window_size}, mode={self.mode!r}, {shape}, "
-                f"stride={self.stride}, start={self.start})")
+    window_size: int = _int_field(4, minimum=1)
+    mode: str = attrs.field(default="linear", validator=one_of("decay mode", DECAY_MODES))
+    tau_max: int = _int_field(25, minimum=1)
+    tau_min: int = attrs.field(default=10, converter=as_integer, validator=[integer(1), not_above("tau_max")])
+    tau: int = _int_field(25, minimum=1)
+    k: float = attrs.field(default=0.1, converter=float, validator=non_negative)
+    l0: int = attrs.field(default=13, converter=int)
+    stride: int = _int_field(1, minimum=1)
+    start: int = _int_field(0, minimum=0)
 
     def dwell(self, start: int, num_steps: int) -> int:
         """τ(l): the iterations the window stays at start ``start`` (>= 1)."""

@@ -64,6 +64,9 @@ def test_unclosed_bracket_names_the_file(capsys, tmp_path):
 @pytest.mark.parametrize("binding, expected", [
     ("TrainConfig.group_size = 1", "a group needs at least 2 samples"),
     ("ProgressiveWindow.window_size = 30", "window_size=30 exceeds num_steps=8"),
+    ("ProgressiveWindow.stride = -1", "stride must be an integer >= 0, got -1"),
+    ("MixGRPO.clip_range = 0.0", "clip_range must be > 0, got 0.0"),
+    ("post/DPMSolverPP.ordr = 1", "Valid parameters of DPMSolverPP: order. Did you mean 'order'?"),
     ("TrainConfig.compression = 0.0", "must be in (0, 1]"),
     ("TrainConfig.num_minibatches = 4", "num_minibatches=4 must divide the 6 samples"),
     ("TrainConfig.prompt_set = 'file'", "prompt_set 'file' (FilePrompts) needs train_path"),

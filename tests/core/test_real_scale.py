@@ -147,16 +147,24 @@ def test_nfe_metrics_count_both_cfg_branches(sd3_dir, tmp_path, method, per_step
 
 
 # -- 5. guards ----------------------------------------------------------------------------------------
+class _Poisoned:
+    """The trainer's objective (frozen, so wrapped rather than patched) with a NaN loss on the given
+    calls (0-based): a stand-in for a bf16 overflow."""
+
+    def __init__(self, objective, calls: set[int]) -> None:
+        self.objective, self.calls, self.seen = objective, calls, 0
+
+    def __getattr__(self, name):
+        return getattr(self.objective, name)
+
+    def loss(self, *args, **kwargs):
+        terms, stats = self.objective.loss(*args, **kwargs)
+        n, self.seen = self.seen, self.seen + 1
+        return (terms * float("nan"), stats) if n in self.calls else (terms, stats)
+
+
 def _poison(trainer: Trainer, calls: set[int]) -> None:
-    """Make the objective's loss NaN on the given calls (0-based): a stand-in for a bf16 overflow."""
-    loss, seen = trainer.objective.loss, [0]
-
-    def poisoned(*args, **kwargs):
-        terms, stats = loss(*args, **kwargs)
-        n, seen[0] = seen[0], seen[0] + 1
-        return (terms * float("nan"), stats) if n in calls else (terms, stats)
-
-    trainer.objective.loss = poisoned
+    trainer.objective = _Poisoned(trainer.objective, calls)
 
 
 def test_a_non_finite_step_is_skipped_and_never_reaches_the_weights(toy_config):
@@ -220,11 +228,18 @@ def test_kl_reference_is_the_base_model_after_resume(toy_config, tmp_path):
 # -- 6. randomness tied to the run ---------------------------------------------------------------------
 def test_run_seed_draws_the_random_subsets(toy_config):
     drawn = {}
+
+    class Recorded:  # the trainer's schedule (frozen, so wrapped rather than patched), recording its first plan
+        def __init__(self, schedule, seed):
+            self.schedule, self.seed = schedule, seed
+
+        def plan(self, *args, **kwargs):
+            return drawn.setdefault(self.seed, self.schedule.plan(*args, **kwargs))
+
     for seed in (0, 1):
         cfg, pm = toy_config("dancegrpo", f"TrainConfig.seed = {seed}")
         trainer = Trainer(cfg, pm)
-        plan = trainer.schedule.plan
-        trainer.schedule.plan = lambda *a, _plan=plan, _seed=seed, **k: drawn.setdefault(_seed, _plan(*a, **k))
+        trainer.schedule = Recorded(trainer.schedule, seed)
         trainer.iteration(0)
     assert drawn[0].train_steps != drawn[1].train_steps
 

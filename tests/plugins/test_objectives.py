@@ -2,11 +2,13 @@
 
 import math
 
+import attrs
 import numpy as np
 import pytest
 import torch
 
 from mixgrpo.core.advantages import group_advantages
+from mixgrpo.core.config import parse_gin
 from mixgrpo.core.plugins import PluginManager
 from mixgrpo.core.types import StepResult
 from mixgrpo.plugins.objectives.base import ClippedGRPO, gaussian_kl
@@ -39,6 +41,44 @@ def test_constructor_arguments_override_defaults():
         MixGRPO(std="batch")
     with pytest.raises(ValueError, match="clip_range"):
         MixGRPO(clip_range=0.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(std="batch"), "unknown std mode 'batch'; valid: group, global"),
+    (dict(aggregate="sum"), "unknown aggregate 'sum'; valid: advantage, reward"),
+    (dict(clip_range=-1e-4), "clip_range must be > 0, got -0.0001"),
+    (dict(kl_beta=-0.1), "kl_beta must be a finite number >= 0, got -0.1"),
+    (dict(kl_beta=math.inf), "kl_beta must be a finite number >= 0, got inf"),
+])
+@pytest.mark.parametrize("cls", list(DEFAULTS))
+def test_every_objective_checks_its_arguments(cls, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        cls(**kwargs)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("cls", list(DEFAULTS))
+def test_objectives_are_frozen_records_with_the_same_fields(cls):
+    # FlowGRPO redefines every field with its defaults: the order (signature, repr) is ClippedGRPO's
+    assert [f.name for f in attrs.fields(cls)] == [f.name for f in attrs.fields(ClippedGRPO)]
+    obj = cls(weights={"a": 2})
+    std, ddof, eps, aggregate, adv_clip, clip_range, kl_beta = DEFAULTS[cls]
+    assert repr(obj) == (f"{cls.__name__}(std={std!r}, ddof={ddof}, eps={eps}, aggregate={aggregate!r}, "
+                         f"weights={{'a': 2}}, adv_clip={adv_clip}, clip_range={clip_range}, kl_beta={kl_beta}, "
+                         f"kl_include_dt=False)")
+    assert obj == cls(weights={"a": 2}) and obj != cls(weights={"a": 3})
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        obj.kl_beta = 1.0
+
+
+def test_gin_bindings_are_converted_and_checked():
+    pm = parse_gin([], ["FlowGRPO.clip_range = 1", "FlowGRPO.weights = {'x': 1.0}"])
+    obj = pm.create("objective", "flowgrpo")
+    assert obj.clip_range == 1.0 and type(obj.clip_range) is float and obj.weights == {"x": 1.0}
+    assert pm.create("objective", "flowgrpo", weights={"y": 2.0}).weights == {"y": 2.0}  # the trainer's call
+    pm = parse_gin([], ["MixGRPO.kl_beta = -1.0"])
+    with pytest.raises(ValueError, match="kl_beta must be a finite number >= 0, got -1.0"):
+        pm.create("objective", "mixgrpo")
 
 
 def test_advantages_use_the_options():

@@ -3,8 +3,10 @@
 import math
 from collections import Counter
 
+import attrs
 import pytest
 
+from mixgrpo.core.config import parse_gin
 from mixgrpo.core.plugins import PluginManager
 from mixgrpo.plugins.schedules.windows import (
     AllSteps,
@@ -227,6 +229,46 @@ def test_decay_exp_matches_the_reference_loop():
 def test_decay_rejects_unknown_mode():
     with pytest.raises(ValueError, match="unknown decay mode"):
         DecayWindow(mode="cosine")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: ProgressiveWindow(window_size=0), "window_size must be an integer >= 1, got 0"),
+    (lambda: ProgressiveWindow(stride=-1), "stride must be an integer >= 0, got -1"),
+    (lambda: ProgressiveWindow(shift_interval=2.5), "shift_interval must be an integer >= 1, got 2.5"),
+    (lambda: FixedWindow(start=True), "start must be an integer >= 0, got True"),
+    (lambda: DecayWindow(stride=0), "stride must be an integer >= 1, got 0"),
+    (lambda: DecayWindow(tau_min=30), "tau_min=30 must be <= tau_max=25"),
+    (lambda: DecayWindow(k=-0.5), "k must be >= 0, got -0.5"),
+    (lambda: DecayWindow(mode="cosine"), "unknown decay mode 'cosine'; valid: linear, exp"),
+    (lambda: AllSteps(train_fraction=1.5), "train_fraction must be in [0, 1], got 1.5"),
+    (lambda: RandomSubset(fraction=float("nan")), "fraction must be in [0, 1], got nan"),
+])
+def test_arguments_are_checked_with_messages_that_name_them(make, message):
+    with pytest.raises(ValueError) as err:
+        make()
+    assert str(err.value) == message
+
+
+def test_schedules_are_frozen_records():
+    sched = ProgressiveWindow(window_size=3.0, shift_interval=10)
+    # a whole float is taken as an int, and the repr and equality are attrs' own
+    assert sched.window_size == 3 and type(sched.window_size) is int
+    assert repr(sched) == "ProgressiveWindow(window_size=3, shift_interval=10, stride=1, start=0, rollback=False)"
+    assert sched == ProgressiveWindow(window_size=3, shift_interval=10) != ProgressiveWindow(window_size=4)
+    assert attrs.evolve(sched, stride=2).plan(10, 8).window == (2, 3)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        sched.window_size = 5  # a plan stays a pure function of the constructor arguments
+
+
+def test_gin_binds_the_attrs_fields_and_the_validators_check_them():
+    pm = parse_gin([], ["ProgressiveWindow.window_size = 2", "ProgressiveWindow.rollback = True",
+                        "DecayWindow.mode = 'exp'"])
+    assert pm.create("schedule", "progressive") == ProgressiveWindow(window_size=2, rollback=True)
+    assert pm.create("schedule", "decay") == DecayWindow(mode="exp")
+    assert pm.create("schedule", "progressive", stride=3).stride == 3  # a caller's argument beats the defaults
+    pm = parse_gin([], ["ProgressiveWindow.stride = -2"])
+    with pytest.raises(ValueError, match="stride must be an integer >= 0, got -2"):
+        pm.create("schedule", "progressive")
 
 
 # -- registration and the contract -----------------------------------------------------------------

@@ -1,0 +1,84 @@
+"""attrs validators and converters with mixgrpo's error messages, for components written as attrs classes.
+
+The built-in schedules and objectives are ``attrs`` classes whose arguments are checked by these;
+a plugin may use them too. Every check raises ``ValueError`` naming the argument, what is valid and
+the value it got, e.g. ``window_size must be an integer >= 1, got 0``. attrs runs converters before
+validators, and the validators of all fields after every field is set, so a validator may compare
+its field with another (``not_above``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+
+def as_integer(value: Any) -> Any:
+    """Converter: a whole number (``4`` or ``4.0``) becomes ``int``; anything else (``4.5``,
+    ``True``, a string) is left for ``integer`` to reject with its message."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+            and int(value) == value:
+        return int(value)
+    return value
+
+
+def integer(minimum: int) -> Validator:
+    """An ``int`` (not a bool) >= ``minimum``."""
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{attribute.name} must be an integer >= {minimum}, got {value!r}")
+
+    return check
+
+
+def in_unit_interval(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    """A number in [0, 1] (NaN is not)."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{attribute.name} must be in [0, 1], got {value}")
+
+
+def positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    """A number > 0 (NaN is not)."""
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
+def non_negative(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    """A number >= 0 (NaN is not; infinity is)."""
+    if not value >= 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
+
+
+def finite_non_negative(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    """A finite number >= 0."""
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{attribute.name} must be a finite number >= 0, got {value}")
+
+
+def one_of(what: str, choices: Sequence[str]) -> Validator:
+    """One of ``choices``; the message reads ``unknown <what> 'x'; valid: a, b``."""
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value not in choices:
+            raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(choices)}")
+
+    return check
+
+
+def not_above(other: str) -> Validator:
+    """At most the value of the field ``other`` of the same instance."""
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        bound = getattr(instance, other)
+        if value > bound:
+            raise ValueError(f"{attribute.name}={value} must be <= {other}={bound}")
+
+    return check
+
+
+__all__ = ["as_integer", "finite_non_negative", "in_unit_interval", "integer", "non_negative", "not_above", "one_of",
+           "positive"]
