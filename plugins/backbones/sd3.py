@@ -80,6 +80,7 @@ class SD3Backbone(DiffusersBackbone):
     """
 
     default_lora_targets = SD3_LORA_TARGETS
+    compile_blocks = ("JointTransformerBlock",)  # diffusers 0.42's SD3 declares no _repeated_blocks
     diffusers_pipeline = "StableDiffusion3Pipeline"
 
     def __init__(self, path: str, height: int | None = None, width: int | None = None,
