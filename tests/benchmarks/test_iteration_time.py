@@ -93,12 +93,12 @@ def test_ratios_are_to_dancegrpo_and_to_the_floor(bench):
     assert table["flowgrpo"]["floor_ratio_to_dancegrpo"] == 1.5 and table["dancegrpo"]["ratio_to_dancegrpo"] == 1.0
 
 
-def test_methods_and_speed_options_reach_the_run(bench):
+def test_methods_and_speed_options_reach_the_run(bench, tmp_path):
     args = bench.parse_args(["--backbone", "shapes", "--methods", "mixgrpo_flash,mixgrpo", "--compile", "rollout",
                              "--attention-backend", "_native_math"])
     assert args.methods == ["mixgrpo", "mixgrpo_flash"]  # the table's order
     run = bench.Run(args, None)
-    bindings = run.bindings("/tmp/out")
+    bindings = run.bindings(str(tmp_path))
     assert "FluxBackbone.compile = 'rollout'" in bindings
     assert "FluxBackbone.attention_backend = '_native_math'" in bindings
     table = {"mixgrpo": {"iteration_s": 2.0, "floor_s": 1.0}}

@@ -99,7 +99,7 @@ def test_an_attention_backend_computes_the_same_velocity_by_another_kernel(flux_
     ("xformers", "xformers"),
     ("flash", "flash-attn"),
 ])
-def test_a_backend_that_cannot_run_here_is_refused_before_loading(name, message):
+def test_a_backend_that_cannot_run_here_is_refused_before_loading(tmp_path, name, message):
     available = attention_backends(torch.device("cpu"))
     assert {"native", "_native_math"} <= set(available)
     installed = {"xformers": "xformers", "flash": "flash_attn"}
@@ -108,16 +108,16 @@ def test_a_backend_that_cannot_run_here_is_refused_before_loading(name, message)
         return
     # the folder does not exist: the backend is refused before the path is even looked at
     with pytest.raises(ValueError, match=message) as err:
-        FluxBackbone("/nonexistent/model", attention_backend=name, device="cpu")
+        FluxBackbone(str(tmp_path / "missing"), attention_backend=name, device="cpu")
     if name != "nope":
         assert f"Available on cpu: {', '.join(available)}" in str(err.value)
 
 
-def test_compile_modes_are_checked_before_loading():
+def test_compile_modes_are_checked_before_loading(tmp_path):
     with pytest.raises(ValueError, match="compile must be one of none, rollout, all"):
-        FluxBackbone("/nonexistent/model", compile="yes")
+        FluxBackbone(str(tmp_path / "missing"), compile="yes")
     with pytest.raises(ValueError, match="compile='rollout' with dtype bfloat16.*Use compile='all'"):
-        FluxBackbone("/nonexistent/model", compile="rollout", dtype="bfloat16")
+        FluxBackbone(str(tmp_path / "missing"), compile="rollout", dtype="bfloat16")
 
 
 def test_sd3_refuses_a_backend_its_attention_never_dispatches_to(tmp_path):
