@@ -2,7 +2,9 @@
 # All of the project's GPU measurement in one go, on one GPU, in under 8 minutes: iteration time of
 # the five method presets on the real architectures with random weights (SD3.5-Medium at 512x512 with
 # CFG 4.5; FLUX.1-dev at 720x720), each method's floor, and FLUX's growth with T, group size and
-# resolution. Writes OUT/sd35-medium.json, OUT/flux-dev.json and OUT/gpu.log.
+# resolution, then MixGRPO on FLUX.1-dev with each speed option on (the best attention backend installed,
+# torch.compile of rollout and training). Writes OUT/sd35-medium.json, OUT/flux-dev.json,
+# OUT/flux-dev-attention.json, OUT/flux-dev-compile.json and OUT/gpu.log.
 #
 #   bash benchmarks/fetch_wheels.sh                                   # here, once (needs the registry)
 #   bash benchmarks/gpu.sh --wheels benchmarks/wheels --out OUT       # on the GPU machine
@@ -18,30 +20,38 @@
 # T = 25, numbered from iteration 140 (the windows where they are mid-run: Flash's at step 7, whose
 # 16 rollout evaluations are about its average, 15.6, over the paper's 300 iterations); the sweeps time one
 # iteration per point and are skipped, point by point, once --budget-s (default 420 s after the
-# start) has passed, so the tables always come back.
+# start) has passed, so the tables always come back. The speed options run after FLUX's table and
+# sweeps, MixGRPO alone (1 warm-up + 1 timed iteration; options off is its row of flux-dev.json): the attention
+# backend is the first installed of flash, xformers, _native_flash; the compiled run compiles each
+# kind of FLUX block once (regional compilation) under a time limit of its own (--compile-s, default
+# 150 s on a GPU, 600 s in the CPU dry run); on a GPU the sweeps stop starting points 60 s + that limit
+# earlier.
 set -euo pipefail
 
 usage() {
     sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
-    echo "options: --wheels DIR  --out DIR  --device cuda|cpu  --budget-s SECONDS"
+    echo "options: --wheels DIR  --out DIR  --device cuda|cpu  --budget-s SECONDS  --compile-s SECONDS"
 }
 
 WHEELS=""
 OUT=""
 DEVICE=""
 BUDGET=420
+COMPILE_S=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --wheels) WHEELS="${2:?--wheels needs a folder}"; shift 2 ;;
         --out) OUT="${2:?--out needs a folder}"; shift 2 ;;
         --device) DEVICE="${2:?--device needs cuda or cpu}"; shift 2 ;;
         --budget-s) BUDGET="${2:?--budget-s needs a number of seconds}"; shift 2 ;;
+        --compile-s) COMPILE_S="${2:?--compile-s needs a number of seconds}"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "gpu.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
     esac
 done
 case "$DEVICE" in ""|cuda|cpu) ;; *) echo "gpu.sh: --device must be cuda or cpu, got '$DEVICE'" >&2; exit 2 ;; esac
 case "$BUDGET" in ''|*[!0-9]*) echo "gpu.sh: --budget-s must be a whole number of seconds, got '$BUDGET'" >&2; exit 2 ;; esac
+case "$COMPILE_S" in *[!0-9]*) echo "gpu.sh: --compile-s must be a whole number of seconds, got '$COMPILE_S'" >&2; exit 2 ;; esac
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -100,6 +110,8 @@ PY
             exit 4
         fi
     fi
+    # the compiled run's limit: regional compilation of FLUX's two kinds of blocks, forward and backward
+    COMPILE_S="${COMPILE_S:-$([ "$DEVICE" = cuda ] && echo 150 || echo 600)}"
     if [ "$DEVICE" = cuda ]; then
         SIZES=(--prompts 1 --group-size 4 --warmup 1 --iterations 1 --at-iteration 140)
     else  # the dry run: the same steps on shrunken architectures, one thread (shared cores)
@@ -107,15 +119,34 @@ PY
     fi
 
     # 3. the measurements --------------------------------------------------------------------------------
-    bench() {
-        local name="$1"; shift
+    bench() {  # bench NAME JSON-NAME [flags...]
+        local name="$1" json="$2"; shift 2
         echo
-        echo "=== $name ($(date -u +%H:%M:%S), ${SECONDS}s in) ==="
+        echo "=== $json ($(date -u +%H:%M:%S), ${SECONDS}s in) ==="
         "$PYTHON" benchmarks/iteration_time.py --backbone "$name" --device "$DEVICE" "${SIZES[@]}" \
-            --json "$OUT/$name.json" "$@"
+            --json "$OUT/$json.json" "$@"
     }
-    bench sd35-medium --no-sweeps
-    bench flux-dev --budget-s $((BUDGET > SECONDS ? BUDGET - SECONDS : 0))
+    BACKEND="$("$PYTHON" - "$DEVICE" <<'PY'
+import sys
+import torch
+from mixgrpo.plugins.backbones.diffusers_base import attention_backends
+available = attention_backends(torch.device(sys.argv[1]))
+print(next((b for b in ("flash", "xformers", "_native_flash") if b in available), "_native_math"))
+PY
+)"
+    bench sd35-medium sd35-medium --no-sweeps
+    # on a GPU the sweeps stop starting points early enough to leave the speed options their time
+    RESERVE=$([ "$DEVICE" = cuda ] && echo $((60 + COMPILE_S)) || echo 0)
+    bench flux-dev flux-dev --budget-s $((BUDGET > SECONDS + RESERVE ? BUDGET - SECONDS - RESERVE : 0))
+    # the speed options, MixGRPO alone (options off = its row of flux-dev.json)
+    bench flux-dev flux-dev-attention --methods mixgrpo --no-sweeps --attention-backend "$BACKEND"
+    echo
+    echo "=== flux-dev-compile ($(date -u +%H:%M:%S), ${SECONDS}s in, limit ${COMPILE_S}s) ==="
+    if ! timeout --signal=INT "$COMPILE_S" "$PYTHON" benchmarks/iteration_time.py --backbone flux-dev \
+            --device "$DEVICE" "${SIZES[@]}" --json "$OUT/flux-dev-compile.json" --methods mixgrpo --no-sweeps \
+            --compile all; then
+        echo "gpu.sh: the compiled run did not finish within --compile-s ${COMPILE_S}s (compilation included)"
+    fi
     echo
     echo "gpu.sh: done in ${SECONDS}s; results in $OUT"
 }

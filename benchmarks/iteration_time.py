@@ -94,6 +94,9 @@ class Run:
         self.rollout_batch = args.rollout_batch_size
         self.micro_batch = args.micro_batch_size
         self.gradient_checkpointing = args.gradient_checkpointing
+        self.attention_backend = args.attention_backend
+        self.compile = args.compile
+        self.methods = args.methods
 
     def bindings(self, out: str, steps: int | None = None, group_size: int | None = None,
                  size: int | None = None) -> list[str]:
@@ -116,7 +119,8 @@ class Run:
             return ["TrainConfig.backbone = 'toy'", "ToyBackbone.size = 16", "ToyBackbone.hidden = 32",
                     *common, *batches]
         if self.backbone == "shapes":
-            return [f"include '{ROOT / 'experiments/shapes/world.gin'}'", *common, *batches]
+            return [f"include '{ROOT / 'experiments/shapes/world.gin'}'", *common, *batches,
+                    *self.speed_bindings("FluxBackbone")]
         kind = self.arch["backbone"]
         text = self.arch["text"]
         if kind == "flux":
@@ -133,11 +137,19 @@ class Run:
         ]
         if self.tiny:  # the real lengths come from the backbone's gin file (FLUX 512, SD3.5 128)
             backbone.append(f"{cls}.max_sequence_length = {text['max_sequence_length']}")
+        backbone += self.speed_bindings(cls)
         if not self.rollout_batch:
             batches.append("TrainConfig.rollout_batch_size = 4")
         if not self.micro_batch:
             batches.append("TrainConfig.micro_batch_size = 2")
         return [*head, *backbone, *common, *batches]
+
+    def speed_bindings(self, cls: str) -> list[str]:
+        """The backbone's speed options (docs/benchmarks.md): diffusers' attention backend, torch.compile."""
+        out = [f"{cls}.compile = '{self.compile}'"]
+        if self.attention_backend:
+            out.append(f"{cls}.attention_backend = '{self.attention_backend}'")
+        return out
 
     @contextlib.contextmanager
     def building(self) -> Iterator[None]:
@@ -318,7 +330,7 @@ def measure_methods(run: Run, log: Callable[[str], None]) -> tuple[dict[str, dic
     elsewhere during one short measurement does not raise them."""
     table: dict[str, dict] = {}
     costs: dict[str, Any] = {}
-    for method in METHODS:
+    for method in run.methods:
         with tempfile.TemporaryDirectory() as out:
             trainer = build_trainer(run, method, out)
             inst = Instruments(trainer)
@@ -326,7 +338,7 @@ def measure_methods(run: Run, log: Callable[[str], None]) -> tuple[dict[str, dic
                 costs = per_evaluation_costs(trainer, inst, reps=5)
                 costs.update(describe(trainer))
             row = time_iterations(trainer, inst, run.warmup, run.iterations, first=run.at_iteration)
-            if method == METHODS[-1]:
+            if method == run.methods[-1]:
                 again = per_evaluation_costs(trainer, inst, reps=5)
                 for key in ("forward_s", "forward_backward_s"):
                     costs[key] = min(costs[key], again[key])
@@ -362,12 +374,13 @@ def describe(trainer: Any) -> dict[str, Any]:
 
 def add_ratios(table: dict[str, dict]) -> None:
     """``ratio_to_dancegrpo``, ``ratio_to_floor`` and ``floor_ratio_to_dancegrpo`` (the ratio the
-    floors alone predict) for every method, in place."""
-    ref = table[REFERENCE]
+    floors alone predict) for every method, in place; the DanceGRPO ratios are None when DanceGRPO
+    was not measured (``--methods``)."""
+    ref = table.get(REFERENCE)
     for row in table.values():
-        row["ratio_to_dancegrpo"] = row["iteration_s"] / ref["iteration_s"]
+        row["ratio_to_dancegrpo"] = row["iteration_s"] / ref["iteration_s"] if ref else None
         row["ratio_to_floor"] = row["iteration_s"] / row["floor_s"]
-        row["floor_ratio_to_dancegrpo"] = row["floor_s"] / ref["floor_s"]
+        row["floor_ratio_to_dancegrpo"] = row["floor_s"] / ref["floor_s"] if ref else None
 
 
 def measure_sweeps(run: Run, method: str, axes: dict[str, list[int]], table: dict[str, dict],
@@ -442,11 +455,16 @@ def format_table(table: dict[str, dict]) -> str:
     head = (f"{'method':<20} {'s/it':>8} {'rollout':>8} {'reward':>7} {'train':>8} {'optim':>7} {'NFE roll':>8} "
             f"{'NFE train':>9} {'floor s':>8} {'x floor':>7} {'x Dance':>7} {'floor x Dance':>13} {'peak GB':>8}")
     lines = [head]
+
+    def ratio(value: float | None, width: int) -> str:
+        return f"{value:>{width}.2f}" if value is not None else f"{'-':>{width}}"
+
     for method, r in table.items():
         lines.append(
             f"{method:<20} {r['iteration_s']:>8.3f} {r['rollout_s']:>8.3f} {r['reward_s']:>7.3f} {r['train_s']:>8.3f} "
             f"{r['optimizer_s']:>7.3f} {r['nfe_rollout']:>8.2f} {r['nfe_train']:>9.2f} {r['floor_s']:>8.3f} "
-            f"{r['ratio_to_floor']:>7.2f} {r['ratio_to_dancegrpo']:>7.2f} {r['floor_ratio_to_dancegrpo']:>13.2f} "
+            f"{r['ratio_to_floor']:>7.2f} {ratio(r['ratio_to_dancegrpo'], 7)} "
+            f"{ratio(r['floor_ratio_to_dancegrpo'], 13)} "
             f"{r['peak_mem_gb']:>8.2f}")
     return "\n".join(lines)
 
@@ -480,6 +498,14 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; choose from {', '.join(METHODS)}")
+    return [m for m in METHODS if m in names]  # the table's order
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -500,6 +526,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=_positive, default=None, help="image side in pixels (real architectures)")
     p.add_argument("--lora-rank", type=int, default=None, help="0 = full fine-tuning (default 64 FLUX, 32 SD3.5)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--attention-backend", default=None, metavar="NAME",
+                   help="one of diffusers' attention backends, e.g. flash, xformers, _native_flash (default: "
+                        "PyTorch SDPA); diffusers backbones only")
+    p.add_argument("--compile", choices=("none", "rollout", "all"), default="none",
+                   help="torch.compile the transformer's blocks: in the rollout only, or in rollout and "
+                        "training (default none); diffusers backbones only")
+    p.add_argument("--methods", type=_methods, default=list(METHODS),
+                   help=f"comma-separated presets to time (default all: {','.join(METHODS)}); the ratios to "
+                        "DanceGRPO need dancegrpo among them")
     p.add_argument("--rollout-batch-size", type=_positive, default=None)
     p.add_argument("--micro-batch-size", type=_positive, default=None)
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per method (default 1)")
@@ -531,6 +566,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--at-iteration must be >= 0, got {args.at_iteration}")
     if args.lora_rank is not None and args.lora_rank < 0:
         p.error(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    if args.backbone == "toy" and (args.attention_backend or args.compile != "none"):
+        p.error("--attention-backend and --compile apply to the diffusers backbones (shapes and the real "
+                "architectures), not to the toy one")
+    if args.sweep_method not in args.methods:
+        args.no_sweeps = True  # the sweeps reuse the table's row of their method
     if args.backbone not in REAL:
         for flag in ("size", "lora_rank", "dtype"):
             if getattr(args, flag) is not None:
@@ -564,7 +604,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "backbone": run.backbone, "tiny": run.tiny, "steps": run.steps, "group_size": run.group_size,
             "prompts": run.prompts, "samples": run.group_size * run.prompts, "warmup": run.warmup,
             "iterations": run.iterations, "at_iteration": run.at_iteration, "reward": "shapes.preference",
-            "kl_beta": 0.0,
+            "kl_beta": 0.0, "methods": run.methods, "attention_backend": run.attention_backend,
+            "compile": run.compile,
         }
         if run.real:
             architectures.write_model_dir(run.arch, model_dir)
@@ -584,7 +625,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          "calls_per_velocity": costs["calls_per_velocity"], "cfg_scale": costs["cfg_scale"],
                          "max_sequence_length": costs["text_tokens"], "vae_dtype": costs["vae_dtype"]})
         log("\n" + format_table(table))
-        result: dict[str, Any] = {m: table[m] for m in METHODS}
+        result: dict[str, Any] = {m: table[m] for m in run.methods}
         result["hardware"] = hardware(device)
         result["settings"] = settings
         result["sweeps"] = {"method": args.sweep_method}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,6 +28,8 @@ DTYPES = {
 FLUX_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULTS_FILE = "mixgrpo.json"
 CFG_GRADIENTS = ("conditional", "both")
+#: ``compile``: where the transformer's forward runs under ``torch.compile`` (docs/design.md)
+COMPILE_MODES = ("none", "rollout", "all")
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -147,6 +149,113 @@ def module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module.to(dtype)`` in place, keeping a diffusers model's ``_keep_in_fp32_modules`` in fp32 as
+    ``from_pretrained`` does, without the warning diffusers' ``ModelMixin.to`` prints on every dtype
+    cast (even when that list is empty, as for FLUX and SD3)."""
+    nn.Module.to(module, dtype=dtype)
+    keep = getattr(module, "_keep_in_fp32_modules", None) or []
+    if keep and dtype != torch.float32:
+        for name, sub in module.named_modules():
+            if any(k in name.split(".") for k in keep):
+                nn.Module.to(sub, dtype=torch.float32)
+    return module
+
+
+# -- speed options: attention backend, torch.compile -----------------------------------------------
+def _backend_problem(name: str, device: torch.device) -> str | None:
+    """Why diffusers' attention backend ``name`` cannot run here (None when it can)."""
+    from diffusers.models import attention_dispatch as dispatch
+
+    backend = dispatch.AttentionBackendName(name)
+    if name.endswith("_hub"):
+        return "it downloads its kernel from the Hugging Face Hub, and mixgrpo never downloads"
+    try:
+        dispatch._check_attention_backend_requirements(backend)
+    except (RuntimeError, ImportError) as exc:
+        return str(exc)
+    checks = {getattr(c, "__name__", "") for c in dispatch._AttentionBackendRegistry._constraints.get(backend, [])}
+    cuda_only = (name.startswith(("flash", "_flash", "sage", "_sage", "aiter")) or "_check_device_cuda" in checks
+                 or "check_device_cuda" in checks or name in ("_native_cudnn", "_native_efficient"))
+    if cuda_only and device.type != "cuda":
+        return f"it runs on CUDA only, and this backbone is on {device.type}"
+    if name in ("_native_npu", "_native_xla") and device.type not in ("npu", "xla"):
+        return f"it runs on {name.removeprefix('_native_').upper()} devices only"
+    return None
+
+
+def attention_backends(device: torch.device) -> list[str]:
+    """The names of diffusers' attention backends that can run on ``device`` with what is installed."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    return [b.value for b in AttentionBackendName if _backend_problem(b.value, device) is None]
+
+
+def check_attention_backend(name: str | None, device: torch.device) -> str | None:
+    """``name`` (lower case) when diffusers' attention backend of that name can run on ``device``;
+    None keeps diffusers' default (PyTorch SDPA). Checked before any weight is loaded, with a
+    message naming the backends that can run here."""
+    if name is None:
+        return None
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    name = str(name).lower()
+    known = [b.value for b in AttentionBackendName]
+    if name not in known:
+        raise ValueError(f"unknown attention_backend {name!r}; diffusers' attention backends are "
+                         f"{', '.join(known)} (None = PyTorch SDPA, the default)")
+    problem = _backend_problem(name, device)
+    if problem:
+        raise ValueError(f"attention_backend {name!r} cannot run here: {problem.rstrip('.')}. Available on "
+                         f"{device.type}: {', '.join(attention_backends(device))} (or None, PyTorch SDPA)")
+    return name
+
+
+def set_attention_backend(transformer: nn.Module, name: str) -> None:
+    """Route the transformer's attention through diffusers' backend ``name`` (checked by
+    ``check_attention_backend``), leaving every other model of the process as it was: diffusers'
+    ``set_attention_backend`` also makes ``name`` the process-wide default, which is undone here.
+
+    Transformers whose attention processors call PyTorch SDPA directly (SD3 in diffusers 0.42)
+    take ``'xformers'`` through diffusers' xformers processors and refuse the other backends."""
+    from diffusers.models import attention_dispatch as dispatch
+
+    registry = dispatch._AttentionBackendRegistry
+    before = registry._active_backend
+    try:
+        diffusers_log = logging.getLogger("diffusers.models.modeling_utils")
+        with _quiet(diffusers_log, "Attention backends are an experimental feature"):
+            transformer.set_attention_backend(name)
+    finally:
+        registry.set_active_backend(before)
+    processors = [getattr(m, "processor", None) for m in transformer.modules()]
+    if any(getattr(p, "_attention_backend", None) == name for p in processors):
+        return
+    if name == "xformers" and hasattr(transformer, "enable_xformers_memory_efficient_attention"):
+        transformer.enable_xformers_memory_efficient_attention()
+        return
+    kinds = sorted({type(p).__name__ for p in processors if p is not None})
+    raise ValueError(f"{type(transformer).__name__}'s attention processors ({', '.join(kinds)}) call PyTorch SDPA "
+                     f"directly and do not dispatch to diffusers' attention backends: attention_backend={name!r} "
+                     "would change nothing. Use None (PyTorch SDPA) or 'xformers' (diffusers' xformers processors).")
+
+
+class _quiet:
+    """Drop the records of ``logger`` whose message starts with ``prefix`` (and no other) while active."""
+
+    def __init__(self, logger: logging.Logger, prefix: str) -> None:
+        self.logger, self.prefix = logger, prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+    def __enter__(self) -> None:
+        self.logger.addFilter(self)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeFilter(self)
+
+
 # -- the shared diffusers backbone -----------------------------------------------------------------
 class DiffusersBackbone(TorchBackbone):
     """What the diffusers-format backbones share: dtype and devices, LoRA, CFG with the empty prompt,
@@ -163,6 +272,58 @@ class DiffusersBackbone(TorchBackbone):
     vae: nn.Module | None = None
     frozen: dict[str, nn.Module]
     _negative: Conditioning | None = None
+    attention_backend: str | None = None
+    compile: str = "none"
+    _compiled: dict[int, tuple[nn.Module, list[tuple[nn.Module, Callable[..., Any]]]]] | None = None
+    #: the transformer blocks ``compile`` compiles when the model names none (``_repeated_blocks``)
+    compile_blocks: ClassVar[tuple[str, ...]] = ()
+
+    def _set_speed_options(self, attention_backend: str | None, compile: str,  # noqa: A002 (gin name)
+                           device: str | torch.device | None) -> None:
+        """Check the speed options before anything is loaded (see ``FluxBackbone``'s arguments)."""
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        if compile == "rollout" and self.dtype != torch.float32:
+            raise ValueError(
+                f"compile='rollout' with dtype {str(self.dtype).removeprefix('torch.')}: the compiled rollout and "
+                "the eager training forward round differently below fp32 (on-policy ratio off by 2e-6 on the tiny "
+                "FLUX, against 1e-6 allowed), so the rollout's log-probs would not be the policy's. Use "
+                "compile='all' (rollout and training compiled alike: ratio exactly 1) or dtype='float32'.")
+        self.compile = compile
+        self.attention_backend = check_attention_backend(attention_backend, default_device(device))
+
+    def _network(self) -> nn.Module:
+        """The transformer for this forward, its repeated blocks ``torch.compile``'d where ``compile``
+        says so (``'rollout'``: forwards without gradients, i.e. rollout, evaluation and the KL
+        reference; ``'all'``: every forward, training's included). Regional compilation, as
+        diffusers' ``compile_repeated_blocks``: each kind of block compiles once however deep the
+        model, and the code between blocks stays eager. The compiled blocks are kept per module, so a
+        module the trainer wraps or swaps in (DDP, the frozen reference) gets its own."""
+        module = self.module
+        if self.compile != "none":
+            use = self.compile == "all" or not torch.is_grad_enabled()
+            for block, compiled in self._compiled_blocks(module):
+                block._compiled_call_impl = compiled if use else None  # what nn.Module.compile sets
+        return module
+
+    def _compiled_blocks(self, module: nn.Module) -> list[tuple[nn.Module, Callable[..., Any]]]:
+        if self._compiled is None:
+            self._compiled = {}
+        cached = self._compiled.get(id(module))
+        if cached is None or cached[0] is not module:
+            base = module
+            while hasattr(base, "module") and isinstance(base.module, nn.Module):  # DDP
+                base = base.module
+            if hasattr(base, "get_base_model"):  # peft
+                base = base.get_base_model()
+            names = set(getattr(base, "_repeated_blocks", None) or self.compile_blocks)
+            blocks = [m for m in base.modules() if any(c.__name__ in names for c in type(m).__mro__)] or [base]
+            # below fp32, inductor rounds like eager (its fused kernels would otherwise keep fp32
+            # intermediates that eager rounds), so that the inference and training graphs agree
+            options = {"emulate_precision_casts": True} if self.dtype != torch.float32 else None
+            cached = (module, [(b, torch.compile(b._call_impl, dynamic=False, options=options)) for b in blocks])
+            self._compiled[id(module)] = cached
+        return cached[1]
 
     def _set_guidance(self, cfg_scale: float, cfg_gradient: str) -> None:
         if cfg_gradient not in CFG_GRADIENTS:
@@ -189,8 +350,10 @@ class DiffusersBackbone(TorchBackbone):
             transformer.enable_gradient_checkpointing()
         held = self.transformer_load_dtype(self.dtype, lora_rank)
         if next(transformer.parameters()).dtype != held:  # loaded in another dtype by the caller
-            transformer.to(dtype=held)
+            cast(transformer, held)
         transformer.to(device).eval()
+        if self.attention_backend is not None:
+            set_attention_backend(transformer, self.attention_backend)
         if lora_rank > 0:
             transformer = add_lora(transformer, lora_rank, lora_alpha, lora_targets or self.default_lora_targets)
         else:
@@ -203,9 +366,12 @@ class DiffusersBackbone(TorchBackbone):
     def freeze_reference(self) -> None:
         """The frozen copy of a full fine-tune is held in the compute dtype (its forward runs in it
         anyway), half the memory of the fp32 master weights."""
+        for _, compiled in (self._compiled or {}).values():  # the copy must not call the live blocks' code
+            for block, _ in compiled:
+                block._compiled_call_impl = None
         super().freeze_reference()
         if self._reference_module is not None:
-            self._reference_module.to(self.dtype)
+            cast(self._reference_module, self.dtype)
 
     def _sync_devices(self) -> torch.device:
         """Frozen components follow the transformer (which the trainer may move)."""

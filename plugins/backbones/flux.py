@@ -55,11 +55,11 @@ class FluxBackbone(DiffusersBackbone):
         height, width: image size in pixels. Default: ``mixgrpo.json`` in ``path`` if present,
             else 32 in pixel space and 1024 with a VAE. Must be multiples of the patch size in
             pixel space (of 2× the VAE's downsampling factor with a VAE).
-        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the compute dtype. Text encoders and
-            VAE are held and run in it; the transformer runs in it under autocast, while its trainable
-            weights (full fine-tuning) stay fp32 master weights, so that small updates and weight
-            decay are not rounded away (LoRA: the frozen base is held in this dtype, the adapters in
-            fp32). Step math stays fp32: ``velocity`` returns fp32.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the compute dtype (``"bfloat16"`` is
+            bf16 autocast). Text encoders and VAE are held and run in it; the transformer runs in it
+            under autocast, while its trainable weights (full fine-tuning) stay fp32 master weights,
+            so that small updates and weight decay are not rounded away (LoRA: the frozen base is
+            held in this dtype, the adapters in fp32). Step math stays fp32: ``velocity`` returns fp32.
         guidance: the embedded guidance value passed to guidance-distilled transformers
             (``transformer.config.guidance_embeds``, FLUX.1-dev); ignored otherwise.
         cfg_scale: true classifier-free guidance against the empty prompt when > 1:
@@ -78,6 +78,15 @@ class FluxBackbone(DiffusersBackbone):
         lora_alpha: LoRA alpha (default ``2·lora_rank``).
         lora_targets: module names LoRA adapts (default ``to_q, to_k, to_v, to_out.0``).
         gradient_checkpointing: recompute transformer blocks in the backward pass (memory for time).
+        attention_backend: None (default) runs attention through PyTorch SDPA, diffusers' default;
+            otherwise the name of one of diffusers' attention backends (``'xformers'``, ``'flash'``,
+            ``'_native_flash'``, ``'_native_math'``, ``'flex'``, ``'sage'``, ...; see
+            ``diffusers.models.attention_dispatch.AttentionBackendName``). Checked before anything is
+            loaded: a backend that is not installed, needs another device or downloads a kernel is
+            refused with the list of those that can run here. Set on this transformer only.
+        compile: ``'none'`` (default); ``'all'``: ``torch.compile`` the transformer for every forward
+            (rollout and training compute identical log-probs, also in bf16); ``'rollout'``: only the
+            forwards without gradients (rollout, evaluation, KL reference), fp32 only (docs/design.md).
         device: where the model lives; default this process's GPU if there is one, else the CPU.
     """
 
@@ -89,13 +98,15 @@ class FluxBackbone(DiffusersBackbone):
                  max_sequence_length: int = 77,
                  lora_rank: int = 0, lora_alpha: float | None = None,
                  lora_targets: Sequence[str] | None = None, gradient_checkpointing: bool = False,
+                 attention_backend: str | None = None, compile: str = "none",  # noqa: A002 (gin name)
                  device: str | None = None) -> None:
         from diffusers import AutoencoderKL, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
+        self.dtype = resolve_dtype(dtype)
+        self._set_speed_options(attention_backend, compile, device)  # before anything is read or loaded
         root = resolve_model_path(path, "FLUX")
         self.path = root
-        self.dtype = resolve_dtype(dtype)
         self.guidance = float(guidance)
         self._set_guidance(cfg_scale, cfg_gradient)
         self.timestep_quantization = timestep_quantization
@@ -214,7 +225,7 @@ class FluxBackbone(DiffusersBackbone):
         guidance = None
         if self.config.guidance_embeds:
             guidance = torch.full((batch,), self.guidance, device=device, dtype=torch.float32)
-        out = self.module(
+        out = self._network()(
             hidden_states=self.pack(x),
             encoder_hidden_states=embeds,
             pooled_projections=pooled,

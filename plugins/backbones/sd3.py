@@ -67,10 +67,20 @@ class SD3Backbone(DiffusersBackbone):
         gradient_checkpointing: recompute transformer blocks in the backward pass.
         vae_dtype: dtype of the VAE (default: ``dtype``); FlowGRPO decodes in ``"float32"``, which
             its SD3.5 recipe sets: the rewards then score images free of bf16 decoding error.
+        attention_backend: None (default) runs attention through PyTorch SDPA, diffusers' default;
+            otherwise the name of one of diffusers' attention backends (``'xformers'``, ``'flash'``,
+            ``'_native_flash'``, ``'_native_math'``, ``'flex'``, ``'sage'``, ...; see
+            ``diffusers.models.attention_dispatch.AttentionBackendName``). Checked before anything is
+            loaded: a backend that is not installed, needs another device or downloads a kernel is
+            refused with the list of those that can run here. Set on this transformer only.
+        compile: ``'none'`` (default); ``'all'``: ``torch.compile`` the transformer for every forward
+            (rollout and training compute identical log-probs, also in bf16); ``'rollout'``: only the
+            forwards without gradients (rollout, evaluation, KL reference), fp32 only (docs/design.md).
         device: where the model lives; default this process's GPU if there is one, else the CPU.
     """
 
     default_lora_targets = SD3_LORA_TARGETS
+    compile_blocks = ("JointTransformerBlock",)  # diffusers 0.42's SD3 declares no _repeated_blocks
     diffusers_pipeline = "StableDiffusion3Pipeline"
 
     def __init__(self, path: str, height: int | None = None, width: int | None = None,
@@ -78,13 +88,15 @@ class SD3Backbone(DiffusersBackbone):
                  timestep_quantization: int | None = None,
                  max_sequence_length: int = 256, lora_rank: int = 0, lora_alpha: float | None = None,
                  lora_targets: Sequence[str] | None = None, gradient_checkpointing: bool = False,
-                 vae_dtype: str | None = None, device: str | None = None) -> None:
+                 vae_dtype: str | None = None, attention_backend: str | None = None,
+                 compile: str = "none", device: str | None = None) -> None:  # noqa: A002 (gin name)
         from diffusers import AutoencoderKL, SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
+        self.dtype = resolve_dtype(dtype)
+        self._set_speed_options(attention_backend, compile, device)  # before anything is read or loaded
         root = resolve_model_path(path, "SD3")
         self.path = root
-        self.dtype = resolve_dtype(dtype)
         self._set_guidance(cfg_scale, cfg_gradient)
         self.timestep_quantization = timestep_quantization
         self.max_sequence_length = int(max_sequence_length)
@@ -184,7 +196,7 @@ class SD3Backbone(DiffusersBackbone):
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
                  pooled: torch.Tensor) -> torch.Tensor:
-        return self.module(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
+        return self._network()(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
                            timestep=(t * 1000).to(self.dtype), return_dict=False)[0]
 
 

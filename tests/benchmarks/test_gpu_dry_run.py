@@ -83,7 +83,7 @@ def test_flux_sweeps_follow_the_requested_points(dry_run):
 def test_log_prints_the_tables_with_the_json_ratios(dry_run):
     log = (dry_run / "gpu.log").read_text()
     blocks = log.split("\nmethod ")[1:]
-    assert len(blocks) == 2  # sd35-medium, then flux-dev
+    assert len(blocks) == 4  # sd35-medium, flux-dev, then MixGRPO with the attention backend and compiled
     for block, name in zip(blocks, ["sd35-medium", "flux-dev"]):
         data = json.loads((dry_run / f"{name}.json").read_text())
         lines = block.splitlines()[1:6]
@@ -95,4 +95,25 @@ def test_log_prints_the_tables_with_the_json_ratios(dry_run):
             assert x_dance == f"{row['ratio_to_dancegrpo']:.2f}"
             assert floor_x_dance == f"{row['floor_ratio_to_dancegrpo']:.2f}"
         assert [line.split()[0] for line in lines] == list(METHODS)
+    for block in blocks[2:]:  # MixGRPO alone: no DanceGRPO to divide by
+        cols = block.splitlines()[1].split()
+        assert cols[0] == "mixgrpo" and cols[10] == cols[11] == "-"
     assert "gpu.sh: done in" in log
+
+
+@pytest.mark.parametrize(("name", "backend", "compile_mode"), [
+    ("flux-dev-attention", "_native_flash", "none"),  # the first installed of flash, xformers, _native_flash
+    ("flux-dev-compile", None, "all"),
+])
+def test_speed_options_time_mixgrpo_against_its_row_of_the_table(dry_run, name, backend, compile_mode):
+    data = json.loads((dry_run / f"{name}.json").read_text())
+    table = json.loads((dry_run / "flux-dev.json").read_text())
+    assert {"mixgrpo", "hardware", "settings", "sweeps"} == set(data)
+    s = data["settings"]
+    assert (s["methods"], s["attention_backend"], s["compile"]) == (["mixgrpo"], backend, compile_mode)
+    assert table["settings"]["compile"] == "none" and table["settings"]["attention_backend"] is None
+    row, off = data["mixgrpo"], table["mixgrpo"]
+    assert all(math.isfinite(row[k]) for k in FIELDS), row
+    # the same work: NFE counted at the network, options on and off
+    assert (row["nfe_rollout"], row["nfe_train"]) == (off["nfe_rollout"], off["nfe_train"]) == (25, 4)
+    assert row["ratio_to_dancegrpo"] is None and row["skipped_steps"] == 0

@@ -62,6 +62,10 @@ def test_random_weights_apply_inside_the_folder_only_and_are_undone(archs, tmp_p
     (["--sweep-steps", "ten"], "comma-separated integers"),
     (["--device", "tpu"], "--device must be cpu or cuda"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--backbone", "toy", "--compile", "all"], "apply to the diffusers backbones"),
+    (["--backbone", "toy", "--attention-backend", "native"], "apply to the diffusers backbones"),
+    (["--compile", "fast"], "invalid choice: 'fast'"),
+    (["--methods", "mixgrpo,grpo"], "unknown method(s) ['grpo']"),
 ])
 def test_bad_arguments_fail_with_a_clear_message(bench, capsys, argv, message):
     with pytest.raises(SystemExit):
@@ -72,6 +76,7 @@ def test_bad_arguments_fail_with_a_clear_message(bench, capsys, argv, message):
 @pytest.mark.parametrize("argv, message", [
     (["--device", "tpu"], "--device must be cuda or cpu"),
     (["--budget-s", "soon"], "--budget-s must be a whole number"),
+    (["--compile-s", "long"], "--compile-s must be a whole number"),
     (["--frobnicate"], "unknown argument '--frobnicate'"),
 ])
 def test_gpu_sh_rejects_bad_arguments(argv, message):
@@ -86,6 +91,20 @@ def test_ratios_are_to_dancegrpo_and_to_the_floor(bench):
     bench.add_ratios(table)
     assert table["mixgrpo"]["ratio_to_dancegrpo"] == 0.5 and table["mixgrpo"]["ratio_to_floor"] == 2.5
     assert table["flowgrpo"]["floor_ratio_to_dancegrpo"] == 1.5 and table["dancegrpo"]["ratio_to_dancegrpo"] == 1.0
+
+
+def test_methods_and_speed_options_reach_the_run(bench, tmp_path):
+    args = bench.parse_args(["--backbone", "shapes", "--methods", "mixgrpo_flash,mixgrpo", "--compile", "rollout",
+                             "--attention-backend", "_native_math"])
+    assert args.methods == ["mixgrpo", "mixgrpo_flash"]  # the table's order
+    run = bench.Run(args, None)
+    bindings = run.bindings(str(tmp_path))
+    assert "FluxBackbone.compile = 'rollout'" in bindings
+    assert "FluxBackbone.attention_backend = '_native_math'" in bindings
+    table = {"mixgrpo": {"iteration_s": 2.0, "floor_s": 1.0}}
+    bench.add_ratios(table)  # without DanceGRPO: no ratio to it
+    assert table["mixgrpo"]["ratio_to_dancegrpo"] is None and table["mixgrpo"]["ratio_to_floor"] == 2.0
+    assert table["mixgrpo"]["floor_ratio_to_dancegrpo"] is None
 
 
 def test_toy_backbone_json(bench, tmp_path):
