@@ -96,6 +96,7 @@ class Run:
         self.gradient_checkpointing = args.gradient_checkpointing
         self.attention_backend = args.attention_backend
         self.compile = args.compile
+        self.overlap_rewards = args.overlap_rewards
         self.methods = args.methods
 
     def bindings(self, out: str, steps: int | None = None, group_size: int | None = None,
@@ -107,7 +108,7 @@ class Run:
             "TrainConfig.rewards = {'shapes.preference': 1.0}", "TrainConfig.eval_rewards = ()",
             "TrainConfig.eval_every = 0", "TrainConfig.sample_every = 0", "TrainConfig.checkpoint_every = 0",
             "TrainConfig.tensorboard = False", "TrainConfig.progress = False", f"TrainConfig.output_dir = '{out}'",
-            "TrainConfig.num_minibatches = 1",
+            "TrainConfig.num_minibatches = 1", f"TrainConfig.overlap_rewards = {self.overlap_rewards}",
             "FlowGRPO.kl_beta = 0.0",  # the FLUX recipes compared in the paper train without KL
         ]
         batches = []
@@ -174,8 +175,8 @@ class Instruments:
     """Counts network evaluations (rows through the network, so a CFG call counts 2) in the rollout
     and in training, and times the optimizer step, from outside the trainer.
 
-    The rollout/training boundary is the reward call: rows before the first reward call of an
-    iteration are rollout rows, rows after it training rows (reference-model rows included).
+    The rollout/training boundary is the start of ``Trainer.optimize``: rows before it are rollout
+    rows, rows after it training rows (reference-model rows included).
     """
 
     def __init__(self, trainer: Any) -> None:
@@ -186,7 +187,7 @@ class Instruments:
         self.optimizer_s = 0.0
         network = trainer.backbone.unwrapped() if hasattr(trainer.backbone, "unwrapped") else trainer.backbone.module
         self._hook = network.register_forward_pre_hook(self._count, with_kwargs=True)
-        trainer.rewards = {name: self._marking(reward) for name, reward in trainer.rewards.items()}
+        trainer.optimize = self._marking(trainer.optimize)
         step = trainer.optimizer.step
 
         def timed_step(*a: Any, **k: Any) -> Any:
@@ -207,11 +208,11 @@ class Instruments:
             x = next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
         self.rows += int(x.shape[0])
 
-    def _marking(self, reward: Callable) -> Callable:
-        def call(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def _marking(self, optimize: Callable) -> Callable:
+        def call(*args: Any, **kwargs: Any) -> Any:
             if self.rollout_rows is None:
                 self.rollout_rows = self.rows
-            return reward(images, prompts)
+            return optimize(*args, **kwargs)
 
         return call
 
@@ -536,6 +537,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated presets to time (default all: {','.join(METHODS)}); the ratios to "
                         "DanceGRPO need dancegrpo among them")
     p.add_argument("--rollout-batch-size", type=_positive, default=None)
+    p.add_argument("--overlap-rewards", action="store_true",
+                   help="score each rollout chunk in a background thread while the next one rolls out")
     p.add_argument("--micro-batch-size", type=_positive, default=None)
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per method (default 1)")
     p.add_argument("--iterations", type=_positive, default=2, help="timed iterations per method (default 2)")
@@ -605,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "prompts": run.prompts, "samples": run.group_size * run.prompts, "warmup": run.warmup,
             "iterations": run.iterations, "at_iteration": run.at_iteration, "reward": "shapes.preference",
             "kl_beta": 0.0, "methods": run.methods, "attention_backend": run.attention_backend,
-            "compile": run.compile,
+            "compile": run.compile, "overlap_rewards": run.overlap_rewards,
         }
         if run.real:
             architectures.write_model_dir(run.arch, model_dir)

@@ -109,9 +109,12 @@ def test_methods_and_speed_options_reach_the_run(bench, tmp_path):
 
 def test_toy_backbone_json(bench, tmp_path):
     out = tmp_path / "toy.json"
+    # two rollout chunks of 2 samples, scored in the background: the NFE counts see whole rollouts
     bench.main(["--backbone", "toy", "--steps", "10", "--warmup", "0", "--iterations", "1", "--prompts", "1",
-                "--threads", "1", "--sweep-steps", "6,10", "--sweep-group", "4", "--json", str(out)])
+                "--threads", "1", "--sweep-steps", "6,10", "--sweep-group", "4", "--rollout-batch-size", "2",
+                "--overlap-rewards", "--json", str(out)])
     data = json.loads(out.read_text())
+    assert data["settings"]["overlap_rewards"] is True and data["settings"]["rollout_batch_size"] == 2
     for method in METHODS:
         assert data[method]["nfe_rollout"] == rollout_steps(method, 10)
         assert data[method]["nfe_train"] == trained_steps(method, 10)
