@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from mixgrpo.core import metrics
 from mixgrpo.core.plugins import KINDS, UnknownComponentError, get_plugin_manager
 
 
@@ -64,15 +65,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
     if trainer.accelerator.is_main_process:
         last = history[-1] if history else {}
-        summary = {k: v for k, v in last.items() if k.startswith(("reward/", "eval/")) and k.endswith("mean")}
+        trained = {metrics.reward(name, "mean") for name in config.rewards}
         print(f"run directory: {trainer.out}  ({len(history)} iterations)")
         if not history and trainer.start_iteration >= config.iterations:
             print(f"  nothing to train: the checkpoint is at iteration {trainer.start_iteration} and "
                   f"TrainConfig.iterations = {config.iterations}; raise it to continue the run")
         from mixgrpo.core.report import format_value, summary_lines
 
-        for k, v in summary.items():
-            if not k.startswith("eval/"):  # held-out numbers: with their SEs below
+        for k, v in last.items():
+            if k in trained:  # held-out numbers: with their SEs below
                 print(f"  {k} = {format_value(v, 4)} (last iteration)")
         for line in summary_lines(trainer.out):
             print(line)

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mixgrpo.core import checkpoint as ckpt
+from mixgrpo.core import metrics
 from mixgrpo.core.export import (
     BASE,
     CHECKPOINTS,
@@ -266,7 +267,8 @@ def table_lines(data: dict[str, Any]) -> list[str]:
     for k, row in enumerate(rows):
         m = row["metrics"]
         cells = [row["label"], str(row["iteration"]),
-                 *[format_estimate(m.get(f"eval/{n}/mean"), m.get(f"eval/{n}/sem")) for n in names]]
+                 *[format_estimate(m.get(metrics.evaluation(n, "mean")), m.get(metrics.evaluation(n, "sem")))
+                   for n in names]]
         if len(rows) > 1:
             for n in names:
                 d = paired(rows[0]["scores"].get(n, []), row["scores"].get(n, [])) if k else None

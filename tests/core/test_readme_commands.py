@@ -126,6 +126,9 @@ def test_readme_flux_command_trains_from_a_local_snapshot(local, tmp_path):
     out = train(tmp_path, args, run)
     assert f"run directory: {run}  (2 iterations)" in out.stdout
     check_run(run, ["hpsv2", "pickscore", "imagereward"])
+    # the summary names each trained reward's last value, and nothing else as a last-iteration value
+    last = [line.split(" = ")[0].strip() for line in out.stdout.splitlines() if line.endswith("(last iteration)")]
+    assert last == [f"reward/{name}/mean" for name in ("hpsv2", "pickscore", "imagereward")]
 
 
 def test_readme_sd3_command_trains_from_a_local_snapshot(local, tmp_path):
