@@ -55,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume_hint = " ".join(["mixgrpo train", str(args.config), *(f'--gin "{g}"' for g in args.gin or []),
                             *([f"--output {args.output}"] if args.output else []), "--resume"])
     try:
-        history = trainer.train(resume=args.resume, overwrite=args.overwrite)
+        history = trainer.train("resume" if args.resume else "overwrite" if args.overwrite else "new")
     except KeyboardInterrupt:
         from mixgrpo.core import checkpoint as ckpt
 
@@ -159,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one experiment")
     with_config(p)
     p.add_argument("--output", help="run directory (overrides TrainConfig.output_dir)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
-    p.add_argument("--overwrite", action="store_true",
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    start.add_argument("--overwrite", action="store_true",
                    help="start over in a run directory that holds a run (deletes its records and checkpoints)")
     p.set_defaults(func=cmd_train)
 

@@ -110,7 +110,7 @@ def _run_one(files: Sequence[Path], base: Path, bindings: Sequence[str], seed: i
         run_dir.mkdir(parents=True, exist_ok=True)
         evaluate_base(trainer, {}, base_cache)
         return time.perf_counter() - started
-    trainer.train(overwrite=True)  # an unfinished run restarts cleanly
+    trainer.train("overwrite")  # an unfinished run restarts cleanly
     seconds = time.perf_counter() - started
     (run_dir / DONE).write_text(json.dumps({"seconds": seconds}))
     return seconds

@@ -50,6 +50,8 @@ from mixgrpo.core.scoring import RewardFailure
 from mixgrpo.core.types import StepPlan, Trajectories
 
 log = logging.getLogger(__name__)
+#: what ``Trainer.train`` may do with a run directory that already holds a run
+START_MODES = ("new", "resume", "overwrite")
 
 
 class Trainer:
@@ -105,20 +107,22 @@ class Trainer:
         self._failure: RewardFailure | None = None
 
     # == the loop ====================================================================================
-    def train(self, resume: bool = False, overwrite: bool = False) -> list[dict[str, float]]:
+    def train(self, start: str = "new") -> list[dict[str, float]]:
         """Run iterations ``start_iteration .. iterations - 1``; returns their metrics rows.
 
-        ``resume`` continues the run in ``output_dir`` from its latest checkpoint (refusing a config
-        that changes the experiment, see ``mixgrpo.core.records``); without it a directory that
-        holds a run is refused unless ``overwrite``. SIGTERM or a first Ctrl-C stops the run at the
-        end of the current iteration with a checkpoint; ``stopped`` then tells why.
+        ``start`` says what to do with ``output_dir`` (``mixgrpo train``'s flags): ``"new"`` refuses
+        a directory that holds a run, ``"overwrite"`` deletes that run first, ``"resume"`` continues
+        it from its latest checkpoint (refusing a config that changes the experiment, see
+        ``mixgrpo.core.records``; from iteration 0 when there is none). SIGTERM or a first Ctrl-C
+        stops the run at the end of the current iteration with a checkpoint; ``stopped`` then tells
+        why.
         """
         with records.storage_errors(self.out):
-            return self._train(resume, overwrite)
+            return self._train(start)
 
-    def _train(self, resume: bool, overwrite: bool) -> list[dict[str, float]]:
+    def _train(self, start: str) -> list[dict[str, float]]:
         c, acc = self.config, self.accelerator
-        self.start_iteration, self.stopped = self._open_run(resume, overwrite), None
+        self.start_iteration, self.stopped = self._open_run(start), None
         self._start_trackers()
         history: list[dict[str, float]] = []
         if self.start_iteration == 0 and (c.eval_every or c.sample_every):
@@ -453,22 +457,24 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.pm.on_checkpoint(trainer=self, path=path)
 
-    def _open_run(self, resume: bool, overwrite: bool) -> int:
+    def _open_run(self, start: str) -> int:
         """Check and prepare the run directory; returns the iteration to start from."""
         acc, root = self.accelerator, self.out / "checkpoints"
-        start = 0
-        if resume and ckpt.latest(root) is not None:
+        first = 0
+        if start not in START_MODES:
+            raise ValueError(f"start must be one of {', '.join(START_MODES)}, got {start!r}")
+        if start == "resume" and ckpt.latest(root) is not None:
             changed = records.check_resume(self.out)  # before loading anything: a refused resume changes nothing
-            start = ckpt.resume(self, root)
+            first = ckpt.resume(self, root)
             for group in self.optimizer.param_groups:  # the config's step sizes, recorded if they changed
                 group["lr"], group["weight_decay"] = self.config.learning_rate, self.config.weight_decay
             if acc.is_main_process:
-                records.truncate_after(self.out, start)
-                records.record_resume(self.out, start, changed)
+                records.truncate_after(self.out, first)
+                records.record_resume(self.out, first, changed)
         else:
-            if resume:  # nothing to continue: whatever records exist belong to iterations to run again
+            if start == "resume":  # nothing to continue: whatever records exist belong to iterations to run again
                 log.warning("--resume: no checkpoint in %s; starting from iteration 0", root)
-            elif not overwrite:
+            elif start == "new":
                 records.refuse_existing_run(self.out)  # on every process alike
             acc.wait_for_everyone()
             if acc.is_main_process:
@@ -476,7 +482,7 @@ class Trainer:
         if acc.is_main_process:
             (self.out / "config.gin").write_text(gin.operative_config_str() or gin.config_str())
         acc.wait_for_everyone()
-        return start
+        return first
 
     def _start_trackers(self) -> None:
         """TensorBoard in ``output_dir/tensorboard``; on resume it purges its events from the first

@@ -47,7 +47,7 @@ def main(parallelism: str, flux_dir: str, run: Path, iterations: int, flags: lis
         return adv
 
     trainer.advantages = record
-    trainer.train(resume="--resume" in flags)
+    trainer.train("resume" if "--resume" in flags else "new")
     params = trainer.backbone.trainable_parameters()
     weights = [full_tensor(p.detach()).cpu().clone() for p in params]
     shards = [(is_sharded(p), (p.to_local() if is_sharded(p) else p).numel(), w.numel())

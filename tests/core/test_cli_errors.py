@@ -149,3 +149,21 @@ def test_cps_with_a_window_that_stops_before_the_last_step_is_accepted(toy_confi
     trainer = Trainer(cfg, pm)
     assert type(trainer.sde_sampler).__name__ == "CPSSDE" and not trainer.sde_sampler.supports_final_step
     trainer.close()
+
+
+def test_resume_and_overwrite_together_are_refused(capsys, tmp_path):
+    """The two ways of reusing a run directory exclude each other: argparse says so, exit 2."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", MIXGRPO, "--resume", "--overwrite", "--output", str(tmp_path / "run")])
+    assert exit_.value.code == 2
+    assert "--overwrite: not allowed with argument --resume" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_names_the_start_modes(toy_config, tmp_path):
+    from mixgrpo.core.trainer import Trainer
+
+    cfg, pm = toy_config("mixgrpo", f"TrainConfig.output_dir = '{tmp_path / 'run'}'")
+    with pytest.raises(ValueError, match="start must be one of new, resume, overwrite, got 'continue'"):
+        Trainer(cfg, pm).train("continue")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

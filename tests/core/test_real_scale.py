@@ -218,7 +218,7 @@ def test_kl_reference_is_the_base_model_after_resume(toy_config, tmp_path):
     second_cfg, pm = toy_config("flowgrpo", kl, "TrainConfig.iterations = 2",
                                 f"TrainConfig.output_dir = '{tmp_path}/b'")
     resumed = Trainer(second_cfg, pm)
-    resumed.train(resume=True)
+    resumed.train("resume")
     reference = [p.detach() for p in resumed.backbone._reference_module.parameters()]
     assert all(torch.equal(r, b) for r, b in zip(reference, base))
     for a, b in zip(params(straight), params(resumed)):

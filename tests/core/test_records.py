@@ -22,7 +22,7 @@ BASE = ["TrainConfig.checkpoint_every = 2", "TrainConfig.tensorboard = True"]
 def run(toy_config, tmp_path, *extra, resume=False, overwrite=False, method="mixgrpo"):
     cfg, pm = toy_config(method, *BASE, f"TrainConfig.output_dir = '{tmp_path / 'run'}'", *extra)
     trainer = Trainer(cfg, pm)
-    trainer.train(resume=resume, overwrite=overwrite)
+    trainer.train("resume" if resume else "overwrite" if overwrite else "new")
     return trainer
 
 

@@ -64,7 +64,7 @@ def test_resume_continues_exactly(toy_config, tmp_path):
     assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "iter_000001"
     second_cfg, pm = toy_config("mixgrpo", "TrainConfig.iterations = 2", f"TrainConfig.output_dir = '{tmp_path}/b'")
     resumed = Trainer(second_cfg, pm)
-    history = resumed.train(resume=True)
+    history = resumed.train("resume")
     assert [row["iteration"] for row in history] == [2]
     for a, b in zip(_weights(straight), _weights(resumed)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
