@@ -179,6 +179,8 @@ class Reward(ABC):
 
     A sample the reward could not score is returned as NaN: it is then left out of the group
     statistics and gets advantage 0. A reward never turns a failure into a plausible score.
+    ``higher_is_better = False`` (a distance, a loss) makes training lower the score: the trainer
+    negates its scores before the advantages; metrics and evaluations record them as returned.
     """
 
     name: str = "reward"

@@ -269,8 +269,10 @@ class Trainer:
 
     def advantages(self, scores: Mapping[str, torch.Tensor], traj: Trajectories) -> torch.Tensor:
         """The objective's advantages over every process's samples (groups are compared whole), then
-        this process's rows, in the order of ``traj``."""
-        everywhere = {name: self._gather(s) for name, s in scores.items()}
+        this process's rows, in the order of ``traj``. A reward that declares ``higher_is_better =
+        False`` enters negated: training always raises the advantage."""
+        everywhere = {name: self._gather(s) if getattr(self.rewards[name], "higher_is_better", True)
+                      else -self._gather(s) for name, s in scores.items()}
         adv = self.objective.advantages(everywhere, self._gather(traj.group_ids))
         return adv[local_rows(self._gather(traj.sample_ids), traj.sample_ids)]
 

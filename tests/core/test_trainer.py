@@ -168,3 +168,32 @@ def test_rewards_scored_in_the_background_overlap_the_next_chunk_and_score_the_s
     # inline scoring inside the rollout loop is counted as reward time, not rollout time
     assert inline["perf/reward_s"] >= 3 * 0.2
     assert inline["perf/rollout_s"] + inline["perf/reward_s"] <= inline["perf/iteration_s"]
+
+
+def test_a_lower_is_better_reward_is_trained_downwards(toy_config, tmp_path):
+    """A reward declaring higher_is_better = False, scoring −s, trains exactly as one scoring s
+    (its advantages are those of −(−s)); its metrics record the scores it returned."""
+    from mixgrpo.core.interfaces import Reward
+
+    runs = []
+    for lower in (False, True):
+        cfg, pm = toy_config("mixgrpo", f"TrainConfig.output_dir = '{tmp_path / str(lower)}'")
+        trainer = Trainer(cfg, pm)
+        if lower:
+            original = trainer.rewards["shapes.preference"]
+
+            class Distance(Reward):
+                name, higher_is_better = "distance", False
+
+                def __init__(self, inner):
+                    self.inner = inner
+
+                def __call__(self, images, prompts):
+                    return -self.inner(images, prompts)
+
+            trainer.rewards["shapes.preference"] = Distance(original)
+        runs.append((trainer.iteration(0), _weights(trainer)))
+    (higher, w_higher), (lower, w_lower) = runs
+    assert lower["reward/shapes.preference/mean"] == -higher["reward/shapes.preference/mean"] != 0
+    assert lower["policy/grad_norm"] == higher["policy/grad_norm"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(w_higher, w_lower))
