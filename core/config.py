@@ -29,6 +29,7 @@ from mixgrpo.core.plugins import (
     get_plugin_manager,
     unknown_message,
 )
+from mixgrpo.core.sigmas import GRID_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ class TrainConfig:
         ``sde``, ``pre``, ``post`` and ``eval``: ``post/DPMSolverPP.order = 1`` configures the
         post-window solver alone, an unscoped ``DPMSolverPP.order = 1`` every role that uses it.
     Sampling:
-        num_steps (T), shift (s), grid (``static``|``dynamic``|``diffusers``), compression (Flash
-        ratio r for the post-window grid, or None), shared_noise (same x_T within a group).
+        num_steps (T), shift (s), grid (``static``|``dynamic``|``diffusers``), mu (the dynamic grid's
+        shift: FLUX's ``flux_mu`` of the image tokens, 0.80 at 720×720), compression (Flash ratio r
+        for the post-window grid, or None), shared_noise (same x_T within a group).
     Batch:
         prompts_per_iteration (groups per iteration, all processes together), group_size (G),
         rollout_batch_size (samples per model call in rollouts, and per rollout chunk: a chunk
@@ -94,6 +96,7 @@ class TrainConfig:
     num_steps: int = 25
     shift: float = 3.0
     grid: str = "static"
+    mu: float | None = None
     compression: float | None = None
     shared_noise: bool = True
 
@@ -161,6 +164,13 @@ class TrainConfig:
         if self.group_size < 2:
             raise ValueError(f"TrainConfig.group_size = {self.group_size}: a group needs at least 2 samples, or every "
                              "advantage is 0 and nothing is learned (the papers use 12 to 24)")
+        if self.grid not in GRID_KINDS:
+            raise ValueError(f"TrainConfig.grid = {self.grid!r}: one of {', '.join(GRID_KINDS)}")
+        if self.grid == "dynamic" and self.mu is None:
+            raise ValueError("TrainConfig.grid = 'dynamic' needs TrainConfig.mu, FLUX's resolution-dependent shift: "
+                             "mixgrpo.core.sigmas.flux_mu(image tokens), e.g. 0.80 at 720x720 (2025 tokens) and "
+                             "1.15 at 1024x1024 (4096); or train on the static grid (grid = 'static', shift = 3) "
+                             "as the three reference implementations do")
         if self.compression is not None and not 0 < self.compression <= 1:
             raise ValueError(f"TrainConfig.compression = {self.compression}: the Flash ratio of post-window steps "
                              "must be in (0, 1] (MixGRPO-Flash: 0.4, Flash*: 0.2), or None for no compression")

@@ -76,7 +76,7 @@ class Trainer:
         self.schedule = self.pm.create("schedule", c.schedule)
         self.objective = self.pm.create("objective", c.objective, weights=dict(c.rewards))
         self.prompt_set = self.pm.create("prompt_set", c.prompt_set)
-        self.setup = SamplingSetup(num_steps=c.num_steps, shift=c.shift, grid=c.grid,
+        self.setup = SamplingSetup(num_steps=c.num_steps, shift=c.shift, grid=c.grid, mu=c.mu,
                                    compression=c.compression, shared_noise=c.shared_noise)
         # evaluation and sample grids: the ODE on their own grid (FlowGRPO evaluates SD3.5 at 40 steps)
         self.eval_setup = attrs.evolve(self.setup, num_steps=c.eval_num_steps or c.num_steps, compression=None)

@@ -167,3 +167,14 @@ def test_train_names_the_start_modes(toy_config, tmp_path):
     with pytest.raises(ValueError, match="start must be one of new, resume, overwrite, got 'continue'"):
         Trainer(cfg, pm).train("continue")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("bindings, expected", [
+    (["TrainConfig.grid = 'dynamic'"], "TrainConfig.grid = 'dynamic' needs TrainConfig.mu"),
+    (["TrainConfig.grid = 'dynamc'"], "TrainConfig.grid = 'dynamc': one of static, dynamic, diffusers"),
+])
+def test_a_grid_that_cannot_be_built_is_refused_before_the_model_loads(capsys, tmp_path, bindings, expected):
+    rc, err = train(capsys, MIXGRPO, *TOY, "TrainConfig.backbone = 'flux'", NO_MODEL, *bindings,
+                    output=tmp_path / "run")
+    assert rc == 2 and expected in err
+    assert not (tmp_path / "run").exists()

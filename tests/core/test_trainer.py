@@ -197,3 +197,18 @@ def test_a_lower_is_better_reward_is_trained_downwards(toy_config, tmp_path):
     assert lower["reward/shapes.preference/mean"] == -higher["reward/shapes.preference/mean"] != 0
     assert lower["policy/grad_norm"] == higher["policy/grad_norm"] > 0
     assert all(torch.equal(a, b) for a, b in zip(w_higher, w_lower))
+
+
+def test_the_dynamic_grid_trains_on_flux_inference_sigmas(toy_config):
+    """grid = 'dynamic' with TrainConfig.mu walks FLUX's inference grid σ = e^mu / (e^mu + 1/u − 1)
+    (u = 1 − k/T, then 0), here re-derived in float64, and trains on it."""
+    import math
+
+    cfg, pm = toy_config("mixgrpo", "TrainConfig.grid = 'dynamic'", "TrainConfig.mu = 0.8")
+    trainer = Trainer(cfg, pm)
+    metrics = trainer.iteration(0)
+    T = cfg.num_steps
+    expected = [math.exp(0.8) / (math.exp(0.8) + 1 / (1 - k / T) - 1) for k in range(T)] + [0.0]
+    assert trainer.setup.sigmas(None).tolist() == pytest.approx(expected, abs=1e-7)
+    assert expected[1] != pytest.approx(3 * (1 - 1 / T) / (1 + 2 * (1 - 1 / T)))  # not the static shift-3 grid
+    assert metrics["policy/onpolicy_ratio_dev"] < 1e-5 and metrics["policy/grad_norm"] > 0
