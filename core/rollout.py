@@ -159,11 +159,11 @@ def rollout(
     steps = tuple(i for i in sorted(set(plan.sde_steps)) if i < plan.num_steps)
     solvers = _solver_per_step(sigmas.numel() - 1, plan, steps, pre_solver, post_solver)
     shape = backbone.latent_shape()
-    x0_all = initial_noise(shape, group_ids, sample_ids, seed, iteration, setup.shared_noise)
+    x_T = initial_noise(shape, group_ids, sample_ids, seed, iteration, setup.shared_noise)
     parts = []
     for start in range(0, n, batch_size):
         rows = slice(start, min(start + batch_size, n))
-        part = _rollout_chunk(backbone, x0_all[rows], cond.select(torch.arange(n)[rows]), sample_ids[rows],
+        part = _rollout_chunk(backbone, x_T[rows], cond.select(torch.arange(n)[rows]), sample_ids[rows],
                               sigmas, solvers, sde_sampler, seed, iteration)
         images = backbone.decode(part[3]).float() if decode else torch.zeros(part[3].shape[0], 3, 1, 1)
         if on_images is not None:
