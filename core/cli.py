@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from mixgrpo.core.report import format_value, summary_lines
 
         for k, v in last.items():
-            if k in trained:  # held-out numbers: with their SEs below
+            if k in trained:  # the trained rewards; held-out numbers follow with their SEs
                 print(f"  {k} = {format_value(v, 4)} (last iteration)")
         for line in summary_lines(trainer.out):
             print(line)

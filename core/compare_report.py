@@ -29,12 +29,12 @@ def _combine(means: list[float], sems: list[float]) -> tuple[float, float]:
 def _curve(rows: list[dict], key: str) -> list[tuple[int, float, float, float, float]]:
     """(iteration, mean, sem, wall-clock s, cumulative NFE per sample) at every evaluation."""
     out, wall, nfe = [], 0.0, 0.0
+    mean_key, sem_key = metrics.evaluation(key, "mean"), metrics.evaluation(key, "sem")
     for row in rows:
         wall += row.get(metrics.ITERATION_S) or 0.0
         nfe += (row.get(metrics.NFE_ROLLOUT) or 0.0) + (row.get(metrics.NFE_TRAIN) or 0.0)
-        mean, sem = metrics.evaluation(key, "mean"), metrics.evaluation(key, "sem")
-        if row.get(mean) is not None:
-            out.append((row[metrics.ITERATION], row[mean], row.get(sem) or 0.0, wall, nfe))
+        if row.get(mean_key) is not None:
+            out.append((row[metrics.ITERATION], row[mean_key], row.get(sem_key) or 0.0, wall, nfe))
     return out
 
 
@@ -68,8 +68,9 @@ def paired_gain(run_dir: Path, key: str) -> tuple[float, float, int] | None:
 
 
 def _pick_metric(rows: list[dict]) -> str:
-    for name in metrics.evaluated_rewards(rows):
-        return name
+    names = metrics.evaluated_rewards(rows)
+    if names:
+        return names[0]
     raise ValueError("no evaluation rows in metrics.jsonl: set TrainConfig.eval_every > 0 for comparisons")
 
 
