@@ -16,7 +16,8 @@ Every method runs its preset (``experiments/methods/``) at the same T (default 2
 Table 1), without KL, with the ``shapes.preference`` reward (cheap: reward seconds are not those of
 HPSv2/PickScore/ImageReward). Per method and iteration it reports rollout, reward, training and
 optimizer seconds (the optimizer step is part of training), network evaluations per sample in the
-rollout and in training (counted at the network: a CFG call counts 2), peak memory, and the floor:
+rollout and in training (counted at the network: a CFG call counts 2; the steps a group's samples
+share, up to its first SDE step, once per group unless ``--no-share-prefix``), peak memory, and the floor:
 the measured cost of one forward (rollout batch) and one forward+backward (micro batch) per
 evaluation and sample, times the method's counts. ``iteration / floor`` is the overhead that NFE
 accounting does not see (decoding, reward, solver and log-prob math, partial micro-batches).
@@ -97,6 +98,7 @@ class Run:
         self.attention_backend = args.attention_backend
         self.compile = args.compile
         self.overlap_rewards = args.overlap_rewards
+        self.share_prefix = not args.no_share_prefix
         self.methods = args.methods
 
     def bindings(self, out: str, steps: int | None = None, group_size: int | None = None,
@@ -109,6 +111,7 @@ class Run:
             "TrainConfig.eval_every = 0", "TrainConfig.sample_every = 0", "TrainConfig.checkpoint_every = 0",
             "TrainConfig.tensorboard = False", "TrainConfig.progress = False", f"TrainConfig.output_dir = '{out}'",
             "TrainConfig.num_minibatches = 1", f"TrainConfig.overlap_rewards = {self.overlap_rewards}",
+            f"TrainConfig.share_prefix = {self.share_prefix}",
             "FlowGRPO.kl_beta = 0.0",  # the FLUX recipes compared in the paper train without KL
         ]
         batches = []
@@ -539,12 +542,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rollout-batch-size", type=_positive, default=None)
     p.add_argument("--overlap-rewards", action="store_true",
                    help="score each rollout chunk in a background thread while the next one rolls out")
+    p.add_argument("--no-share-prefix", action="store_true",
+                   help="walk every sample down every step, even the steps a group shares (its ODE steps "
+                        "before the first SDE step, and that step's model call): TrainConfig.share_prefix off")
     p.add_argument("--micro-batch-size", type=_positive, default=None)
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per method (default 1)")
     p.add_argument("--iterations", type=_positive, default=2, help="timed iterations per method (default 2)")
     p.add_argument("--at-iteration", type=int, default=0,
                    help="number of the first (warm-up) iteration: where the windows are (default 0; 140 puts "
-                        "Flash's window at step 7: 16 rollout steps, about its average over the paper's run)")
+                        "MixGRPO's window at step 5 and Flash's at 7, about their averages over the paper's run: "
+                        "a later window shares more steps per group and, for Flash, compresses fewer)")
     p.add_argument("--sweep-method", choices=METHODS, default="mixgrpo")
     p.add_argument("--sweep-steps", type=_ints, default=None, help="T values, e.g. 10,25,40")
     p.add_argument("--sweep-group", type=_ints, default=None, help="group sizes, e.g. 2,4,8")
@@ -608,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "prompts": run.prompts, "samples": run.group_size * run.prompts, "warmup": run.warmup,
             "iterations": run.iterations, "at_iteration": run.at_iteration, "reward": "shapes.preference",
             "kl_beta": 0.0, "methods": run.methods, "attention_backend": run.attention_backend,
-            "compile": run.compile, "overlap_rewards": run.overlap_rewards,
+            "compile": run.compile, "overlap_rewards": run.overlap_rewards, "share_prefix": run.share_prefix,
         }
         if run.real:
             architectures.write_model_dir(run.arch, model_dir)

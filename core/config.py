@@ -50,7 +50,10 @@ class TrainConfig:
     Sampling:
         num_steps (T), shift (s), grid (``static``|``dynamic``|``diffusers``), mu (the dynamic grid's
         shift: FLUX's ``flux_mu`` of the image tokens, 0.80 at 720×720), compression (Flash ratio r
-        for the post-window grid, or None), shared_noise (same x_T within a group).
+        for the post-window grid, or None), shared_noise (same x_T within a group), share_prefix
+        (with shared noise, the model calls a group's samples share, the ODE steps before the first
+        SDE step and that step's, run once per group in the rollout and in training; the same
+        values up to float rounding, fewer calls: docs/algorithms.md §4).
     Batch:
         prompts_per_iteration (groups per iteration, all processes together), group_size (G),
         rollout_batch_size (samples per model call in rollouts, and per rollout chunk: a chunk
@@ -99,6 +102,7 @@ class TrainConfig:
     mu: float | None = None
     compression: float | None = None
     shared_noise: bool = True
+    share_prefix: bool = True
 
     prompts_per_iteration: int = 4
     group_size: int = 12

@@ -32,10 +32,11 @@ EVAL_SCORES = "eval_scores.jsonl"
 RUN_FILES = ("config.gin", BINDINGS, RESUMES, METRICS, EVAL_SCORES, "README.md", "reward_curve.png")
 RUN_FOLDERS = ("checkpoints", "samples", "tensorboard", "eval")
 
-#: TrainConfig fields a resume may change: they do not change what an iteration computes
+#: TrainConfig fields a resume may change: they do not change what an iteration computes (share_prefix:
+#: beyond float rounding)
 RESUMABLE_FIELDS = ("iterations", "eval_every", "sample_every", "checkpoint_every", "keep_last", "progress",
                     "tensorboard", "learning_rate", "weight_decay", "max_grad_norm", "max_failed_iterations",
-                    "output_dir", "ratio_tolerance", "overlap_rewards")
+                    "output_dir", "ratio_tolerance", "overlap_rewards", "share_prefix")
 
 
 class RunDirectoryError(ValueError):

@@ -5,6 +5,13 @@ For every step it asks the backbone for v once; steps in ``plan.sde_steps`` go t
 compression ratio (MixGRPO-Flash) the grid after the window is compressed; indices up to the end of
 the window are those of the uncompressed grid, so training recomputes on identical σ values.
 
+With shared initial noise, the samples of a group are one sample until the first SDE step adds
+noise of its own: the ODE steps before it and its model call see identical inputs. ``share_prefix``
+walks that common prefix once per group and hands each sample the group's state
+(``_walk_shared_prefix``); the trajectories are those of the unshared walk up to float rounding
+(the same values, computed in a batch of other rows), and the MixGRPO window at step l costs
+l + 1 model calls per group instead of per sample.
+
 Noise is keyed, never drawn from a global stream: the initial noise by (seed, iteration, group) when
 shared within a group (DanceGRPO/MixGRPO) or by (seed, iteration, sample) otherwise, and the SDE
 noise by (seed, iteration, sample, step). A sample therefore gets the same noise whatever the batch
@@ -48,6 +55,8 @@ class SamplingSetup:
         mu: dynamic-shift parameter for ``grid="dynamic"``.
         compression: Flash ratio r for the post-window ODE steps, or ``None`` (no compression).
         shared_noise: give all samples of a group the same initial noise.
+        share_prefix: with shared noise, walk the steps a group's samples share (the ODE steps
+            before the first SDE step and that step's model call) once per group.
     """
 
     num_steps: int = 25
@@ -56,6 +65,7 @@ class SamplingSetup:
     mu: float | None = None
     compression: float | None = None
     shared_noise: bool = True
+    share_prefix: bool = True
 
     def sigmas(self, plan: StepPlan | None = None) -> torch.Tensor:
         if self.compression is not None and plan is not None and plan.window is not None:
@@ -76,6 +86,17 @@ def initial_noise(shape: Sequence[int], group_ids: torch.Tensor, sample_ids: tor
 def step_noise(shape: Sequence[int], sample_ids: torch.Tensor, seed: int, iteration: int, step: int) -> torch.Tensor:
     """SDE noise ``ξ`` ``[N, *shape]`` for step ``step``, keyed by (seed, iteration, sample, step)."""
     return torch.stack([keyed_normal(shape, seed, iteration, "sde", int(n), step) for n in sample_ids])
+
+
+def first_of_each(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct values of ``keys`` in order of first appearance, the position of each one's first
+    appearance, and for every entry the index of its value among the distinct ones."""
+    first: dict[int, int] = {}
+    for n, key in enumerate(keys.tolist()):
+        first.setdefault(key, n)
+    slot = {key: k for k, key in enumerate(first)}
+    return (torch.tensor(list(first), dtype=torch.long), torch.tensor(list(first.values()), dtype=torch.long),
+            torch.tensor([slot[key] for key in keys.tolist()], dtype=torch.long))
 
 
 def encode_unique(backbone: Backbone, prompts: Sequence[str]) -> Conditioning:
@@ -160,16 +181,24 @@ def rollout(
     solvers = _solver_per_step(sigmas.numel() - 1, plan, steps, pre_solver, post_solver)
     shape = backbone.latent_shape()
     x_T = initial_noise(shape, group_ids, sample_ids, seed, iteration, setup.shared_noise)
+    prefix = None
+    if setup.shared_noise and setup.share_prefix:
+        _check_groups_share_prompts(prompts, group_ids)
+        prefix = _walk_shared_prefix(backbone, x_T, cond, group_ids, sigmas, solvers, batch_size)
     parts = []
     for start in range(0, n, batch_size):
         rows = slice(start, min(start + batch_size, n))
-        part = _rollout_chunk(backbone, x_T[rows], cond.select(torch.arange(n)[rows]), sample_ids[rows],
+        begin = prefix.expand(group_ids[rows]) if prefix is not None else _ChunkStart(x_T[rows])
+        part = _rollout_chunk(backbone, begin, cond.select(torch.arange(n)[rows]), sample_ids[rows],
                               sigmas, solvers, sde_sampler, seed, iteration)
         images = backbone.decode(part[3]).float() if decode else torch.zeros(part[3].shape[0], 3, 1, 1)
         if on_images is not None:
             on_images(images, rows)
         parts.append((*part, images))
     xs, x_nexts, log_probs, latents, images = (torch.cat(column) for column in zip(*parts, strict=True))
+    calls = sigmas.numel() - 1
+    if prefix is not None and n:  # the shared steps were paid once per group
+        calls -= prefix.calls * (1 - prefix.groups / n)
     return Trajectories(
         prompts=list(prompts),
         group_ids=group_ids,
@@ -183,8 +212,9 @@ def rollout(
         latents=latents,
         images=images,
         cond=cond,
-        nfe=(sigmas.numel() - 1) * backbone.calls_per_velocity,
+        nfe=calls * backbone.calls_per_velocity,
         seed=seed,
+        shared_step=prefix.step if prefix is not None and steps else None,
     )
 
 
@@ -197,30 +227,114 @@ def _solver_per_step(num_calls: int, plan: StepPlan, sde_steps: tuple[int, ...],
             for i in range(num_calls)]
 
 
-def _rollout_chunk(backbone: Backbone, x: torch.Tensor, cond: Conditioning, sample_ids: torch.Tensor,
+@attrs.frozen
+class _ChunkStart:
+    """Where a chunk starts its walk: latents ``x`` at step ``step``, the model's velocity there when
+    already computed (``v``), and the solver history of the steps before."""
+
+    x: torch.Tensor
+    step: int = 0
+    v: torch.Tensor | None = None
+    history: tuple[tuple[float, torch.Tensor], ...] = ()
+
+
+@attrs.frozen
+class _SharedPrefix:
+    """Each group's walk of the steps its samples share, one row per group (``row[group id]``):
+    ``x`` at ``step`` (the first SDE step, or the end of a grid without one), the velocity at it
+    (``None`` at the end), and the solver history so far."""
+
+    row: dict[int, int]
+    step: int
+    x: torch.Tensor
+    v: torch.Tensor | None
+    history: tuple[tuple[float, torch.Tensor], ...]
+
+    @property
+    def groups(self) -> int:
+        return len(self.row)
+
+    @property
+    def calls(self) -> int:
+        """Model calls a group pays once: the steps before ``step`` and ``step``'s own."""
+        return self.step + (self.v is not None)
+
+    def expand(self, group_ids: torch.Tensor) -> _ChunkStart:
+        """The start of a chunk whose samples belong to ``group_ids``."""
+        index = torch.tensor([self.row[int(g)] for g in group_ids], device=self.x.device)
+        return _ChunkStart(x=self.x[index], step=self.step, v=None if self.v is None else self.v[index],
+                           history=tuple((sigma, x0[index]) for sigma, x0 in self.history))
+
+
+def _check_groups_share_prompts(prompts: Sequence[str], group_ids: torch.Tensor) -> None:
+    seen: dict[int, str] = {}
+    for prompt, group in zip(prompts, group_ids.tolist(), strict=True):
+        if seen.setdefault(group, prompt) != prompt:
+            raise ValueError(f"group {group} holds two prompts ({seen[group]!r} and {prompt!r}); with shared "
+                             "initial noise a group is one prompt's samples (set shared_noise=False otherwise)")
+
+
+def _walk_shared_prefix(backbone: Backbone, x_T: torch.Tensor, cond: Conditioning, group_ids: torch.Tensor,
+                        sigmas: torch.Tensor, solvers: list[Sampler | None], batch_size: int) -> _SharedPrefix:
+    """Walk every group's first sample from ``x_T`` up to the first SDE step and compute the model's
+    velocity there, ``batch_size`` groups per model call: the part of the grid in which a group's
+    samples (same initial noise, same prompt) are one."""
+    device = backbone.device
+    end = next((i for i, solver in enumerate(solvers) if solver is None), len(solvers))
+    groups, reps, _ = first_of_each(group_ids)
+    xs, vs, histories = [], [], []
+    for start in range(0, len(reps), batch_size):
+        rows = reps[start:start + batch_size]
+        x, c = x_T[rows].to(device), cond.select(rows)
+        history = SolverHistory()
+        for i in range(end):
+            v = backbone.velocity(x, torch.full((x.shape[0],), float(sigmas[i]), device=device), c).float()
+            x = _ode_step(solvers[i], x, v, sigmas, i, history)
+        xs.append(x)
+        if end < len(solvers):
+            vs.append(backbone.velocity(x, torch.full((x.shape[0],), float(sigmas[end]), device=device), c).float())
+        histories.append(history.entries)
+    history = tuple((entries[0][0], torch.cat([h[k][1] for h in histories]))
+                    for k, entries in enumerate(zip(*histories, strict=True)))
+    return _SharedPrefix(row={g: k for k, g in enumerate(groups.tolist())}, step=end, x=torch.cat(xs),
+                         v=torch.cat(vs) if vs else None, history=history)
+
+
+def _ode_step(solver: Sampler, x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, i: int,
+              history: SolverHistory) -> torch.Tensor:
+    """One ODE step of ``solver``: records the step's data estimate in ``history``, returns x_{i+1}."""
+    res = solver.step(x, v, sigmas, i, history=history)
+    history.append(float(sigmas[i]), res.x0 if res.x0 is not None else x.float() - float(sigmas[i]) * v)
+    return res.prev_sample
+
+
+def _rollout_chunk(backbone: Backbone, begin: _ChunkStart, cond: Conditioning, sample_ids: torch.Tensor,
                    sigmas: torch.Tensor, solvers: list[Sampler | None], sde_sampler: Sampler, seed: int,
                    iteration: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One chunk down the whole grid in one model call per step: its stored transitions
+    """One chunk down the grid from ``begin`` in one model call per step: its stored transitions
     ``x``, ``x_next`` ``[B, K, *latent]`` and log-probs ``[B, K]`` (CPU, fp32), and the final
     latents (fp32, on the backbone's device)."""
     device, shape = backbone.device, backbone.latent_shape()
-    x = x.to(device)
-    history = SolverHistory()
+    x = begin.x.to(device)
+    history = SolverHistory(list(begin.history))
     xs, x_nexts, log_probs = [], [], []
-    for i, solver in enumerate(solvers):
-        sig = torch.full((x.shape[0],), float(sigmas[i]), dtype=torch.float32, device=device)
-        v = backbone.velocity(x, sig, cond).float()
+    for i in range(begin.step, len(solvers)):
+        solver = solvers[i]
+        if i == begin.step and begin.v is not None:
+            v = begin.v
+        else:
+            sig = torch.full((x.shape[0],), float(sigmas[i]), dtype=torch.float32, device=device)
+            v = backbone.velocity(x, sig, cond).float()
         if solver is None:
             noise = step_noise(shape, sample_ids, seed, iteration, i).to(device)
             res = sde_sampler.step(x, v, sigmas, i, history=history, noise=noise)
             xs.append(x.float().cpu())
             x_nexts.append(res.prev_sample.float().cpu())
             log_probs.append(res.log_prob.float().cpu())
+            history.append(float(sigmas[i]), res.x0 if res.x0 is not None else x.float() - float(sigmas[i]) * v)
+            x = res.prev_sample
         else:
-            res = solver.step(x, v, sigmas, i, history=history)
-        x0 = res.x0 if res.x0 is not None else x.float() - float(sigmas[i]) * v
-        history.append(float(sigmas[i]), x0)
-        x = res.prev_sample
+            x = _ode_step(solver, x, v, sigmas, i, history)
     b = x.shape[0]
     if not xs:
         empty = torch.zeros(b, 0, *shape)

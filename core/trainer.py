@@ -45,7 +45,7 @@ from mixgrpo.core.interfaces import Reward
 from mixgrpo.core.parallel import clip_grad_norm, resolve_parallelism, shard
 from mixgrpo.core.plugins import PluginManager, get_plugin_manager, make_sampler
 from mixgrpo.core.report import format_value
-from mixgrpo.core.rollout import SamplingSetup, keyed_generator, rollout, sample_ode
+from mixgrpo.core.rollout import SamplingSetup, first_of_each, keyed_generator, rollout, sample_ode
 from mixgrpo.core.scoring import RewardFailure
 from mixgrpo.core.types import StepPlan, Trajectories
 
@@ -77,7 +77,8 @@ class Trainer:
         self.objective = self.pm.create("objective", c.objective, weights=dict(c.rewards))
         self.prompt_set = self.pm.create("prompt_set", c.prompt_set)
         self.setup = SamplingSetup(num_steps=c.num_steps, shift=c.shift, grid=c.grid, mu=c.mu,
-                                   compression=c.compression, shared_noise=c.shared_noise)
+                                   compression=c.compression, shared_noise=c.shared_noise,
+                                   share_prefix=c.share_prefix)
         # evaluation and sample grids: the ODE on their own grid (FlowGRPO evaluates SD3.5 at 40 steps)
         self.eval_setup = attrs.evolve(self.setup, num_steps=c.eval_num_steps or c.num_steps, compression=None)
         _check_batch_layout(c, self.accelerator.num_processes)
@@ -311,7 +312,7 @@ class Trainer:
         mask = traj.plan.train_mask(n)
         order = torch.randperm(n, generator=keyed_generator(c.seed, iteration, "minibatches"))
         sums: dict[str, float] = defaultdict(float)
-        items, first_dev, grad_norms, skipped = 0, 0.0, [], 0
+        items, evaluations, first_dev, grad_norms, skipped = 0, 0, 0.0, [], 0
         params = self.backbone.trainable_parameters()
         for mb_index, mb in enumerate(order.chunk(c.num_minibatches)):
             chunks = _micro_batches(traj, mb.sort().values, mask, c.micro_batch_size)
@@ -332,6 +333,7 @@ class Trainer:
                 for key, value in stats.items():
                     sums[key] += float(value.detach().float().sum())
                 items += len(rows)
+                evaluations += len(rows) if step != traj.shared_step else len(traj.group_ids[rows].unique())
                 if mb_index == 0:
                     first_dev = max(first_dev, float((stats["ratio"] - 1).abs().max()))
             grad_norm = self.clip_grad_norm(params, c.max_grad_norm)
@@ -360,24 +362,36 @@ class Trainer:
             m.SKIPPED_STEPS: float(skipped),
             m.LOSS_POLICY: mean.get("policy", float("nan")),
             m.LOSS_KL: mean.get("kl", 0.0),
-            m.NFE_TRAIN: calls * items / max(n, 1),
+            m.NFE_TRAIN: calls * evaluations / max(n, 1),
         }
 
     def _log_prob(self, traj: Trajectories, step: int, rows: torch.Tensor) -> tuple[Any, Any]:
         """Log-probs of the stored transitions at ``step`` under the current weights (with grad),
-        and the KL to the frozen reference when the objective uses one."""
+        and the KL to the frozen reference when the objective uses one. At the step whose input a
+        group shares (``traj.shared_step``) the model runs once per group: autograd sums the
+        gradients of the group's rows through the expansion, as if each row had run it."""
         device = self.backbone.device
         slot = traj.slot(step)
-        x = traj.x[rows, slot].to(device)
+        expand = None
+        calls = rows
+        if step == traj.shared_step:
+            _, first, expand = first_of_each(traj.group_ids[rows])
+            calls = rows[first]
+        x_call = traj.x[calls, slot].to(device)
+        cond = traj.cond.select(calls).to(device)
+        sigma = torch.full((len(calls),), float(traj.sigmas[step]), device=device)
+
+        def velocity() -> torch.Tensor:
+            v = self.backbone.velocity(x_call, sigma, cond)
+            return v if expand is None else v[expand.to(device)]
+
+        x = x_call if expand is None else x_call[expand.to(device)]
         x_next = traj.x_next[rows, slot].to(device)
-        cond = traj.cond.select(rows).to(device)
-        sigma = torch.full((len(rows),), float(traj.sigmas[step]), device=device)
-        v = self.backbone.velocity(x, sigma, cond)
-        res = self.sde_sampler.step(x, v, traj.sigmas, step, prev_sample=x_next)
+        res = self.sde_sampler.step(x, velocity(), traj.sigmas, step, prev_sample=x_next)
         kl = None
         if self.objective.uses_reference:
             with torch.no_grad(), self.backbone.reference():
-                v_ref = self.backbone.velocity(x, sigma, cond)
+                v_ref = velocity()
             ref = self.sde_sampler.step(x, v_ref, traj.sigmas, step, prev_sample=x_next)
             kl = self.objective.kl(res, ref, traj.sigmas, step)
         return res.log_prob, kl
@@ -631,11 +645,17 @@ def _check_batch_layout(c: TrainConfig, world: int) -> None:
 
 def _micro_batches(traj: Trajectories, rows: torch.Tensor, mask: torch.Tensor,
                    size: int) -> list[tuple[int, torch.Tensor]]:
-    """``(step, sample rows)`` pairs: for each trained step, its samples in chunks of ``size``."""
+    """``(step, sample rows)`` pairs: for each trained step, its samples in chunks of ``size``; at the
+    step a group shares (one model call per group), chunks of ``size`` groups."""
     chunks = []
     for step in traj.plan.all_train_steps():
         members = rows[mask[rows, step]]
-        chunks += [(step, part) for part in members.split(size)]
+        if step != traj.shared_step:
+            chunks += [(step, part) for part in members.split(size)]
+            continue
+        groups, _, which = first_of_each(traj.group_ids[members])
+        for part in torch.arange(len(groups)).split(size):
+            chunks.append((step, members[torch.isin(which, part)]))
     return chunks
 
 

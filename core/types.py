@@ -180,8 +180,12 @@ class Trajectories:
         latents: ``[N, *latent]`` fp32, final latents at σ = 0.
         images: ``[N, 3, H, W]`` float in [0, 1].
         cond: the conditioning of the N samples (cached prompt embeddings).
-        nfe: model calls per sample in this rollout.
+        nfe: model calls per sample in this rollout (a mean: steps a group shares are paid once
+            per group).
         seed: the rollout seed.
+        shared_step: the SDE step whose input ``x`` is the same for every sample of a group (the
+            first SDE step when the rollout shared the group's prefix), else ``None``; training
+            computes the model once per group there.
     """
 
     prompts: list[str]
@@ -196,8 +200,9 @@ class Trajectories:
     latents: torch.Tensor
     images: torch.Tensor
     cond: Conditioning
-    nfe: int
+    nfe: float
     seed: int
+    shared_step: int | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)

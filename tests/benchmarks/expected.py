@@ -1,12 +1,16 @@
 """NFE per sample that the method presets predict (experiments/methods/*.gin), written out by hand
 from the presets' numbers: windows of w = 4 steps; MixGRPO's window starts at min(k // 25, T − w) at
 iteration k, Flash's at min(k // 20, T − w), Flash*'s at 0; Flash compresses the steps after the
-window's last step L to n = max(int((T − L)·r), 2) grid points (r = 0.4, Flash* 0.2)."""
+window's last step L to n = max(int((T − L)·r), 2) grid points (r = 0.4, Flash* 0.2). Every preset
+but FlowGRPO shares the initial noise within a group, so the model calls up to and including the
+first SDE step are paid once per group (``share_prefix``), in the rollout and, at that step, in
+training (one minibatch: once per group that trains it)."""
 
 import math
 
 WINDOW = 4
 METHODS = ("flowgrpo", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star")
+SHARED_NOISE = ("dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star")
 
 
 def window_start(method: str, T: int, iteration: int) -> int:
@@ -30,3 +34,28 @@ def trained_steps(method: str, T: int) -> int:
     if method == "dancegrpo":  # a random 60% of steps 0..T-2 per sample
         return math.floor(0.6 * (T - 1) + 1e-9)
     return WINDOW
+
+
+def shared_calls(method: str, T: int, iteration: int = 0) -> int:
+    """Model calls a group's samples share: every step up to the first SDE step, and that step's."""
+    return window_start(method, T, iteration) + 1 if method in SHARED_NOISE else 0
+
+
+def rollout_calls(method: str, T: int, group_size: int, iteration: int = 0) -> float:
+    """Model calls per sample in the rollout: the grid walked, less what a group shares."""
+    return rollout_steps(method, T, iteration) - shared_calls(method, T, iteration) * (1 - 1 / group_size)
+
+
+def trained_calls(method: str, T: int, group_size: int, groups: int, iteration: int = 0) -> float:
+    """Model calls per sample in training (one minibatch): at the first SDE step one per group that
+    trains it, elsewhere one per (sample, trained step)."""
+    samples = groups * group_size
+    if method not in SHARED_NOISE:
+        return trained_steps(method, T)
+    if method != "dancegrpo":  # every sample trains its window, whose first step the group shares
+        return trained_steps(method, T) - (1 - 1 / group_size)
+    from mixgrpo.plugins.schedules.windows import RandomSubset  # its per-sample subsets (seed 0)
+
+    subsets = [RandomSubset(fraction=0.6).steps_for(iteration, T, n) for n in range(samples)]
+    at_first = sum(any(0 in subsets[g * group_size + k] for k in range(group_size)) for g in range(groups))
+    return (sum(len(s) - (0 in s) for s in subsets) + at_first) / samples

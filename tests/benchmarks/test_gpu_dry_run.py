@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .expected import METHODS, rollout_steps, trained_steps
+from .expected import METHODS, rollout_calls, trained_calls
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_SH = ROOT / "benchmarks" / "gpu.sh"
@@ -40,13 +40,14 @@ def test_json_has_every_method_with_preset_nfe_and_consistent_arithmetic(dry_run
     for method in METHODS:
         row = data[method]
         assert all(math.isfinite(row[k]) for k in FIELDS), row
-        steps, trained = rollout_steps(method, 25, iteration=141), trained_steps(method, 25)
+        steps = rollout_calls(method, 25, group_size=2, iteration=140)
+        trained = trained_calls(method, 25, group_size=2, groups=1, iteration=140)
         # counted at the network
-        assert row["nfe_rollout"] == steps * cfg, method
-        assert row["nfe_train"] == trained * cfg, method
+        assert row["nfe_rollout"] == pytest.approx(steps * cfg), method
+        assert row["nfe_train"] == pytest.approx(trained * cfg), method
         # the trainer's own accounting agrees with the backbone's declared calls per velocity
-        assert row["trainer_nfe_rollout"] == steps * s["calls_per_velocity"], method
-        assert row["trainer_nfe_train"] == trained * s["calls_per_velocity"], method
+        assert row["trainer_nfe_rollout"] == pytest.approx(steps * s["calls_per_velocity"]), method
+        assert row["trainer_nfe_train"] == pytest.approx(trained * s["calls_per_velocity"]), method
         floor = s["samples"] * (row["nfe_rollout"] * s["per_eval_forward_s"]
                                 + row["nfe_train"] * s["per_eval_forward_backward_s"])
         assert row["floor_s"] == pytest.approx(floor, rel=1e-12)
@@ -55,7 +56,7 @@ def test_json_has_every_method_with_preset_nfe_and_consistent_arithmetic(dry_run
         assert row["floor_ratio_to_dancegrpo"] == pytest.approx(row["floor_s"] / dance["floor_s"], rel=1e-12)
         assert 0 < row["rollout_s"] + row["reward_s"] + row["train_s"] <= row["iteration_s"] * (1 + 1e-9)
         assert 0 < row["optimizer_s"] <= row["train_s"] and row["skipped_steps"] == 0
-    assert data["mixgrpo_flash"]["nfe_rollout"] == 16 * cfg
+    assert data["mixgrpo_flash"]["nfe_rollout"] == (16 - 8 / 2) * cfg  # steps 0..7 once per group of 2
     # fewer rollout steps and fewer trained steps than DanceGRPO: the floors must order accordingly
     assert data["mixgrpo_flash_star"]["floor_s"] < data["mixgrpo_flash"]["floor_s"] < data["mixgrpo"]["floor_s"]
     assert data["mixgrpo"]["floor_s"] < dance["floor_s"] < data["flowgrpo"]["floor_s"]
@@ -72,7 +73,8 @@ def test_flux_sweeps_follow_the_requested_points(dry_run):
     assert [p["value"] for p in sweeps["resolution"]] == [32, 48]
     assert list(sweeps) == ["method", "steps", "resolution", "group_size"]
     for p in sweeps["steps"]:
-        assert p["nfe_rollout"] == p["value"] and p["nfe_train"] == 4
+        assert p["nfe_rollout"] == pytest.approx(rollout_calls("mixgrpo", p["value"], group_size=2, iteration=140))
+        assert p["nfe_train"] == pytest.approx(trained_calls("mixgrpo", p["value"], group_size=2, groups=1))
     # the run's own setting is the table's row, not a second measurement
     base = next(p for p in sweeps["steps"] if p["value"] == 25)
     assert base["from"] == "table" and base["iteration_s"] == data["mixgrpo"]["iteration_s"]
@@ -115,5 +117,7 @@ def test_speed_options_time_mixgrpo_against_its_row_of_the_table(dry_run, name, 
     row, off = data["mixgrpo"], table["mixgrpo"]
     assert all(math.isfinite(row[k]) for k in FIELDS), row
     # the same work: NFE counted at the network, options on and off
-    assert (row["nfe_rollout"], row["nfe_train"]) == (off["nfe_rollout"], off["nfe_train"]) == (25, 4)
+    assert (row["nfe_rollout"], row["nfe_train"]) == (off["nfe_rollout"], off["nfe_train"])
+    assert row["nfe_rollout"] == pytest.approx(rollout_calls("mixgrpo", 25, group_size=2, iteration=140))
+    assert row["nfe_train"] == pytest.approx(trained_calls("mixgrpo", 25, group_size=2, groups=1))
     assert row["ratio_to_dancegrpo"] is None and row["skipped_steps"] == 0

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .expected import METHODS, rollout_steps, trained_steps
+from .expected import METHODS, rollout_calls, trained_calls
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,9 +116,10 @@ def test_toy_backbone_json(bench, tmp_path):
     data = json.loads(out.read_text())
     assert data["settings"]["overlap_rewards"] is True and data["settings"]["rollout_batch_size"] == 2
     for method in METHODS:
-        assert data[method]["nfe_rollout"] == rollout_steps(method, 10)
-        assert data[method]["nfe_train"] == trained_steps(method, 10)
+        assert data[method]["nfe_rollout"] == pytest.approx(rollout_calls(method, 10, group_size=4))
+        assert data[method]["nfe_train"] == pytest.approx(trained_calls(method, 10, group_size=4, groups=1))
         assert data[method]["floor_s"] > 0
     assert [p["value"] for p in data["sweeps"]["steps"]] == [6, 10]
-    assert data["sweeps"]["steps"][0]["nfe_rollout"] == 6 and "from" not in data["sweeps"]["steps"][0]
+    first = data["sweeps"]["steps"][0]
+    assert first["nfe_rollout"] == rollout_calls("mixgrpo", 6, group_size=4) and "from" not in first
     assert data["sweeps"]["group_size"][0]["from"] == "table"  # 4 is the run's own group size

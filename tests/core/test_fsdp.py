@@ -34,9 +34,12 @@ def _run(tmp: Path, parallelism: str, flux_dir: Path, run: Path, iterations: int
 
 
 def _close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    """Equal to a tenth of one AdamW step (the learning rate, 1e-4): the runs batch their model calls
+    differently (a process holds half the groups), and the tiny model's rewards differ by ~1e-7, so
+    z-scored advantages and the few near-zero gradients Adam normalises carry rounding of ~1e-6."""
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,9 @@ def test_fsdp_matches_one_process(runs):
     assert [r["parallelism"] for r in ranks] == ["fsdp", "fsdp"] and ranks[0]["world"] == 2
     advantages = {**ranks[0]["advantages"], **ranks[1]["advantages"]}
     assert set(ranks[0]["advantages"]).isdisjoint(ranks[1]["advantages"])  # whole groups per process
-    assert advantages == pytest.approx(single["advantages"], abs=1e-5)
+    # the tiny model's rewards differ by ~1e-7 within a group, so z-scores amplify the rounding of
+    # batching (measured 2e-5 between chunk sizes in one process); a wrong group is off by ~1
+    assert advantages == pytest.approx(single["advantages"], abs=1e-4)
     # the update after one iteration equals the one-process run's (its checkpoint at iteration 1)
     names = ranks[0]["names"]
     one = load_file(str(runs["tmp"] / "single" / "checkpoints" / "iter_000001" / "model.safetensors"))

@@ -134,16 +134,19 @@ def test_cfg_gradient_option_is_checked(sd3_dir):
 # -- 4. NFE counts network evaluations ---------------------------------------------------------------
 @pytest.mark.parametrize("method, per_step", [("mixgrpo", 2), ("flowgrpo", 4)])
 def test_nfe_metrics_count_both_cfg_branches(sd3_dir, tmp_path, method, per_step):
-    """CFG: 2 evaluations per model call; FlowGRPO's KL reference doubles the training calls again."""
+    """CFG: 2 evaluations per model call; FlowGRPO's KL reference doubles the training calls again.
+    MixGRPO shares the noise within a group: its first (window) step is one call per group."""
     trainer = make_trainer(tmp_path, method, "TrainConfig.backbone = 'sd3'", f"SD3Backbone.path = '{sd3_dir}'",
                            "SD3Backbone.max_sequence_length = 12", "SD3Backbone.lora_rank = 2",
                            "SD3Backbone.cfg_scale = 4.5")
     assert trainer.backbone.calls_per_velocity == 2
     metrics = trainer.iteration(0)
-    T = trainer.config.num_steps
-    trained = {"mixgrpo": 2, "flowgrpo": T - 1}[method]
-    assert metrics["perf/nfe_rollout"] == 2 * T
-    assert metrics["perf/nfe_train"] == per_step * trained
+    c = trainer.config
+    T, trained = c.num_steps, {"mixgrpo": 2, "flowgrpo": c.num_steps - 1}[method]
+    assert c.num_minibatches == 1 and c.shared_noise == (method == "mixgrpo")
+    saved = (1 - 1 / c.group_size) if method == "mixgrpo" else 0.0  # step 0 once per group
+    assert metrics["perf/nfe_rollout"] == pytest.approx(2 * (T - saved))
+    assert metrics["perf/nfe_train"] == pytest.approx(per_step * (trained - saved))
 
 
 # -- 5. guards ----------------------------------------------------------------------------------------

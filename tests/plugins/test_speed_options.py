@@ -148,7 +148,8 @@ def test_sd3_compiles_its_joint_blocks_and_rollout_equals_training(tmp_path):
 def test_a_whole_group_rolls_out_in_one_call_and_batching_changes_nothing(tmp_path, flux_dir):
     """rollout_batch_size >= the samples: one transformer call per step for all groups together;
     smaller batches split the samples into chunks (never by group: rows in order) and give the same
-    trajectories."""
+    trajectories. The first step, whose input a group's samples share (shared noise), runs once per
+    group before the chunks: 2 groups in batches of ``batch`` groups."""
     trainer = make_trainer(tmp_path, flux_dir)
     bb, c = trainer.backbone, trainer.config
     calls = []
@@ -162,8 +163,9 @@ def test_a_whole_group_rolls_out_in_one_call_and_batching_changes_nothing(tmp_pa
         runs[batch] = rollout(bb, prompts, group_ids, sample_ids, plan, setup=trainer.setup,
                               sde_sampler=trainer.sde_sampler, pre_solver=trainer.pre_solver,
                               post_solver=trainer.post_solver, seed=c.seed, iteration=0, batch_size=batch)
-        # chunk by chunk: a chunk of `batch` samples walks all 3 steps before the next one starts
-        assert calls == {4: [4] * 3, 3: [3] * 3 + [1] * 3, 1: [1] * 12}[batch]
+        # the shared step once per group, then chunk by chunk: a chunk of `batch` samples walks the
+        # other 2 steps before the next one starts
+        assert calls == {4: [2, 4, 4], 3: [2, 3, 3, 1, 1], 1: [1] * 10}[batch]
     hook.remove()
     for batch in (3, 1):
         torch.testing.assert_close(runs[batch].log_prob, runs[4].log_prob, rtol=0, atol=1e-5)
