@@ -17,8 +17,9 @@
 # python3) is the interpreter that holds torch.
 #
 # Budget (one H100/H200): every preset runs 1 warm-up + 1 timed iteration of 1 prompt x 4 samples at
-# T = 25, numbered from iteration 140 (the windows where they are mid-run: Flash's at step 7, whose
-# 16 rollout evaluations are about its average, 15.6, over the paper's 300 iterations); the sweeps time one
+# T = 25, numbered from iteration 140 (the windows where they are mid-run: MixGRPO's at step 5, its
+# run's average 5.5; Flash's at step 7, whose 16 grid steps are about its average, 15.6, over the
+# paper's 300 iterations; the steps up to the window's first are paid once per group of 4); the sweeps time one
 # iteration per point and are skipped, point by point, once --budget-s (default 420 s after the
 # start) has passed, so the tables always come back. The speed options run after FLUX's table and
 # sweeps, MixGRPO alone (1 warm-up + 1 timed iteration; options off is its row of flux-dev.json): the attention

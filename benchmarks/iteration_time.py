@@ -102,7 +102,10 @@ class Run:
         self.methods = args.methods
 
     def bindings(self, out: str, steps: int | None = None, group_size: int | None = None,
-                 size: int | None = None) -> list[str]:
+                 size: int | None = None, method: str | None = None) -> list[str]:
+        """The bindings after ``method``'s preset. The shapes world's file brings its model, and
+        also its demo's window schedule (shifted every 10 iterations, for a 40-iteration run); the
+        preset is read again after it so that every backbone times the presets' own schedules."""
         steps, group_size, size = steps or self.steps, group_size or self.group_size, size or self.size
         common = [
             f"TrainConfig.num_steps = {steps}", f"TrainConfig.group_size = {group_size}",
@@ -123,7 +126,8 @@ class Run:
             return ["TrainConfig.backbone = 'toy'", "ToyBackbone.size = 16", "ToyBackbone.hidden = 32",
                     *common, *batches]
         if self.backbone == "shapes":
-            return [f"include '{ROOT / 'experiments/shapes/world.gin'}'", *common, *batches,
+            preset = [f"include '{ROOT / 'experiments/methods' / method}.gin'"] if method else []
+            return [f"include '{ROOT / 'experiments/shapes/world.gin'}'", *preset, *common, *batches,
                     *self.speed_bindings("FluxBackbone")]
         kind = self.arch["backbone"]
         text = self.arch["text"]
@@ -292,7 +296,8 @@ def build_trainer(run: Run, method: str, out: str, **overrides: Any) -> Any:
     from mixgrpo.core.config import load_config
     from mixgrpo.core.trainer import Trainer
 
-    cfg, pm = load_config(ROOT / "experiments" / "methods" / f"{method}.gin", run.bindings(out, **overrides))
+    cfg, pm = load_config(ROOT / "experiments" / "methods" / f"{method}.gin",
+                          run.bindings(out, method=method, **overrides))
     accelerator = Accelerator(cpu=run.device.type == "cpu")
     with run.building():
         return Trainer(cfg, pm, accelerator=accelerator)
@@ -319,6 +324,8 @@ def time_iterations(trainer: Any, inst: Instruments, warmup: int, iterations: in
             "nfe_rollout": rollout_rows / samples, "nfe_train": (inst.rows - rollout_rows) / samples,
             "trainer_nfe_rollout": m[metrics.NFE_ROLLOUT], "trainer_nfe_train": m[metrics.NFE_TRAIN],
             "reward_mean": m[metrics.reward("shapes.preference", "mean")],
+            # the first step of the window (-1: none): where the steps a group shares end
+            "window_start": m[metrics.WINDOW_START],
             # optimizer steps the trainer skipped for non-finite gradients (their seconds would be missing)
             "skipped_steps": m.get(metrics.SKIPPED_STEPS, 0.0),
         })
@@ -457,7 +464,8 @@ def _cpu_name() -> str:
 
 def format_table(table: dict[str, dict]) -> str:
     head = (f"{'method':<20} {'s/it':>8} {'rollout':>8} {'reward':>7} {'train':>8} {'optim':>7} {'NFE roll':>8} "
-            f"{'NFE train':>9} {'floor s':>8} {'x floor':>7} {'x Dance':>7} {'floor x Dance':>13} {'peak GB':>8}")
+            f"{'NFE train':>9} {'floor s':>8} {'x floor':>7} {'x Dance':>7} {'floor x Dance':>13} {'peak GB':>8} "
+            f"{'window':>6}")
     lines = [head]
 
     def ratio(value: float | None, width: int) -> str:
@@ -469,8 +477,15 @@ def format_table(table: dict[str, dict]) -> str:
             f"{r['optimizer_s']:>7.3f} {r['nfe_rollout']:>8.2f} {r['nfe_train']:>9.2f} {r['floor_s']:>8.3f} "
             f"{r['ratio_to_floor']:>7.2f} {ratio(r['ratio_to_dancegrpo'], 7)} "
             f"{ratio(r['floor_ratio_to_dancegrpo'], 13)} "
-            f"{r['peak_mem_gb']:>8.2f}")
+            f"{r['peak_mem_gb']:>8.2f} {_window(r.get('window_start')):>6}")
     return "\n".join(lines)
+
+
+def _window(start: float | None) -> str:
+    """The window's first step as the table prints it: ``-`` for none, a mean as 5.5."""
+    if start is None or start < 0:
+        return "-"
+    return f"{start:g}"
 
 
 def format_sweeps(sweeps: dict[str, list[dict]], method: str) -> str:

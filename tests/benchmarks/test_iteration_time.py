@@ -107,6 +107,26 @@ def test_methods_and_speed_options_reach_the_run(bench, tmp_path):
     assert table["mixgrpo"]["floor_ratio_to_dancegrpo"] is None
 
 
+@pytest.mark.parametrize(("method", "schedule", "interval"), [
+    ("mixgrpo", "progressive", 25), ("mixgrpo_flash", "progressive", 20), ("mixgrpo_flash_star", "fixed", None),
+    ("dancegrpo", "random_subset", None)])
+def test_shapes_backbone_times_the_presets_own_window_schedules(bench, tmp_path, method, schedule, interval):
+    """The shapes world's file shifts windows every 10 iterations (its 40-iteration demo); the
+    benchmark reads the preset again after it, so --at-iteration means what it means on FLUX."""
+    import gin
+
+    from mixgrpo.core.config import load_config
+
+    run = bench.Run(bench.parse_args(["--backbone", "shapes", "--no-share-prefix"]), None)
+    bindings = run.bindings(str(tmp_path), method=method)
+    assert "TrainConfig.share_prefix = False" in bindings
+    cfg, _ = load_config(ROOT / "experiments" / "methods" / f"{method}.gin", bindings)
+    assert (cfg.schedule, cfg.num_steps, cfg.backbone) == (schedule, 25, "flux")
+    if interval is not None:
+        assert gin.query_parameter("ProgressiveWindow.shift_interval") == interval
+    assert gin.query_parameter("FluxBackbone.path") == "shipped:shapes-flux"  # the world's model
+
+
 def test_toy_backbone_json(bench, tmp_path):
     out = tmp_path / "toy.json"
     # two rollout chunks of 2 samples, scored in the background: the NFE counts see whole rollouts
@@ -119,6 +139,7 @@ def test_toy_backbone_json(bench, tmp_path):
         assert data[method]["nfe_rollout"] == pytest.approx(rollout_calls(method, 10, group_size=4))
         assert data[method]["nfe_train"] == pytest.approx(trained_calls(method, 10, group_size=4, groups=1))
         assert data[method]["floor_s"] > 0
+        assert data[method]["window_start"] == (-1 if method in ("flowgrpo", "dancegrpo") else 0)
     assert [p["value"] for p in data["sweeps"]["steps"]] == [6, 10]
     first = data["sweeps"]["steps"][0]
     assert first["nfe_rollout"] == rollout_calls("mixgrpo", 6, group_size=4) and "from" not in first
