@@ -304,8 +304,13 @@ def _ode_step(solver: Sampler, x: torch.Tensor, v: torch.Tensor, sigmas: torch.T
               history: SolverHistory) -> torch.Tensor:
     """One ODE step of ``solver``: records the step's data estimate in ``history``, returns x_{i+1}."""
     res = solver.step(x, v, sigmas, i, history=history)
-    history.append(float(sigmas[i]), res.x0 if res.x0 is not None else x.float() - float(sigmas[i]) * v)
+    _record(history, res, x, v, sigmas, i)
     return res.prev_sample
+
+
+def _record(history: SolverHistory, res: Any, x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, i: int) -> None:
+    """Append step i's data estimate (the sampler's, else x − σ_i·v) to the solver history."""
+    history.append(float(sigmas[i]), res.x0 if res.x0 is not None else x.float() - float(sigmas[i]) * v)
 
 
 def _rollout_chunk(backbone: Backbone, begin: _ChunkStart, cond: Conditioning, sample_ids: torch.Tensor,
@@ -331,7 +336,7 @@ def _rollout_chunk(backbone: Backbone, begin: _ChunkStart, cond: Conditioning, s
             xs.append(x.float().cpu())
             x_nexts.append(res.prev_sample.float().cpu())
             log_probs.append(res.log_prob.float().cpu())
-            history.append(float(sigmas[i]), res.x0 if res.x0 is not None else x.float() - float(sigmas[i]) * v)
+            _record(history, res, x, v, sigmas, i)
             x = res.prev_sample
         else:
             x = _ode_step(solver, x, v, sigmas, i, history)
@@ -365,8 +370,6 @@ def sample_ode(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int],
     bar = tqdm(total=calls, desc=progress, unit="call", leave=False, disable=progress is None)
     for i in range(sigmas.numel() - 1):
         v = batched_velocity(backbone, x, float(sigmas[i]), cond, batch_size, bar=bar)
-        res = solver.step(x, v, sigmas, i, history=history)
-        history.append(float(sigmas[i]), res.x0 if res.x0 is not None else x - float(sigmas[i]) * v)
-        x = res.prev_sample
+        x = _ode_step(solver, x, v, sigmas, i, history)
     bar.close()
     return backbone.decode(x).float()
