@@ -333,7 +333,7 @@ class Trainer:
                 for key, value in stats.items():
                     sums[key] += float(value.detach().float().sum())
                 items += len(rows)
-                evaluations += len(rows) if step != traj.shared_step else len(traj.group_ids[rows].unique())
+                evaluations += len(_model_rows(traj, step, rows)[0])
                 if mb_index == 0:
                     first_dev = max(first_dev, float((stats["ratio"] - 1).abs().max()))
             grad_norm = self.clip_grad_norm(params, c.max_grad_norm)
@@ -372,11 +372,7 @@ class Trainer:
         gradients of the group's rows through the expansion, as if each row had run it."""
         device = self.backbone.device
         slot = traj.slot(step)
-        expand = None
-        calls = rows
-        if step == traj.shared_step:
-            _, first, expand = first_of_each(traj.group_ids[rows])
-            calls = rows[first]
+        calls, expand = _model_rows(traj, step, rows)
         x_call = traj.x[calls, slot].to(device)
         cond = traj.cond.select(calls).to(device)
         sigma = torch.full((len(calls),), float(traj.sigmas[step]), device=device)
@@ -641,6 +637,16 @@ def _check_batch_layout(c: TrainConfig, world: int) -> None:
         raise ValueError(f"num_minibatches={c.num_minibatches} must divide the {local} samples each process holds "
                          f"per iteration ({c.prompts_per_iteration} prompts x group_size {c.group_size} over "
                          f"{world} process(es)), so that every optimizer step averages the same number of samples")
+
+
+def _model_rows(traj: Trajectories, step: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The samples the model runs on at ``step`` for the samples ``rows``, and the index that expands
+    its output back to ``rows`` (``None``: one model row per sample). At the step a group shares, one
+    sample per group."""
+    if step != traj.shared_step:
+        return rows, None
+    _, first, expand = first_of_each(traj.group_ids[rows])
+    return rows[first], expand
 
 
 def _micro_batches(traj: Trajectories, rows: torch.Tensor, mask: torch.Tensor,
