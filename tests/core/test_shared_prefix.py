@@ -74,6 +74,21 @@ def test_shared_prefix_walks_the_same_trajectories_with_fewer_model_calls(make_t
     assert max(calls.rows) <= batch_size
 
 
+@pytest.mark.parametrize("sde", ["sde.flow", "sde.dance", "sde.cps"])
+def test_every_sde_sampler_takes_the_shared_step_as_its_own(make_trainer, sde):
+    """The first SDE step starts from the group's state and velocity: each sampler's transitions and
+    log-probs equal the unshared walk's, and training recomputes them once per group."""
+    trainer = make_trainer("mixgrpo", f"TrainConfig.sde_sampler = '{sde}'")
+    plan = FixedWindow(start=3, window_size=2).plan(0, T)
+    want = _walk(trainer, plan, share=False, batch_size=9)
+    got = _walk(trainer, plan, share=True, batch_size=9)
+    for name in ("x", "x_next", "log_prob", "latents"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6, msg=name)
+    rows = torch.arange(9)
+    log_prob, _ = trainer._log_prob(got, 3, rows)
+    torch.testing.assert_close(log_prob.detach(), got.log_prob[:, 0], rtol=1e-6, atol=1e-4)
+
+
 def test_flash_compressed_grid_after_a_shared_prefix(make_trainer):
     trainer = make_trainer("mixgrpo_flash")
     plan = FixedWindow(start=2, window_size=2).plan(0, T)
