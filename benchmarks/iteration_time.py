@@ -62,12 +62,14 @@ BACKBONES = ("toy", "shapes", *REAL)
 # LoRA ranks on one GPU: 64 for FLUX (a single-GPU FLUX set-up), 32 for SD3.5-M (FlowGRPO's).
 LORA_RANK = {"flux-dev": 64, "sd35-medium": 32}
 DEFAULT_SWEEPS = {
-    "toy": {"steps": "10,25,40", "group": "2,4,8", "res": ""},
-    "shapes": {"steps": "10,25,40", "group": "2,4,8", "res": ""},
-    "flux-dev": {"steps": "10,25,40", "group": "2,4,8", "res": "512,720,1024"},
-    "sd35-medium": {"steps": "10,25,40", "group": "2,4,8", "res": "256,512,768"},
+    "toy": {"steps": "10,25,40", "group": "2,4,8", "res": "", "window": "0,10,21"},
+    "shapes": {"steps": "10,25,40", "group": "2,4,8", "res": "", "window": "0,5,10,21"},
+    "flux-dev": {"steps": "10,25,40", "group": "2,4,8", "res": "512,720,1024", "window": "0,21"},
+    "sd35-medium": {"steps": "10,25,40", "group": "2,4,8", "res": "256,512,768", "window": "0,21"},
 }
-TINY_SWEEPS = {"steps": "12,25", "group": "2,3", "res": "32,48"}
+TINY_SWEEPS = {"steps": "12,25", "group": "2,3", "res": "32,48", "window": "0,21"}
+PRESET_WINDOW = 4  # the window size of every MixGRPO preset (experiments/methods/)
+MOVING_WINDOW = ("mixgrpo", "mixgrpo_flash")  # the presets whose window moves (progressive)
 
 
 # -- what a run is -----------------------------------------------------------------------------------
@@ -397,12 +399,15 @@ def add_ratios(table: dict[str, dict]) -> None:
 def measure_sweeps(run: Run, method: str, axes: dict[str, list[int]], table: dict[str, dict],
                    deadline: float | None, log: Callable[[str], None],
                    saved: Callable[[dict[str, list[dict]]], None] = lambda sweeps: None) -> dict[str, list[dict]]:
-    """One iteration of ``method`` at each point of each axis (``steps``, ``group_size``, ``resolution``);
-    the point at the run's own setting is the method's row of ``table`` (``"from": "table"``).
+    """One iteration of ``method`` at each point of each axis (``steps``, ``group_size``, ``resolution``,
+    ``window``: the first step of the window, timed at the first iteration of the schedule that puts it
+    there); the point at the run's own setting is the method's row of ``table`` (``"from": "table"``).
     ``saved`` receives the sweeps so far after every point (so a run stopped from outside keeps them)."""
     sweeps: dict[str, list[dict]] = {}
     key = {"steps": "steps", "group_size": "group_size", "resolution": "size"}
-    base = {"steps": run.steps, "group_size": run.group_size, "resolution": run.size}
+    own_window = table.get(method, {}).get("window_start")
+    base = {"steps": run.steps, "group_size": run.group_size, "resolution": run.size,
+            "window": int(own_window) if own_window is not None else None}
     keep = ("iteration_s", "rollout_s", "train_s", "nfe_rollout", "nfe_train", "peak_mem_gb", "oom")
     for axis, values in axes.items():
         points = sweeps[axis] = []
@@ -418,9 +423,10 @@ def measure_sweeps(run: Run, method: str, axes: dict[str, list[int]], table: dic
             trainer = inst = None
             try:
                 with tempfile.TemporaryDirectory() as out:
-                    trainer = build_trainer(run, method, out, **{key[axis]: value})
+                    trainer = build_trainer(run, method, out, **({key[axis]: value} if axis in key else {}))
+                    first = iteration_with_window(trainer, value) if axis == "window" else run.at_iteration
                     inst = Instruments(trainer)
-                    row = time_iterations(trainer, inst, warmup=0, iterations=1, first=run.at_iteration)
+                    row = time_iterations(trainer, inst, warmup=0, iterations=1, first=first)
             except torch.OutOfMemoryError:
                 row = {"oom": True}
             finally:
@@ -433,6 +439,21 @@ def measure_sweeps(run: Run, method: str, axes: dict[str, list[int]], table: dic
             log(f"sweep {axis}={value}: " + (f"{row['iteration_s']:.3f} s/iteration" if "iteration_s" in row
                                               else "out of memory"))
     return sweeps
+
+
+def iteration_with_window(trainer: Any, start: int, horizon: int = 100_000) -> int:
+    """The first iteration whose plan puts the window's first step at ``start`` (plans are pure
+    functions of the iteration, so the search costs no model call)."""
+    c = trainer.config
+    for k in range(horizon):
+        window = trainer.schedule.plan(k, c.num_steps, c.prompts_per_iteration * c.group_size, seed=c.seed).window
+        if window is None:
+            raise ValueError(f"the {c.schedule!r} schedule has no window: --sweep-window needs a windowed "
+                             "--sweep-method (mixgrpo, mixgrpo_flash)")
+        if window[0] == start:
+            return k
+    raise ValueError(f"the {c.schedule!r} schedule never starts its window at step {start} in {horizon} "
+                     f"iterations (T = {c.num_steps}): choose starts it reaches, e.g. 0")
 
 
 # -- reporting ---------------------------------------------------------------------------------------
@@ -491,7 +512,8 @@ def _window(start: float | None) -> str:
 def format_sweeps(sweeps: dict[str, list[dict]], method: str) -> str:
     lines = []
     for axis, points in sweeps.items():
-        note = " (samples = prompts x group size)" if axis == "group_size" else ""
+        note = {"group_size": " (samples = prompts x group size)",
+                "window": " start (the steps up to it are shared within a group)"}.get(axis, "")
         lines.append(f"\n{method}: iteration time against {axis}{note} (x first = ratio to the first point's time)")
         lines.append(f"{axis:>12} {'s/it':>8} {'rollout':>8} {'train':>8} {'NFE roll':>8} {'NFE train':>9} "
                      f"{'x first':>7} {'peak GB':>8}")
@@ -514,6 +536,16 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
+    return values
+
+
+def _window_starts(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"window starts must be >= 0, got {text!r}")
     return values
 
 
@@ -571,6 +603,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep-steps", type=_ints, default=None, help="T values, e.g. 10,25,40")
     p.add_argument("--sweep-group", type=_ints, default=None, help="group sizes, e.g. 2,4,8")
     p.add_argument("--sweep-res", type=_ints, default=None, help="image sides, e.g. 512,720,1024")
+    p.add_argument("--sweep-window", type=_window_starts, default=None,
+                   help="first steps of the window, e.g. 0,5,10,21: the steps a group shares grow with it")
     p.add_argument("--no-sweeps", action="store_true")
     p.add_argument("--budget-s", type=float, default=None,
                    help="skip the sweep points that would start after this many seconds")
@@ -603,6 +637,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if args.sweep_res:
             p.error("--sweep-res applies to the real architectures only")
     defaults = TINY_SWEEPS if args.tiny else DEFAULT_SWEEPS[args.backbone]
+    last_start = args.steps - PRESET_WINDOW  # the presets' windows are 4 steps, clamped at T − 4
+    if args.sweep_window is None:  # the default starts that a windowed sweep method reaches at this T
+        moving = args.sweep_method in MOVING_WINDOW
+        args.sweep_window = [v for v in _window_starts(defaults["window"]) if v <= last_start] if moving else []
+    elif args.sweep_window and args.sweep_method not in MOVING_WINDOW:
+        p.error(f"--sweep-window needs a method whose window moves ({', '.join(MOVING_WINDOW)}), "
+                f"not --sweep-method {args.sweep_method}")
+    elif any(v > last_start for v in args.sweep_window):
+        p.error(f"--sweep-window {','.join(map(str, args.sweep_window))}: a window of {PRESET_WINDOW} steps "
+                f"starts at most at step {last_start} when T = {args.steps}")
     for axis in ("steps", "group", "res"):
         if getattr(args, f"sweep_{axis}") is None:
             setattr(args, f"sweep_{axis}", _ints(defaults[axis]) if defaults[axis] else [])
@@ -663,7 +707,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         save({})  # the table is on disk before the sweeps start
         if not args.no_sweeps:
-            axes = {"steps": args.sweep_steps, "resolution": args.sweep_res, "group_size": args.sweep_group}
+            axes = {"steps": args.sweep_steps, "window": args.sweep_window, "resolution": args.sweep_res,
+                    "group_size": args.sweep_group}
             axes = {k: v for k, v in axes.items() if v}
             deadline = start + args.budget_s if args.budget_s is not None else None
             sweeps = measure_sweeps(run, args.sweep_method, axes, table, deadline, log, saved=save)

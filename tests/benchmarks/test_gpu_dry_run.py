@@ -71,7 +71,11 @@ def test_flux_sweeps_follow_the_requested_points(dry_run):
     assert [p["value"] for p in sweeps["steps"]] == [12, 25]
     assert [p["value"] for p in sweeps["group_size"]] == [2, 3]
     assert [p["value"] for p in sweeps["resolution"]] == [32, 48]
-    assert list(sweeps) == ["method", "steps", "resolution", "group_size"]
+    assert [p["value"] for p in sweeps["window"]] == [0, 21]
+    assert list(sweeps) == ["method", "steps", "window", "resolution", "group_size"]
+    for p in sweeps["window"]:  # the run's own window is at step 5: both points are measured
+        assert "from" not in p
+        assert p["nfe_rollout"] == pytest.approx(rollout_calls("mixgrpo", 25, group_size=2, iteration=25 * p["value"]))
     for p in sweeps["steps"]:
         assert p["nfe_rollout"] == pytest.approx(rollout_calls("mixgrpo", p["value"], group_size=2, iteration=140))
         assert p["nfe_train"] == pytest.approx(trained_calls("mixgrpo", p["value"], group_size=2, groups=1))

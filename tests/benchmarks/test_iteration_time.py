@@ -66,6 +66,9 @@ def test_random_weights_apply_inside_the_folder_only_and_are_undone(archs, tmp_p
     (["--backbone", "toy", "--attention-backend", "native"], "apply to the diffusers backbones"),
     (["--compile", "fast"], "invalid choice: 'fast'"),
     (["--methods", "mixgrpo,grpo"], "unknown method(s) ['grpo']"),
+    (["--sweep-window", "0,-1"], "window starts must be >= 0"),
+    (["--steps", "10", "--sweep-window", "0,7"], "starts at most at step 6 when T = 10"),
+    (["--sweep-method", "dancegrpo", "--sweep-window", "0"], "needs a method whose window moves"),
 ])
 def test_bad_arguments_fail_with_a_clear_message(bench, capsys, argv, message):
     with pytest.raises(SystemExit):
@@ -141,6 +144,34 @@ def test_toy_backbone_json(bench, tmp_path):
         assert data[method]["floor_s"] > 0
         assert data[method]["window_start"] == (-1 if method in ("flowgrpo", "dancegrpo") else 0)
     assert [p["value"] for p in data["sweeps"]["steps"]] == [6, 10]
+    # the window axis at T = 10: its default starts that fit (0), which is the table's own window
+    assert [(p["value"], p.get("from")) for p in data["sweeps"]["window"]] == [(0, "table")]
     first = data["sweeps"]["steps"][0]
     assert first["nfe_rollout"] == rollout_calls("mixgrpo", 6, group_size=4) and "from" not in first
     assert data["sweeps"]["group_size"][0]["from"] == "table"  # 4 is the run's own group size
+
+
+def test_window_sweep_times_the_first_iteration_with_each_window(bench, tmp_path):
+    """MixGRPO at T = 10 with its window at steps 0, 3 and 6: the shared steps grow with the start
+    (groups of 4: steps 0..l once per group), training stays at the window's 4 steps."""
+    out = tmp_path / "window.json"
+    bench.main(["--backbone", "toy", "--steps", "10", "--warmup", "0", "--iterations", "1", "--prompts", "1",
+                "--threads", "1", "--methods", "mixgrpo", "--sweep-steps", "10", "--sweep-group", "4",
+                "--sweep-window", "0,3,6", "--json", str(out)])
+    points = json.loads(out.read_text())["sweeps"]["window"]
+    assert [p["value"] for p in points] == [0, 3, 6] and points[0]["from"] == "table"
+    for p in points:  # the preset moves its window every 25 iterations
+        assert p["nfe_rollout"] == pytest.approx(rollout_calls("mixgrpo", 10, group_size=4, iteration=25 * p["value"]))
+        assert p["nfe_train"] == pytest.approx(trained_calls("mixgrpo", 10, group_size=4, groups=1))
+    assert points[2]["nfe_rollout"] == pytest.approx(10 - 7 * 3 / 4)
+
+
+def test_window_search_finds_the_iteration_or_says_why(bench, tmp_path):
+    run = bench.Run(bench.parse_args(["--steps", "10", "--prompts", "1", "--group-size", "2"]), None)
+    mix = bench.build_trainer(run, "mixgrpo", str(tmp_path / "m"))
+    assert [bench.iteration_with_window(mix, start) for start in (0, 1, 6)] == [0, 25, 150]
+    with pytest.raises(ValueError, match="never starts its window at step 7"):
+        bench.iteration_with_window(mix, 7, horizon=400)
+    dance = bench.build_trainer(run, "dancegrpo", str(tmp_path / "d"))
+    with pytest.raises(ValueError, match="has no window"):
+        bench.iteration_with_window(dance, 0)
