@@ -529,24 +529,22 @@ def format_sweeps(sweeps: dict[str, list[dict]], method: str) -> str:
 
 
 # -- the command line --------------------------------------------------------------------------------
-def _ints(text: str) -> list[int]:
+def _int_list(text: str, minimum: int, what: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
+    if any(v < minimum for v in values):
+        raise argparse.ArgumentTypeError(f"{what} must be >= {minimum}, got {text!r}")
     return values
+
+
+def _ints(text: str) -> list[int]:
+    return _int_list(text, 1, "values")
 
 
 def _window_starts(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"window starts must be >= 0, got {text!r}")
-    return values
+    return _int_list(text, 0, "window starts")
 
 
 def _methods(text: str) -> list[str]:
