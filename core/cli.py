@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from mixgrpo.core import metrics
 from mixgrpo.core.plugins import KINDS, UnknownComponentError, get_plugin_manager
@@ -47,29 +48,97 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, bindings)
 
 
+def _run_directory(source: Path) -> Path | None:
+    """The run directory a ``train`` source names: the directory itself, or a run's ``config.gin``."""
+    from mixgrpo.core import records
+
+    if source.is_dir():
+        return source
+    if source.name == "config.gin" and (source.parent / records.BINDINGS).is_file():
+        return source.parent
+    return None
+
+
+def _train_setup(args: argparse.Namespace):
+    """``(config, plugin manager, launch)`` of ``mixgrpo train``: a new run's from the experiment file
+    and the bindings given; a resumed run's from the run's own settings with the bindings given now
+    on top (``launch``, what the run is recorded to have been started with, grows by them)."""
+    from mixgrpo.core import records
+    from mixgrpo.core.config import TrainConfig, load_config, parse_gin
+
+    given, source = list(args.gin or []), Path(args.config)
+    run_dir = _run_directory(source)
+    if run_dir is not None and source.is_dir() and not args.resume:
+        raise records.RunDirectoryError(
+            f"{source} is a run directory: continue it with `mixgrpo train {source} --resume`, or start a new run "
+            f"from an experiment .gin file (its own settings are in {source / 'config.gin'})")
+    if not args.resume:
+        config, pm = _load(args)
+        return config, pm, {"config": str(source), "gin": given, "output": args.output}
+    if run_dir is not None:  # the run's own settings, recorded binding by binding
+        if args.output and Path(args.output).resolve() != run_dir.resolve():
+            raise records.RunDirectoryError(f"--resume {run_dir} with --output {args.output}: a resumed run stays "
+                                            f"in its directory; drop --output")
+        records.require_run(run_dir)
+        recorded = records.recorded_bindings(run_dir)
+        before = records.read_launch(run_dir) or {"config": None, "gin": [], "output": None}
+        pm = parse_gin([], [*recorded, *given, f"TrainConfig.output_dir = {str(run_dir)!r}"])
+        config = TrainConfig()
+        config.validate(pm)
+        records.check_resume(run_dir)  # a changed experiment is refused before any model loads
+        return config, pm, {**before, "gin": _layered(before["gin"], given)}
+    # an experiment file: with the bindings the run was started with, then those given now
+    config, pm = _load(args)
+    records.require_run(Path(config.output_dir))
+    before = records.read_launch(Path(config.output_dir))
+    if before is None:  # a run from before launches were recorded: the file and today's bindings
+        records.check_resume(Path(config.output_dir))
+        return config, pm, {"config": str(source), "gin": given, "output": args.output}
+    output = [f"TrainConfig.output_dir = {args.output!r}"] if args.output else []
+    config, pm = load_config(source, [*before["gin"], *given, *output])
+    records.check_resume(Path(config.output_dir))
+    return config, pm, {"config": str(source), "gin": _layered(before["gin"], given), "output": args.output}
+
+
+def _layered(before: list[str], given: list[str]) -> list[str]:
+    """Command-line bindings of a run resumed with ``given``: the earlier ones, less those given again
+    word for word (a later binding wins anyway), then ``given``."""
+    return [b for b in before if b not in given] + given
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from mixgrpo.core import checkpoint as ckpt
+    from mixgrpo.core.scoring import RewardFailure
     from mixgrpo.core.trainer import Trainer
 
-    config, pm = _load(args)
+    config, pm, launch = _train_setup(args)
     trainer = Trainer(config, pm)
-    resume_hint = " ".join(["mixgrpo train", str(args.config), *(f'--gin "{g}"' for g in args.gin or []),
-                            *([f"--output {args.output}"] if args.output else []), "--resume"])
+    trainer.launch = launch
+    resume_hint = f"mixgrpo train {trainer.out} --resume"
     try:
         history = trainer.train("resume" if args.resume else "overwrite" if args.overwrite else "new")
     except KeyboardInterrupt:
-        from mixgrpo.core import checkpoint as ckpt
-
         found = ckpt.latest(trainer.out / "checkpoints")
         where = f"the last checkpoint is {found}" if found else "no checkpoint was written yet"
         print(f"\nmixgrpo train: interrupted; {where}. Continue with: {resume_hint}", file=sys.stderr)
         return 130
+    except RewardFailure as exc:  # the run stopped after checkpointing its last good iteration
+        if trainer.accelerator.is_main_process:
+            print(f"mixgrpo train: error: {_message(exc)}. Once the reward works again, continue with: "
+                  f"{resume_hint}", file=sys.stderr)
+        trainer.close()
+        return 1
     if trainer.accelerator.is_main_process:
         last = history[-1] if history else {}
         trained = {metrics.reward(name, "mean") for name in config.rewards}
-        print(f"run directory: {trainer.out}  ({len(history)} iterations)")
+        reached = trainer.start_iteration + len(history)
+        now = (f"{len(history)} trained now, from iteration {trainer.start_iteration}" if trainer.start_iteration
+               else f"{len(history)} trained")
+        print(f"run directory: {trainer.out}  (at iteration {reached} of {config.iterations}; {now})")
         if not history and trainer.start_iteration >= config.iterations:
             print(f"  nothing to train: the checkpoint is at iteration {trainer.start_iteration} and "
-                  f"TrainConfig.iterations = {config.iterations}; raise it to continue the run")
+                  f"TrainConfig.iterations = {config.iterations}; raise it to continue the run, e.g. "
+                  f"{resume_hint} --gin \"TrainConfig.iterations = {trainer.start_iteration + config.iterations}\"")
         from mixgrpo.core.report import format_value, summary_lines
 
         for k, v in last.items():
@@ -138,7 +207,7 @@ CHECKPOINT_SPECS = ("base, latest, an iteration (40), a name (iter_000040), a ch
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixgrpo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mixgrpo", description=_plain(__doc__))
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plugins", help="list every registered component by kind, and load failures")
@@ -156,11 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seeds", help="seeds (grid columns), e.g. 0-3 (default: the config's seed and the next 3)")
         p.add_argument("--force", action="store_true", help="write into a non-empty report folder")
 
-    p = sub.add_parser("train", help="train one experiment")
-    with_config(p)
+    p = sub.add_parser("train", help="train one experiment, or continue a run (mixgrpo train RUN_DIR --resume)")
+    p.add_argument("config", help="experiment .gin file; with --resume also a run directory (its own settings)")
+    p.add_argument("--gin", action="append", metavar="BINDING",
+                   help="extra gin binding, e.g. --gin \"TrainConfig.iterations = 10\" (repeatable); on --resume, "
+                        "applied on top of the run's settings")
     p.add_argument("--output", help="run directory (overrides TrainConfig.output_dir)")
     start = p.add_mutually_exclusive_group()
-    start.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run from its latest checkpoint, with its own settings and the --gin "
+                            "bindings given now")
     start.add_argument("--overwrite", action="store_true",
                    help="start over in a run directory that holds a run (deletes its records and checkpoints)")
     p.set_defaults(func=cmd_train)
@@ -218,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, configure, run, _plugin) in sorted(get_plugin_manager().commands().items()):
         if name in sub.choices:
             continue  # a plugin cannot replace a built-in command
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=_plain(help_text))
         configure(p)
         p.set_defaults(func=run)
     return parser
@@ -238,6 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UnknownComponentError, ValueError, FileNotFoundError, NotImplementedError, ImportError) as exc:
         print(f"mixgrpo {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 2
+
+
+def _plain(text: str | None) -> str | None:
+    """Help text without the docstrings' reStructuredText literal markers (````name```` → ``name``)."""
+    return text.replace("``", "") if text else text
 
 
 def _message(exc: BaseException) -> str:

@@ -174,11 +174,19 @@ class WindowSchedule(ABC):
         """
 
 
+class RewardUnavailable(RuntimeError):
+    """Raised by a reward that cannot score anything and will not soon: a reward server unreachable
+    for longer than the reward's patience. The run then stops at once, after checkpointing its last
+    completed iteration, with this error's message (which names the underlying cause)."""
+
+
 class Reward(ABC):
     """Images and prompts → one score per image.
 
     A sample the reward could not score is returned as NaN: it is then left out of the group
-    statistics and gets advantage 0. A reward never turns a failure into a plausible score.
+    statistics and gets advantage 0. A reward never turns a failure into a plausible score. A reward
+    whose scorer is gone (a server down for longer than it waits) raises ``RewardUnavailable``; any
+    other exception masks the call's samples like NaN scores.
     ``higher_is_better = False`` (a distance, a loss) makes training lower the score: the trainer
     negates its scores before the advantages; metrics and evaluations record them as returned.
     """

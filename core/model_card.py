@@ -193,9 +193,13 @@ def model_card(run_dir: Path, config: Any, backbone: Any, prompt: str = "a red c
             lines += [f"**iteration {k}**{' (base model)' if k == 0 else ''}", "",
                       f"![iteration {k}](samples/{grid.name})", ""]
     lines += ["", "## Use it", "", *usage_lines(run_dir, config, facts, prompt), "",
-              "## Configuration", "",
-              "The operative config of the run (`config.gin`); `mixgrpo train config.gin --output NEW_DIR` "
-              "repeats it.", "", "<details><summary>config.gin</summary>", "", "```gin"]
+              "Score its latest checkpoint on held-out prompts with every configured reward (a report with "
+              "side-by-side grids in `eval/`), or train it further:", "", "```bash", f"mixgrpo eval {run_dir}",
+              f"mixgrpo train {run_dir} --resume --gin \"TrainConfig.iterations = {2 * config.iterations}\"", "```",
+              "", "## Configuration", "",
+              "The operative config of the run (`config.gin`); this repeats the run in a new directory:", "",
+              "```bash", f"mixgrpo train {run_dir / 'config.gin'} --output {run_dir}-again", "```", "",
+              "<details><summary>config.gin</summary>", "", "```gin"]
     config_text = (run_dir / "config.gin").read_text() if (run_dir / "config.gin").is_file() else ""
     lines += [config_text.rstrip(), "```", "", "</details>", ""]
     return "\n".join(lines)

@@ -2,11 +2,15 @@
 
 * A new run never writes into a directory that already holds one: ``--resume`` continues it,
   ``--overwrite`` deletes its records and checkpoints first.
-* ``bindings.json`` keeps every gin binding of the run as it started. A resume compares the new
-  config with it: settings that only say how long to run, how often to evaluate or save, where the
-  models are, or the optimiser's step sizes may change, and are applied and recorded in
-  ``resumes.jsonl``; any other difference changes the experiment, and the resume is refused with
-  the list of differing bindings.
+* ``bindings.json`` keeps every gin binding of the run as it goes on, ``launch.json`` the experiment
+  file and the command-line bindings it was started (and resumed) with. A resumed run's settings
+  are the run's own with only the bindings given at the resume layered on top (``mixgrpo train RUN
+  --resume`` takes them from ``bindings.json``; ``mixgrpo train FILE.gin --resume`` from the file
+  and the recorded command-line bindings). Settings that only say how long to run, how often to
+  evaluate or save, where the models are, or the optimiser's step sizes may change, and are
+  printed, applied and recorded in ``resumes.jsonl``; any other difference changes the experiment,
+  and the resume is refused with the list of differing bindings. A binding set to its default is
+  the same setting as no binding.
 * On resume, rows of ``metrics.jsonl`` and ``eval_scores.jsonl`` after the checkpoint's iteration
   (written by iterations the checkpoint does not hold, which will run again) are dropped, and
   TensorBoard is told to purge its events from that step on, so no iteration is ever recorded twice.
@@ -25,11 +29,12 @@ from typing import Any
 import gin
 
 BINDINGS = "bindings.json"
+LAUNCH = "launch.json"
 RESUMES = "resumes.jsonl"
 METRICS = "metrics.jsonl"
 EVAL_SCORES = "eval_scores.jsonl"
 #: what a run directory holds (``--overwrite`` removes exactly these)
-RUN_FILES = ("config.gin", BINDINGS, RESUMES, METRICS, EVAL_SCORES, "README.md", "reward_curve.png")
+RUN_FILES = ("config.gin", BINDINGS, LAUNCH, RESUMES, METRICS, EVAL_SCORES, "README.md", "reward_curve.png")
 RUN_FOLDERS = ("checkpoints", "samples", "tensorboard", "eval")
 
 #: TrainConfig fields a resume may change: they do not change what an iteration computes (share_prefix:
@@ -37,6 +42,11 @@ RUN_FOLDERS = ("checkpoints", "samples", "tensorboard", "eval")
 RESUMABLE_FIELDS = ("iterations", "eval_every", "sample_every", "checkpoint_every", "keep_last", "progress",
                     "tensorboard", "learning_rate", "weight_decay", "max_grad_norm", "max_failed_iterations",
                     "output_dir", "ratio_tolerance", "overlap_rewards", "share_prefix")
+
+
+#: a binding whose name holds one of these may change on resume: where files live, which device runs a
+#: model, and how a reward client talks to its server (none changes a score)
+RESUMABLE_WORDS = ("path", "checkpoint", "device", "url", "patience", "timeout", "retries", "backoff")
 
 
 class RunDirectoryError(ValueError):
@@ -103,17 +113,66 @@ def snapshot() -> dict[str, str]:
 
 def resumable(key: str) -> bool:
     """Whether a binding may change on resume: the run-length and bookkeeping fields of TrainConfig,
-    and where files live (a binding or macro naming a path) or which device a model runs on."""
+    where files live (a binding or macro naming a path), which device a model runs on, and a reward
+    client's patience with its server (``RESUMABLE_WORDS``)."""
     name = key.rsplit("/", 1)[-1]
     owner, _, param = name.rpartition(".")
     if owner.rpartition(".")[2] == "TrainConfig" and param in RESUMABLE_FIELDS:
         return True
     lowered = name.lower()
-    return any(word in lowered for word in ("path", "checkpoint", "device", "url"))
+    return any(word in lowered for word in RESUMABLE_WORDS)
+
+
+def default_repr(key: str) -> str | None:
+    """``repr`` of the default value of the parameter a binding key names (``scope/Selector.param``),
+    or None when the parameter has no default (or is not a known configurable's)."""
+    if key.startswith("%"):
+        return None
+    selector, _, param = key.rpartition("/")[2].rpartition(".")
+    try:
+        configurable = gin.config._REGISTRY.get_match(selector)
+    except (KeyError, ValueError):
+        return None
+    if configurable is None:
+        return None
+    import inspect
+
+    target = configurable.wrapped
+    try:
+        signature = inspect.signature(target.__init__ if inspect.isclass(target) else target)
+    except (TypeError, ValueError):
+        return None
+    found = signature.parameters.get(param)
+    if found is None or found.default is inspect.Parameter.empty:
+        return None
+    return repr(found.default)
 
 
 def diff(old: dict[str, str], new: dict[str, str]) -> dict[str, tuple[str | None, str | None]]:
-    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    """The bindings whose values differ; a binding missing on one side stands for its parameter's
+    default, so that binding a parameter to its default is no change (``ema_decay: None -> None``)."""
+    changed = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a is None or b is None:
+            default = default_repr(key)
+            if default is not None and (a or default) == (b or default):
+                continue
+        if a != b:
+            changed[key] = (a, b)
+    return changed
+
+
+def format_changes(changed: dict[str, tuple[str | None, str | None]]) -> list[str]:
+    """One ``key: old -> new`` line per change, the selector's module path dropped; an unbound side
+    reads ``default``."""
+    def short(key: str) -> str:
+        scope, _, name = key.rpartition("/")
+        owner, _, param = name.rpartition(".")
+        return f"{scope + '/' if scope else ''}{owner.rpartition('.')[2]}.{param}" if owner else key
+
+    return [f"{short(k)}: {'(default)' if old is None else old} -> {'(default)' if new is None else new}"
+            for k, (old, new) in changed.items()]
 
 
 def holds_a_run(out: Path) -> bool:
@@ -149,12 +208,61 @@ def check_resume(out: Path) -> dict[str, tuple[str | None, str | None]]:
     changed = diff(json.loads(file.read_text()), snapshot())
     refused = {k: v for k, v in changed.items() if not resumable(k)}
     if refused:
-        lines = "; ".join(f"{k}: {old} -> {new}" for k, (old, new) in refused.items())
+        lines = "; ".join(format_changes(refused))
         raise RunDirectoryError(
             f"cannot resume {out}: the config differs from the run's in bindings that change the experiment "
-            f"({lines}). Resume with the run's own settings (they are in {out / 'config.gin'}), or start a new "
-            f"run with another --output. A resume may change only {', '.join(RESUMABLE_FIELDS)} and paths.")
+            f"({lines}). Resume with the run's own settings (`mixgrpo train {out} --resume`, with --gin for "
+            f"what may change), or start a new run with another --output. A resume may change only "
+            f"{', '.join(RESUMABLE_FIELDS)}, paths and reward-server settings (URL, patience, timeout, retries).")
     return changed
+
+
+def recorded_bindings(out: Path) -> list[str]:
+    """The run's bindings (``bindings.json``) as gin binding lines, to parse the run's own config."""
+    file = out / BINDINGS
+    if not file.is_file():
+        raise RunDirectoryError(f"{out} has no {BINDINGS} (a run from before bindings were recorded, or not a run "
+                                f"directory): resume it with its experiment file, `mixgrpo train FILE.gin "
+                                f"--output {out} --resume`")
+    return [f"{key.lstrip('%')} = {value}" for key, value in json.loads(file.read_text()).items()]
+
+
+def read_launch(out: Path) -> dict[str, Any] | None:
+    """``{"config": file, "gin": [command-line bindings], "output": --output}`` the run was started and
+    resumed with, or None for a run from before they were recorded."""
+    file = out / LAUNCH
+    if not file.is_file():
+        return None
+    data = json.loads(file.read_text())
+    return {"config": data.get("config"), "gin": [str(b) for b in data.get("gin", [])], "output": data.get("output")}
+
+
+def write_launch(out: Path, launch: dict[str, Any]) -> None:
+    (out / LAUNCH).write_text(json.dumps(launch, indent=1) + "\n")
+
+
+def check_writable(out: Path) -> None:
+    """The run directory exists or can be created, and takes files; otherwise a ``RunDirectoryError``
+    that names it as the run directory (checked before any model loads)."""
+    import os
+
+    probe = out / f".write_test_{os.getpid()}"
+    try:
+        with storage_errors(out):  # a full, read-only or forbidden disk: the storage message
+            out.mkdir(parents=True, exist_ok=True)
+            probe.write_text("")
+            probe.unlink()
+    except OSError as exc:
+        raise RunDirectoryError(f"cannot use {out} as the run directory (--output, or TrainConfig.output_dir): "
+                                f"{exc.strerror or exc}. Choose a folder you can write to") from None
+
+
+def require_run(out: Path) -> None:
+    """A ``RunDirectoryError`` when ``--resume`` names a directory that holds no run."""
+    if not holds_a_run(out):
+        what = "does not exist" if not out.exists() else f"holds no run (no {METRICS}, no checkpoints)"
+        raise RunDirectoryError(f"--resume: {out} {what}, so there is nothing to continue: drop --resume to start "
+                                f"a new run there")
 
 
 def record_resume(out: Path, iteration: int, changed: dict[str, tuple[str | None, str | None]]) -> None:
@@ -163,6 +271,14 @@ def record_resume(out: Path, iteration: int, changed: dict[str, tuple[str | None
         f.write(json.dumps({"iteration": iteration, "changed": {k: list(v) for k, v in changed.items()}}) + "\n")
     if changed:
         (out / BINDINGS).write_text(json.dumps(snapshot(), indent=1, sort_keys=True) + "\n")
+
+
+def describe_resume(out: Path, iteration: int, changed: dict[str, tuple[str | None, str | None]]) -> str:
+    """What a resume prints before its first iteration: where it continues, and every change."""
+    if not changed:
+        return f"resuming {out} after iteration {iteration} with the run's own settings"
+    lines = "\n".join(f"  {line}" for line in format_changes(changed))
+    return f"resuming {out} after iteration {iteration}; changed (recorded in {RESUMES}):\n{lines}"
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

@@ -26,9 +26,9 @@ from typing import Any
 
 import attrs
 import torch
-from tqdm.auto import tqdm
 
 from mixgrpo.core.interfaces import Backbone, Sampler
+from mixgrpo.core.progress import progress_bar
 from mixgrpo.core.sigmas import compressed_grid, sigma_grid
 from mixgrpo.core.types import Conditioning, SolverHistory, StepPlan, Trajectories
 
@@ -367,7 +367,7 @@ def sample_ode(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int],
     sigmas = setup.sigmas(None)
     history = SolverHistory()
     calls = (sigmas.numel() - 1) * -(-x.shape[0] // batch_size)
-    bar = tqdm(total=calls, desc=progress, unit="call", leave=False, disable=progress is None)
+    bar = progress_bar(total=calls, desc=progress, unit="call", leave=False, disable=progress is None)
     for i in range(sigmas.numel() - 1):
         v = batched_velocity(backbone, x, float(sigmas[i]), cond, batch_size, bar=bar)
         x = _ode_step(solver, x, v, sigmas, i, history)

@@ -18,13 +18,16 @@ import torch
 
 from mixgrpo.core import metrics as m
 from mixgrpo.core.advantages import zero_std_fraction
-from mixgrpo.core.interfaces import Reward
+from mixgrpo.core.interfaces import Reward, RewardUnavailable
 
 _INTEGER = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 class RewardFailure(RuntimeError):
     """A reward returned something that is not one finite score per image, or failed every sample."""
+
+
+__all__ = ["RewardFailure", "RewardUnavailable", "call_reward", "evaluate", "score", "statistics"]
 
 
 def _as_scores(raw: Any, name: str, count: int) -> torch.Tensor:

@@ -33,7 +33,6 @@ import gin
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from tqdm.auto import tqdm
 
 from mixgrpo.core import base_eval, records, scoring
 from mixgrpo.core import checkpoint as ckpt
@@ -41,9 +40,10 @@ from mixgrpo.core import metrics as m
 from mixgrpo.core.advantages import local_rows
 from mixgrpo.core.config import TrainConfig
 from mixgrpo.core.ema import EMA
-from mixgrpo.core.interfaces import Reward
+from mixgrpo.core.interfaces import Reward, RewardUnavailable
 from mixgrpo.core.parallel import clip_grad_norm, resolve_parallelism, shard
 from mixgrpo.core.plugins import PluginManager, get_plugin_manager, make_sampler
+from mixgrpo.core.progress import progress_bar
 from mixgrpo.core.report import format_value
 from mixgrpo.core.rollout import SamplingSetup, first_of_each, keyed_generator, rollout, sample_ode
 from mixgrpo.core.scoring import RewardFailure
@@ -66,6 +66,8 @@ class Trainer:
         self.accelerator = accelerator or _make_accelerator(config, self.out)
         self._tensorboard = bool(self.accelerator.log_with)
         self.base_cache: Path | None = None  # a folder of shared base evaluations (mixgrpo compare sets it)
+        #: the experiment file and command-line bindings (``mixgrpo train`` sets it; recorded for --resume)
+        self.launch: dict[str, Any] | None = None
         # the cheap components first, and every check that needs no model: a mistake stops the run
         # before minutes of loading FLUX and the reward models
         # each in the gin scope of its role: `post/DPMSolverPP.order = 1` reaches the post-window solver alone
@@ -83,6 +85,7 @@ class Trainer:
         self.eval_setup = attrs.evolve(self.setup, num_steps=c.eval_num_steps or c.num_steps, compression=None)
         _check_batch_layout(c, self.accelerator.num_processes)
         self._check_plans()
+        records.check_writable(self.out)
         # then the models
         self.backbone = self.pm.create("backbone", c.backbone)
         self.rewards = {name: self.pm.create("reward", name) for name in c.rewards}
@@ -130,7 +133,7 @@ class Trainer:
             base_row: dict[str, Any] = {m.ITERATION: 0}
             base_eval.evaluate_base(self, base_row, self.base_cache)  # shared with identical runs
             self._log(base_row)
-        bar = tqdm(range(self.start_iteration, c.iterations), desc=f"{c.objective}", unit="it",
+        bar = progress_bar(range(self.start_iteration, c.iterations), desc=f"{c.objective}", unit="it",
                    disable=not (c.progress and acc.is_main_process), initial=self.start_iteration,
                    total=c.iterations)
         with _stop_on_signals() as stop:
@@ -147,16 +150,19 @@ class Trainer:
                 self._log(row)
                 history.append(row)
                 if self._failure is not None:  # recorded first, then the run stops with the reward's error
-                    raise self._failure
+                    raise self._stop_for_reward(k + 1 - self._failed_streak)
                 self.pm.on_iteration_end(trainer=self, iteration=k + 1, metrics=row)
                 bar.set_postfix(reward=format_value(row[m.reward(next(iter(c.rewards)), "mean")]),
-                                s_it=f"{row[m.ITERATION_S]:.2f}")
-                # 7. checkpoint: when due, and before stopping for a signal (every process agrees)
+                                s_it=f"{row[m.ITERATION_S]:.2f}", refresh=False)
+                # 7. checkpoint: when due, after the last iteration, and before stopping for a signal
+                #    (every process agrees to stop, also those the signal did not reach)
                 halt = not self.all_processes(not stop)
-                if halt or (c.checkpoint_every and ((k + 1) % c.checkpoint_every == 0 or last)):
+                due = c.checkpoint_every and (k + 1) % c.checkpoint_every == 0 and not self._failed_streak
+                if halt or last or due:  # (not within failed iterations: see _stop_for_reward)
                     self._checkpoint(k + 1)
                 if halt:
-                    self.stopped = f"stopped by {stop[0]} after iteration {k + 1} (checkpoint saved)"
+                    why = stop[0] if stop else "a stop signal to another process"
+                    self.stopped = f"stopped by {why} after iteration {k + 1} (checkpoint saved)"
                     break
         for tracker in acc.trackers:
             tracker.finish()  # flush and close the TensorBoard writer
@@ -278,24 +284,46 @@ class Trainer:
         return adv[local_rows(self._gather(traj.sample_ids), traj.sample_ids)]
 
     def _rewards_failed(self, k: int, metrics: dict[str, float], errors: dict[str, BaseException]) -> bool:
-        """True when a trained reward scored no sample of iteration ``k`` (on any process); after
-        ``max_failed_iterations`` such iterations in a row the run stops with the reward's error."""
+        """True when a trained reward scored no sample of iteration ``k`` (on any process). After
+        ``max_failed_iterations`` such iterations in a row, or at once when a reward is unavailable
+        (``RewardUnavailable`` on any process), ``self._failure`` says why the run must stop."""
         c = self.config
         total = c.prompts_per_iteration * c.group_size
         dead = [name for name in self.rewards if metrics[m.reward(name, "failed")] >= total]
         self._failed_streak = self._failed_streak + 1 if dead else 0
+        gone = [name for name, e in errors.items() if isinstance(e, RewardUnavailable)]
+        unavailable = not self.all_processes(not gone)  # a collective: every process decides alike
         if dead:
             log.warning("iteration %d: reward(s) %s scored no sample; the iteration trains nothing (%d of %d "
                         "allowed in a row)", k + 1, ", ".join(dead), self._failed_streak, c.max_failed_iterations)
-        if self._failed_streak >= c.max_failed_iterations:
-            name = dead[0]
+        if unavailable or self._failed_streak >= c.max_failed_iterations:
+            name = (gone or dead or list(self.rewards))[0]
             cause = errors.get(name)
+            why = ("is unavailable" if unavailable else
+                   f"scored no sample in {self._failed_streak} consecutive iterations "
+                   f"(TrainConfig.max_failed_iterations = {c.max_failed_iterations})")
             self._failure = RewardFailure(
-                f"reward {name!r} scored no sample in {self._failed_streak} consecutive iterations "
-                f"(TrainConfig.max_failed_iterations = {c.max_failed_iterations}); last error: "
-                f"{type(cause).__name__ if cause else 'non-finite scores'}: {cause}")
+                f"reward {name!r} {why}; the cause: "
+                f"{f'{type(cause).__name__}: {cause}' if cause else 'non-finite scores (or another process)'}")
             self._failure.__cause__ = cause
-        return bool(dead)
+        return bool(dead) or unavailable
+
+    def _stop_for_reward(self, good: int) -> RewardFailure:
+        """Checkpoint the last iteration that trained (``good``; the failed ones after it trained
+        nothing, so the weights are its weights) and return the failure, its message saying where
+        the run can continue from."""
+        failure = self._failure
+        assert failure is not None
+        root = self.out / "checkpoints"
+        found = ckpt.latest(root)
+        if good > 0 and (found is None or ckpt.read_state(found)["iteration"] < good):
+            self._checkpoint(good)
+            found = ckpt.latest(root)
+        where = (f"iterations up to {good} are checkpointed in {found}" if found else
+                 "no iteration completed, so nothing was checkpointed")
+        stopped = RewardFailure(f"{failure}. The run stopped; {where}")
+        stopped.__cause__ = failure.__cause__
+        return stopped
 
     # == 5. optimize =================================================================================
     def optimize(self, traj: Trajectories, advantages: torch.Tensor, iteration: int) -> dict[str, float]:
@@ -475,6 +503,8 @@ class Trainer:
         first = 0
         if start not in START_MODES:
             raise ValueError(f"start must be one of {', '.join(START_MODES)}, got {start!r}")
+        if start == "resume":
+            records.require_run(self.out)  # nothing to continue is a mistake, not a silent fresh start
         if start == "resume" and ckpt.latest(root) is not None:
             changed = records.check_resume(self.out)  # before loading anything: a refused resume changes nothing
             first = ckpt.resume(self, root)
@@ -483,8 +513,9 @@ class Trainer:
             if acc.is_main_process:
                 records.truncate_after(self.out, first)
                 records.record_resume(self.out, first, changed)
+                print(records.describe_resume(self.out, first, changed), flush=True)
         else:
-            if start == "resume":  # nothing to continue: whatever records exist belong to iterations to run again
+            if start == "resume":  # a run stopped before its first checkpoint: its records are redone
                 log.warning("--resume: no checkpoint in %s; starting from iteration 0", root)
             elif start == "new":
                 records.refuse_existing_run(self.out)  # on every process alike
@@ -493,6 +524,8 @@ class Trainer:
                 records.prepare_new(self.out)
         if acc.is_main_process:
             (self.out / "config.gin").write_text(gin.operative_config_str() or gin.config_str())
+            if self.launch is not None:
+                records.write_launch(self.out, self.launch)
         acc.wait_for_everyone()
         return first
 

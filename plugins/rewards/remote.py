@@ -14,10 +14,13 @@ Protocol (JSON both ways, images as base64 PNG, never pickle):
 PNG is lossless, and the client sends the 8-bit images that saving the samples would give, which is
 also what every local reward scores: a remote score equals the local one.
 
-The server is Starlette on uvicorn (the ``serve`` extra); the client uses requests. The client
-retries connection errors, timeouts, 5xx answers and malformed replies with exponential backoff, and
-after the last attempt scores that batch NaN with a warning: NaN rewards are masked out of the
-advantages, where a silent 0 would be a strong negative signal.
+The server is Starlette on uvicorn (the ``serve`` extra); the client uses requests. A server it
+cannot reach (a restart, a preempted node) is retried with exponential backoff for
+``RemoteReward.patience`` seconds (10 minutes by default), then the run stops with a checkpoint of
+its last completed iteration and the connection error as the cause. An answer that is the reward's
+own failure (HTTP 500) or malformed is retried ``retries`` times, then that batch scores NaN with a
+warning: NaN rewards are masked out of the advantages, where a silent 0 would be a strong negative
+signal.
 """
 
 from __future__ import annotations
@@ -174,6 +177,10 @@ def serve(reward: Reward, name: str, host: str = "127.0.0.1", port: int = 8700, 
 # -- client -----------------------------------------------------------------------------------------
 
 
+#: HTTP answers of a proxy or load balancer whose reward server is down: the server is unreachable
+UNREACHABLE_STATUS = (502, 503, 504)
+
+
 class RemoteReward(Reward):
     """Scores images with a reward served by ``mixgrpo serve-reward``.
 
@@ -182,34 +189,46 @@ class RemoteReward(Reward):
         reward: the served reward's name; a reply naming another reward counts as malformed (so a
             run never trains on the wrong model). ``None`` accepts any.
         timeout: seconds to wait for one request.
-        retries: further attempts after a failed one (connection error, timeout, 5xx, malformed reply).
+        patience: seconds the client keeps retrying a server it cannot reach (connection refused or
+            reset, a connect timeout, HTTP 502/503/504), waiting ``backoff`` seconds and doubling up to
+            ``max_backoff``; then it raises ``RewardUnavailable`` and the run stops with a checkpoint
+            of its last completed iteration (``mixgrpo train RUN --resume`` continues it). Restart a
+            server within this time and nothing is lost.
+        retries: further attempts after an answer that is an error of the reward itself (HTTP 500),
+            a malformed reply or no reply within ``timeout``; after the last, that batch scores NaN (masked, counted), and a call
+            in which no batch scored raises the server's own error.
         backoff: seconds before the first retry, doubled before each next one.
+        max_backoff: the longest wait between two attempts.
         batch_size: images per request.
     """
 
     name = "remote"
 
-    def __init__(self, url: str | None = None, reward: str | None = None, timeout: float = 120.0, retries: int = 3,
-                 backoff: float = 1.0, batch_size: int = 16) -> None:
+    def __init__(self, url: str | None = None, reward: str | None = None, timeout: float = 120.0,
+                 patience: float = 600.0, retries: int = 3, backoff: float = 1.0, max_backoff: float = 30.0,
+                 batch_size: int = 16) -> None:
         import requests
 
         from mixgrpo.plugins.rewards.models import require_set
 
         require_set(url, f"{type(self).__name__}.url")
+        cls = type(self).__name__
         if not url:
-            raise ValueError(f"{type(self).__name__}.url is not set: bind it to the server that "
-                             f"`mixgrpo serve-reward NAME --port PORT` runs (gin: {type(self).__name__}.url = "
-                             f"'http://host:PORT')")
+            raise ValueError(f"{cls}.url is not set: bind it to the server that `mixgrpo serve-reward NAME --port "
+                             f"PORT` runs (gin: {cls}.url = 'http://host:PORT')")
         if not url.startswith(("http://", "https://")):
-            raise ValueError(f"{type(self).__name__}.url = {url!r} must start with http:// or https://")
-        if timeout <= 0 or retries < 0 or backoff < 0 or batch_size < 1:
-            raise ValueError(f"{type(self).__name__}: need timeout > 0, retries >= 0, backoff >= 0, batch_size >= 1")
+            raise ValueError(f"{cls}.url = {url!r} must start with http:// or https://")
+        if timeout <= 0 or patience < 0 or retries < 0 or backoff < 0 or max_backoff < 0 or batch_size < 1:
+            raise ValueError(f"{cls}: need timeout > 0, patience >= 0, retries >= 0, backoff >= 0, max_backoff >= 0 "
+                             f"and batch_size >= 1 (got timeout={timeout}, patience={patience}, retries={retries}, "
+                             f"backoff={backoff}, max_backoff={max_backoff}, batch_size={batch_size})")
         self.url = url.rstrip("/")
         self.reward = reward if reward is not None else self.reward_default
-        self.timeout, self.retries, self.backoff, self.batch_size = float(timeout), int(retries), float(backoff), \
-            int(batch_size)
+        self.timeout, self.patience, self.retries = float(timeout), float(patience), int(retries)
+        self.backoff, self.max_backoff, self.batch_size = float(backoff), float(max_backoff), int(batch_size)
         self.session = requests.Session()
         self.version: str | None = None  # the server's, once it answered
+        self.last_error: str | None = None  # of the last request that scored nothing
 
     reward_default: str | None = None
 
@@ -227,28 +246,58 @@ class RemoteReward(Reward):
         self.version = str(body.get("version"))
         return torch.tensor([float("nan") if s is None else float(s) for s in scores], dtype=torch.float32)
 
+    def _wait(self, waits: int, remaining: float | None = None) -> None:
+        pause = min(self.backoff * 2 ** min(waits, 30), self.max_backoff)
+        time.sleep(max(0.0, pause if remaining is None else min(pause, remaining)))
+
     def _request(self, payload: dict, n: int) -> torch.Tensor | None:
+        """Scores of one batch, or None (with ``last_error``) when the server answered but could not
+        score it; ``RewardUnavailable`` when it could not be reached for ``patience`` seconds."""
         import requests
 
-        error, attempts = "", 0
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+        from mixgrpo.core.interfaces import RewardUnavailable
+
+        error, attempts, failed_answers, down_since = "", 0, 0, None
+        while True:
+            if attempts:
+                remaining = None if down_since is None else self.patience - (time.monotonic() - down_since)
+                self._wait(attempts - 1, remaining)
             attempts += 1
+            reply = None
             try:
                 reply = self.session.post(f"{self.url}/score", json=payload, timeout=self.timeout)
-            except requests.RequestException as exc:
-                error = f"{type(exc).__name__}: {exc}"
+                unreachable = reply.status_code in UNREACHABLE_STATUS
+                if unreachable:
+                    error = f"HTTP {reply.status_code}: {reply.text[:300]}"
+            except requests.ConnectionError as exc:  # refused, reset, no route, a connect timeout
+                unreachable, error = True, f"{type(exc).__name__}: {exc}"
+            except requests.RequestException as exc:  # a read timeout: the server is there but slow
+                unreachable, error = False, f"{type(exc).__name__}: {exc}"
+            if unreachable:
+                down_since = time.monotonic() if down_since is None else down_since
+                down = time.monotonic() - down_since
+                if down >= self.patience:
+                    raise RewardUnavailable(
+                        f"the reward server {self.url} ({self.reward or 'remote'}) could not be reached for "
+                        f"{down:.0f} s ({attempts} attempts; {type(self).__name__}.patience = {self.patience:g} s): "
+                        f"{error}")
                 continue
-            if reply.status_code != 200:
+            down_since = None
+            if reply is None:
+                pass
+            elif reply.status_code == 200:
+                try:
+                    return self._parse(reply, n)
+                except (ValueError, TypeError) as exc:
+                    error = f"malformed reply: {exc}"
+            else:
                 error = f"HTTP {reply.status_code}: {reply.text[:300]}"
                 if 400 <= reply.status_code < 500:
                     break  # the request itself is wrong: sending it again cannot help
-                continue
-            try:
-                return self._parse(reply, n)
-            except (ValueError, TypeError) as exc:
-                error = f"malformed reply: {exc}"
+            failed_answers += 1
+            if failed_answers > self.retries:
+                break
+        self.last_error = f"{self.url} after {attempts} attempt(s): {error}"
         warnings.warn(f"remote reward {self.reward or ''}@{self.url} failed on {n} images after {attempts} "
                       f"attempt(s) ({error}); they score NaN and are masked out", RuntimeWarning, stacklevel=3)
         return None
@@ -257,11 +306,14 @@ class RemoteReward(Reward):
         prompts = check_batch(images, prompts, type(self).__name__)
         levels = to_uint8_levels(images).cpu()
         scores = torch.full((len(prompts),), float("nan"), dtype=torch.float32)
+        answered = False
         for part in chunks(len(prompts), self.batch_size):
             payload = {"prompts": prompts[part], "images": [encode_png(img) for img in levels[part]]}
             got = self._request(payload, len(payload["prompts"]))
             if got is not None:
-                scores[part] = got
+                scores[part], answered = got, True
+        if not answered and prompts:  # nothing scored: the server's own error is the cause, not "NaN"
+            raise RuntimeError(f"the reward server scored none of {len(prompts)} images: {self.last_error}")
         return scores.to(images.device)
 
 

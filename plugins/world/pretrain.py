@@ -29,8 +29,8 @@ import attrs
 import gin
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from mixgrpo.core.progress import progress_bar
 from mixgrpo.plugins.world.shapes import LEVELS, prompt_of, render_batch, sample_specs, vocabulary
 
 STATE_FILE = "pretrain_state.pt"
@@ -248,11 +248,11 @@ def pretrain(config: PretrainConfig) -> dict:
         if (work / STATE_FILE).is_file():
             trainer.load(torch.load(work / STATE_FILE, weights_only=True))
             print(f"[pretrain] resuming from {work / STATE_FILE} at step {trainer.step}")
-        bar = tqdm(total=c.steps, initial=trainer.step, desc="pretrain", unit="step", disable=not c.progress)
+        bar = progress_bar(total=c.steps, initial=trainer.step, desc="pretrain", unit="step", disable=not c.progress)
         while trainer.step < c.steps:
             loss = trainer.train_step()
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
             if trainer.step % c.checkpoint_every == 0:
                 _save_checkpoint(trainer, work)
             if c.max_minutes is not None and time.perf_counter() - started > 60 * c.max_minutes:

@@ -4,6 +4,7 @@ same noise and σ grid, before and after training; overrides; errors."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -166,9 +167,11 @@ def test_bad_input_is_a_clear_error_and_nothing_is_overwritten(tmp_path, capsys)
         assert_one_line_error(rc, err, needle)
     assert not (tmp_path / "new").exists() or not any((tmp_path / "new").iterdir())
 
-    # a run without checkpoints: the base model only when asked for
+    # a run without checkpoints (every run writes its final one: a run stopped before it): the base
+    # model only when asked for
     config, pm = load_config(gin, ["TrainConfig.iterations = 1"])
     Trainer(config, pm).train()
+    shutil.rmtree(tmp_path / "toy_run" / "checkpoints")
     rc, _, err = run_cli(capsys, "sample", tmp_path / "toy_run", "--prompts", "a red circle", "--out", tmp_path / "r")
     assert_one_line_error(rc, err, "has no checkpoint", "--checkpoint base")
     rc, _, err = run_cli(capsys, "sample", tmp_path / "toy_run", "--prompts", "a red circle", "--checkpoint", "base",

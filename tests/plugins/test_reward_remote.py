@@ -14,7 +14,7 @@ import requests
 import torch
 
 from mixgrpo.core.cli import main
-from mixgrpo.core.interfaces import Reward
+from mixgrpo.core.interfaces import Reward, RewardUnavailable
 from mixgrpo.core.scoring import call_reward
 from mixgrpo.plugins.rewards.models import PickScoreReward
 from mixgrpo.plugins.rewards.remote import (
@@ -91,16 +91,65 @@ def test_batches_of_batch_size(serve):
     assert torch.allclose(scores, levels.mean(dim=(1, 2, 3)), atol=1e-6)
 
 
-def test_server_down_gives_nan_and_a_warning_after_the_retries():
+def _free_port() -> int:
     with socket.socket() as s:  # a port that nothing listens on
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    remote = RemoteReward(url=f"http://127.0.0.1:{port}", retries=2, backoff=0.01, timeout=2)
-    with pytest.warns(RuntimeWarning, match=r"failed on 5 images after 3 attempt\(s\) \(ConnectionError"):
-        scores = remote(IMAGES, PROMPTS[:5])
-    assert scores.isnan().all()  # never a silent 0
-    with pytest.warns(RuntimeWarning):
-        assert call_reward(remote, "remote", IMAGES, PROMPTS[:5]).isnan().all()  # the trainer masks NaN
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_server_is_retried_for_its_patience_then_unavailable():
+    remote = RemoteReward(url=f"http://127.0.0.1:{_free_port()}", patience=0.6, backoff=0.05, timeout=2)
+    start = time.monotonic()
+    with pytest.raises(RewardUnavailable, match=r"could not be reached for 1 s \(\d+ attempts; RemoteReward.patience = "
+                                                 r"0.6 s\): ConnectionError"):
+        remote(IMAGES, PROMPTS[:5])
+    assert 0.6 <= time.monotonic() - start < 3.0
+    errors = {}  # the trainer's view: masked (never a silent 0), the cause kept for the decision to stop
+    with pytest.warns(RuntimeWarning, match="could not be reached"):
+        assert call_reward(remote, "remote", IMAGES, PROMPTS[:5], errors).isnan().all()
+    assert isinstance(errors["remote"], RewardUnavailable)
+
+
+def test_a_server_restarted_within_the_patience_loses_nothing():
+    port = _free_port()
+    started = []
+
+    def restart_later():
+        time.sleep(0.8)
+        started.append(RunningServer(make_app(Recording(brightness), "recording"), host="127.0.0.1", port=port))
+
+    thread = threading.Thread(target=restart_later)
+    thread.start()
+    try:
+        scores = RemoteReward(url=f"http://127.0.0.1:{port}", patience=30, backoff=0.1, max_backoff=0.2)(
+            IMAGES[:3], PROMPTS[:3])
+    finally:
+        thread.join()
+        for server in started:
+            server.stop()
+    levels = (IMAGES[:3].clamp(0, 1) * 255).round() / 255
+    assert torch.allclose(scores, levels.mean(dim=(1, 2, 3)), atol=1e-6)
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_a_gateway_without_its_server_counts_as_unreachable(status):
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    hits = []
+
+    async def score(request):
+        hits.append(1)
+        return Response("upstream down", status_code=status)
+
+    server = RunningServer(Starlette(routes=[Route("/score", score, methods=["POST"])]))
+    try:
+        with pytest.raises(RewardUnavailable, match=f"HTTP {status}: upstream down"):
+            RemoteReward(url=server.url, patience=0.3, backoff=0.05, retries=0)(IMAGES[:2], PROMPTS[:2])
+    finally:
+        server.stop()
+    assert len(hits) >= 3  # retried through the patience, not given up after `retries`
 
 
 def test_slow_server_times_out(serve):
@@ -112,9 +161,9 @@ def test_slow_server_times_out(serve):
     server = serve(reward)
     remote = RemoteReward(url=server.url, timeout=0.25, retries=1, backoff=0.05)
     start = time.monotonic()
-    with pytest.warns(RuntimeWarning, match=r"after 2 attempt\(s\) \(.*(Timeout|timed out)"):
-        scores = remote(IMAGES[:2], PROMPTS[:2])
-    assert scores.isnan().all()
+    with pytest.warns(RuntimeWarning, match=r"after 2 attempt\(s\) \(.*(Timeout|timed out)"), \
+            pytest.raises(RuntimeError, match=r"scored none of 2 images: .*after 2 attempt\(s\): ReadTimeout"):
+        remote(IMAGES[:2], PROMPTS[:2])
     assert time.monotonic() - start < 1.9  # two 0.25 s timeouts and a backoff, not the 2 s the server takes
     time.sleep(1.1)  # let the server's threads finish before it is stopped
     assert len(reward.calls) == 2
@@ -126,9 +175,10 @@ def test_server_error_is_retried_then_masked(serve):
 
     reward = Recording(broken)
     server = serve(reward)
-    with pytest.warns(RuntimeWarning, match=r"after 3 attempt\(s\) \(HTTP 500: .*CUDA out of memory"):
-        scores = RemoteReward(url=server.url, retries=2, backoff=0.01)(IMAGES[:3], PROMPTS[:3])
-    assert scores.isnan().all() and len(reward.calls) == 3
+    with pytest.warns(RuntimeWarning, match=r"after 3 attempt\(s\) \(HTTP 500: .*CUDA out of memory"), \
+            pytest.raises(RuntimeError, match="scored none of 3 images: .*HTTP 500: .*CUDA out of memory"):
+        RemoteReward(url=server.url, retries=2, backoff=0.01)(IMAGES[:3], PROMPTS[:3])
+    assert len(reward.calls) == 3
 
 
 def test_a_transient_failure_is_retried(serve):
@@ -159,17 +209,18 @@ def test_malformed_replies_are_retried_then_masked(serve, reply):
 
     server = RunningServer(Starlette(routes=[Route("/score", score, methods=["POST"])]))
     try:
-        with pytest.warns(RuntimeWarning, match="malformed reply"):
-            scores = RemoteReward(url=server.url, retries=1, backoff=0.01)(IMAGES[:3], PROMPTS[:3])
+        with pytest.warns(RuntimeWarning, match="malformed reply"), pytest.raises(RuntimeError, match="malformed"):
+            RemoteReward(url=server.url, retries=1, backoff=0.01)(IMAGES[:3], PROMPTS[:3])
     finally:
         server.stop()
-    assert scores.isnan().all() and len(hits) == 2
+    assert len(hits) == 2
 
 
 def test_a_server_of_another_reward_is_refused(serve):
     server = serve(Recording(brightness), name="pickscore")
-    with pytest.warns(RuntimeWarning, match="serves reward 'pickscore', not 'hpsv2'"):
-        assert RemoteHPSv2Reward(url=server.url, retries=0)(IMAGES[:2], PROMPTS[:2]).isnan().all()
+    with pytest.warns(RuntimeWarning, match="serves reward 'pickscore', not 'hpsv2'"), \
+            pytest.raises(RuntimeError, match="serves reward 'pickscore', not 'hpsv2'"):
+        RemoteHPSv2Reward(url=server.url, retries=0)(IMAGES[:2], PROMPTS[:2])
 
 
 def test_nan_scores_travel_as_null(serve):
