@@ -56,6 +56,29 @@ def comparison(tmp_path_factory):
     return tmp, report
 
 
+def printed_close(text: str, value: float) -> bool:
+    """Whether a number printed in a report (``0.4410``, ``+2.30e-05``) is ``value`` to the digits shown
+    (one unit of its last digit, for float32 against float64 rounding)."""
+    from decimal import Decimal
+
+    unit = float(Decimal(1).scaleb(Decimal(text.strip().lstrip("+")).as_tuple().exponent))
+    return abs(float(text) - value) <= unit * 1.0001
+
+
+def table_cells(text: str, header_start: str, row_start: str) -> dict[str, str]:
+    """The cells of the row that starts with ``row_start`` in the table whose header starts with
+    ``header_start``, by column name."""
+    lines = text.splitlines()
+    top = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    names = [c.strip() for c in lines[top].strip("|").split("|")]
+    for line in lines[top + 2:]:
+        if not line.startswith("|"):
+            break
+        if line.startswith(row_start):
+            return dict(zip(names, (c.strip() for c in line.strip("|").split("|"))))
+    raise AssertionError(f"no row {row_start!r} in the table {header_start!r}")
+
+
 def _rows(out, label, seed):
     return read_metrics(out / label.replace(" ", "_").replace("=", "_") / f"seed_{seed}" / "metrics.jsonl")
 
@@ -89,12 +112,16 @@ def test_report_table_matches_the_metrics(comparison):
         final = [r[-1]["eval/shapes.preference/mean"] for r in runs]
         sems = [r[-1]["eval/shapes.preference/sem"] for r in runs]
         final_sem = math.sqrt(sum(s * s for s in sems)) / 2
-        row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[1].startswith(f"{sum(base) / 2:.4f} ±")
-        assert cells[2] == f"{sum(final) / 2:.4f} ± {final_sem:.4f}"
+        cells = table_cells(text, "| variant | base |", f"| {label} |")
+        mean_text, sem_text = cells["final"].split(" ± ")
+        assert printed_close(mean_text, sum(final) / 2) and printed_close(sem_text, final_sem), cells
+        assert printed_close(cells["base"].split(" ± ")[0], sum(base) / 2)
+        assert "0.0000" not in cells["base"] + cells["final"]  # toy rewards are ~1e-6: significant digits
         nfe = sum(r["perf/nfe_rollout"] for rows in runs for r in rows[1:]) / 4
-        assert float(cells[7]) == pytest.approx(nfe, abs=0.05)
+        assert float(cells["NFE rollout"]) == pytest.approx(nfe, abs=0.05)
+        for seed, rows in zip((0, 1), runs):  # two training seeds: a row per seed after the variant's
+            seed_cells = table_cells(text, "| variant | base |", f"| {label} · seed {seed} |")
+            assert printed_close(seed_cells["final"].split(" ± ")[0], rows[-1]["eval/shapes.preference/mean"])
         assert (out / f"samples_{folder}.png").is_file() and (out / f"samples_{folder}_base.png").is_file()
 
 
@@ -205,10 +232,10 @@ def test_eval_scores_are_per_image_and_pair_base_with_final(comparison):
         assert got[2] == 6
         gains.append(got[0])
         sems.append(got[1])
-    row = next(line for line in text.splitlines() if line.startswith("| MixGRPO |") and "±" in line
-               and line.count("|") == 6)
-    expected = f"{np.mean(gains):+.4f} ± {np.sqrt(sems[0] ** 2 + sems[1] ** 2) / 2:.4f}"
-    assert expected in row, (expected, row)
+    cells = table_cells(text, "| variant | gain |", "| MixGRPO |")
+    mean_text, sem_text = cells["paired gain ± SE"].split(" ± ")
+    assert printed_close(mean_text, np.mean(gains)), (np.mean(gains), cells)
+    assert printed_close(sem_text, np.sqrt(sems[0] ** 2 + sems[1] ** 2) / 2), cells
 
 
 def test_paired_gain_takes_the_repeat_of_a_resumed_run_and_skips_failed_images(tmp_path):
