@@ -13,8 +13,9 @@ A checkpoint is ``checkpoints/iter_XXXXXX/``:
 Nothing is pickled, and a checkpoint of an FSDP run loads into a one-process run and the other way
 round (the layout does not depend on how the run was spread). It is written to a temporary folder
 and renamed into place, then ``checkpoints/latest`` is replaced atomically, so a crash mid-write
-never leaves a half checkpoint that resume would pick up. Windows, prompts and noise are pure
-functions of (seed, iteration), so the iteration number is all the extra state resume needs.
+never leaves a half checkpoint that resume would pick up; before the rename its files get the mode a
+plain ``open()`` gives (``0o666 & ~umask``). Windows, prompts and noise are pure functions of (seed,
+iteration), so the iteration number is all the extra state resume needs.
 """
 
 from __future__ import annotations
@@ -55,6 +56,30 @@ def _torch_optimizer(trainer: Trainer) -> torch.optim.Optimizer:
 def trainable_names(trainer: Trainer) -> list[str]:
     """Names of the trainable parameters in the unwrapped network, in optimizer order."""
     return [name for name, p in trainer.backbone.unwrapped().named_parameters() if p.requires_grad]
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # elsewhere: set it and put it back
+    os.umask(mask)
+    return mask
+
+
+def share_like_open(root: Path) -> None:
+    """Give ``root`` (a file) or every file under it (a folder) the mode a plain ``open()`` gives a new
+    file, ``0o666 & ~umask`` (0644 under umask 022): safetensors (and so diffusers' and peft's savers)
+    writes its files 0600, which a team sharing a model folder cannot read. Called on a folder before
+    it is renamed into place, so the published files never have another mode."""
+    mode = 0o666 & ~umask()
+    files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    for path in files:
+        os.chmod(path, mode)
 
 
 def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -108,6 +133,7 @@ def save(trainer: Trainer, root: Path, iteration: int, keep_last: int = 0) -> Pa
         state = {"format": FORMAT, "iteration": iteration, "seed": c.seed, "objective": c.objective,
                  "ema_steps": trainer.ema.num_steps if trainer.ema is not None else None}
         (tmp / STATE_FILE).write_text(json.dumps(state))
+        share_like_open(tmp)  # safetensors writes 0600
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -82,16 +82,21 @@ def _train_setup(args: argparse.Namespace):
         records.require_run(run_dir)
         recorded = records.recorded_bindings(run_dir)
         before = records.read_launch(run_dir) or {"config": None, "gin": [], "output": None}
-        pm = parse_gin([], [*recorded, *given, f"TrainConfig.output_dir = {str(run_dir)!r}"])
+        pm = parse_gin([], [*recorded, *given, f"TrainConfig.output_dir = {str(run_dir)!r}"], selected_only=True)
         config = TrainConfig()
         config.validate(pm)
         records.check_resume(run_dir)  # a changed experiment is refused before any model loads
         return config, pm, {**before, "gin": _layered(before["gin"], given)}
     # an experiment file: with the bindings the run was started with, then those given now
-    config, pm = _load(args)
-    records.require_run(Path(config.output_dir))
-    before = records.read_launch(Path(config.output_dir))
+    if args.output:
+        out = Path(args.output)
+    else:
+        config, pm = _load(args)
+        out = Path(config.output_dir)
+    records.require_run(out)
+    before = records.read_launch(out)
     if before is None:  # a run from before launches were recorded: the file and today's bindings
+        config, pm = _load(args)
         records.check_resume(Path(config.output_dir))
         return config, pm, {"config": str(source), "gin": given, "output": args.output}
     output = [f"TrainConfig.output_dir = {args.output!r}"] if args.output else []

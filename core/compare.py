@@ -138,7 +138,8 @@ def _drop_compare_bindings() -> None:
 
 def _train_config(files: Sequence[Path], bindings: Sequence[str], seed: int, run_dir: Path, pm: Any) -> TrainConfig:
     """Parse one (variant, seed) run's gin (its files in order, then the bindings) into a validated config."""
-    parse_gin(files, [*bindings, f"TrainConfig.seed = {seed}", f"TrainConfig.output_dir = '{run_dir}'"], pm)
+    parse_gin(files, [*bindings, f"TrainConfig.seed = {seed}", f"TrainConfig.output_dir = '{run_dir}'"], pm,
+              selected_only=True)  # a variant that switches a component needs none of the other's paths
     _drop_compare_bindings()
     config = TrainConfig()
     config.validate(pm)

@@ -165,6 +165,7 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{field} must be >= 1, got {getattr(self, field)}")
         if not self.rewards:
             raise ValueError("TrainConfig.rewards is empty: name at least one reward to train on")
+        self._validate_optimisation()
         if self.group_size < 2:
             raise ValueError(f"TrainConfig.group_size = {self.group_size}: a group needs at least 2 samples, or every "
                              "advantage is 0 and nothing is learned (the papers use 12 to 24)")
@@ -187,6 +188,46 @@ class TrainConfig:
         if self.parallelism not in PARALLELISMS:
             raise ValueError(f"TrainConfig.parallelism must be one of {', '.join(PARALLELISMS)}, "
                              f"got {self.parallelism!r}")
+
+    def _validate_optimisation(self) -> None:
+        """The optimizer's, the EMA's and the bookkeeping numbers, each refused with its binding and the
+        fix (before any model loads; torch would name neither)."""
+        def refuse(field: str, need: str, fix: str) -> None:
+            raise ValueError(f"TrainConfig.{field} = {getattr(self, field)!r}: {need}; {fix}")
+
+        def number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        if not (number(self.learning_rate) and self.learning_rate > 0):
+            refuse("learning_rate", "the learning rate must be > 0",
+                   'e.g. --gin "TrainConfig.learning_rate = 1e-5" (the papers\' full fine-tuning rate)')
+        if not (number(self.weight_decay) and self.weight_decay >= 0):
+            refuse("weight_decay", "AdamW's weight decay must be >= 0",
+                   'e.g. --gin "TrainConfig.weight_decay = 1e-4" (MixGRPO\'s), or 0 for none')
+        if not (number(self.max_grad_norm) and self.max_grad_norm > 0):
+            refuse("max_grad_norm", "gradients are clipped to this norm, which must be > 0",
+                   'e.g. --gin "TrainConfig.max_grad_norm = 1.0" (the papers\'), or a large number to '
+                   'clip nothing')
+        betas = self.adam_betas
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(number(b) and 0 <= b < 1 for b in betas)):
+            refuse("adam_betas", "AdamW takes two betas, each in [0, 1)",
+                   'e.g. --gin "TrainConfig.adam_betas = (0.9, 0.999)" (AdamW\'s default)')
+        if self.ema_decay is not None and not (number(self.ema_decay) and 0 <= self.ema_decay < 1):
+            refuse("ema_decay", "the moving average's decay must be in [0, 1), or None for no moving average",
+                   'e.g. --gin "TrainConfig.ema_decay = 0.9" (FlowGRPO\'s) or --gin "TrainConfig.ema_decay = None"')
+        for field, what in (("eval_every", "held-out evaluations"), ("sample_every", "sample grids"),
+                            ("checkpoint_every", "checkpoints")):
+            if not (number(getattr(self, field)) and getattr(self, field) >= 0):
+                refuse(field, f"iterations between {what} must be >= 0 (0: none)",
+                       f'e.g. --gin "TrainConfig.{field} = 25", or 0 to turn them off')
+        for field, what in (("eval_prompts", "held-out prompts per evaluation"),
+                            ("eval_seeds", "sampling seeds per held-out prompt"),
+                            ("sample_prompts", "prompts per sample grid")):
+            if not (number(getattr(self, field)) and getattr(self, field) >= 1):
+                refuse(field, f"the number of {what} must be >= 1",
+                       f'e.g. --gin "TrainConfig.{field} = {attrs.fields_dict(TrainConfig)[field].default}" '
+                       f"(the default); turn evaluation or grids off with eval_every / sample_every = 0")
 
 
 class ConfigError(ValueError):
@@ -315,8 +356,13 @@ def _quiet_search_misses() -> Iterator[None]:
 
 
 def parse_gin(config_files: Sequence[str | Path], bindings: Sequence[str] = (), pm: PluginManager | None = None,
-              ) -> PluginManager:
-    """Load plugins, then parse gin files and bindings (cleared first). Returns the plugin manager."""
+              *, selected_only: bool = False) -> PluginManager:
+    """Load plugins, then parse gin files and bindings (cleared first). Returns the plugin manager.
+
+    A ``%gin.REQUIRED`` macro left unbound is an error naming every unbound macro. With
+    ``selected_only`` (a training run's config: ``load_config``) only the macros that the components
+    the parsed ``TrainConfig`` selects use are required (see ``MacroUsage``); without it, all are.
+    """
     pm = pm or get_plugin_manager()
     _extra_configurables()  # import them so that gin files may bind them
     gin.clear_config()
@@ -330,7 +376,8 @@ def parse_gin(config_files: Sequence[str | Path], bindings: Sequence[str] = (), 
     try:
         _harden_gin_readers()
         with _quiet_search_misses():
-            gin.parse_config_files_and_bindings([str(f) for f in config_files], list(bindings))
+            gin.parse_config_files_and_bindings([str(f) for f in config_files], list(bindings),
+                                                finalize_config=False)
     except SyntaxError as exc:  # gin's parser knows the file (or binding), the line and its text
         where = exc.filename if exc.filename and exc.filename != "<string>" else "a --gin binding"
         text = f": {exc.text.strip()!r}" if exc.text else ""
@@ -343,11 +390,34 @@ def parse_gin(config_files: Sequence[str | Path], bindings: Sequence[str] = (), 
     except (ValueError, KeyError, TypeError, OSError) as exc:
         if isinstance(exc, UnknownComponentError):
             raise
-        if "but not subsequently overridden" in str(exc):  # gin names only the first unbound macro
-            check_macros_bound(config_files[-1])
+        raise ConfigError(explain_gin_error(exc, pm)) from None
+    usage = MacroUsage.of_parsed_config(pm) if selected_only else None
+    where = config_files[-1] if config_files else "the --gin bindings"
+    if any(_is_required(_macro_value(name)) for name in unbound_macros(usage)):
+        check_macros_bound(where, usage)  # gin would name only the first; this names them all
+    try:
+        _finalize(usage)
+    except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(explain_gin_error(exc, pm)) from None
     check_scoped_bindings(pm)
     return pm
+
+
+def _finalize(usage: MacroUsage | None) -> None:
+    """``gin.finalize()``; with ``usage``, gin's check for ``%gin.REQUIRED`` values sees only the
+    bindings and macros the run uses (a model path of a component the run does not select may stay
+    unbound)."""
+    hooks = gin.config._FINALIZE_HOOKS
+    check = gin.config.find_missing_overrides_hook
+    if usage is None or check not in hooks:
+        gin.finalize()
+        return
+    index = hooks.index(check)
+    hooks[index] = lambda config: check({key: params for key, params in config.items() if usage.uses(key)})
+    try:
+        gin.finalize()
+    finally:
+        hooks[index] = check
 
 
 def _scoped_bindings() -> Iterator[tuple[str, str, str]]:
@@ -392,22 +462,175 @@ def warn_unused_role_bindings(config: TrainConfig, pm: PluginManager) -> list[st
 
 
 UNSET_PREFIX = "unset:"  # a macro default that must be bound (gin.REQUIRED, where a string is needed)
+_MACRO = "gin.macro"  # the selector of a macro's entry in gin's config: ``(name, "gin.macro")``
 
 
-def unbound_macros() -> list[str]:
-    """Macros of the parsed config still set to ``%gin.REQUIRED`` or to an ``'unset:NAME'`` default."""
+def _owner(selector: str) -> str:
+    """The configurable's name of a gin selector (``mixgrpo.plugins.backbones.flux.FluxBackbone``)."""
+    return selector.rsplit(".", 1)[-1]
+
+
+def _macro_value(name: str) -> Any:
+    return gin.config._CONFIG.get((name, _MACRO), {}).get("value")
+
+
+def _is_required(value: Any) -> bool:
+    return repr(value) == "%gin.REQUIRED"
+
+
+def _is_unbound(value: Any) -> bool:
+    return _is_required(value) or (isinstance(value, str) and value.startswith(UNSET_PREFIX))
+
+
+def _references(value: Any) -> tuple[set[str], set[str]]:
+    """``(macros, configurables)`` a binding's value refers to (``%NAME``, ``@Class`` / ``@Class()``)."""
+    macros, owners = set(), set()
+    for item in gin.config._iterate_flattened_values(value):
+        if isinstance(item, gin.config.ConfigurableReference):
+            if item.selector == _MACRO:
+                macros.add(item.scoped_selector.rsplit("/", 1)[0])
+            elif item.configurable.wrapped is not gin.config._retrieve_constant:  # not %gin.REQUIRED
+                owners.add(_owner(item.selector))
+    return macros, owners
+
+
+class _Unknown:
+    """A value that cannot be known before the run starts (an unbound macro, a ``@Class()`` call)."""
+
+
+def _resolve(value: Any, seen: frozenset[str] = frozenset()) -> Any:
+    """A parsed binding's value with its macros substituted (``_Unknown`` where that cannot be done
+    without calling anything)."""
+    if isinstance(value, gin.config.ConfigurableReference):
+        if value.selector != _MACRO:
+            return _Unknown()
+        name = value.scoped_selector.rsplit("/", 1)[0]
+        if name in seen or (name, _MACRO) not in gin.config._CONFIG:
+            return _Unknown()
+        resolved = _resolve(_macro_value(name), seen | {name})
+        return _Unknown() if _is_unbound(resolved) else resolved
+    if isinstance(value, dict):
+        return {_resolve(k, seen): _resolve(v, seen) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_resolve(v, seen) for v in value)
+    return value
+
+
+def _known(value: Any) -> bool:
+    if isinstance(value, _Unknown):
+        return False
+    if isinstance(value, dict):
+        return all(_known(k) and _known(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_known(v) for v in value)
+    return not _is_unbound(value)
+
+
+_SELECTING = ("backbone", "sde_sampler", "pre_solver", "post_solver", "eval_solver", "schedule", "objective",
+              "prompt_set", "rewards", "eval_rewards")  # the TrainConfig fields that ``components()`` reads
+
+
+@attrs.define
+class MacroUsage:
+    """Which bindings and macros of the parsed gin config a training run uses.
+
+    A binding is used when it belongs to ``TrainConfig``, to a component the config selects
+    (``TrainConfig.components()``: a scoped sampler binding only when its role uses that sampler) or
+    to a configurable that is not a registered component (we cannot tell whether it is called); a
+    registered component the config does not select never is. A macro is used when a used binding
+    refers to it, directly or through other macros. ``selected`` is None when the selection itself
+    cannot be read from the parsed bindings (a component name bound to an unbound macro): then
+    everything counts as used.
+    """
+
+    components: set[str]  # gin names of every registered component
+    selected: set[str] | None  # gin names of the components the config selects
+    roles: dict[str, str]  # sampler role -> gin name of the role's sampler
+    macros: set[str] = attrs.field(factory=set)  # the macros used bindings reach
+
+    @classmethod
+    def of_parsed_config(cls, pm: PluginManager) -> MacroUsage:
+        components = {entry.gin_name for kind in pm.registry.values() for entry in kind.values()}
+        fields = {f.name: f.default for f in attrs.fields(TrainConfig)}
+        fields = {name: d.factory() if isinstance(d, attrs.Factory) else d for name, d in fields.items()}
+        for (scope, selector), params in gin.config._CONFIG.items():
+            if not scope and selector != _MACRO and _owner(selector) == "TrainConfig":
+                fields.update({k: _resolve(v) for k, v in params.items() if k in _SELECTING})
+        usage = cls(components, None, {})
+        if all(_known(fields[name]) for name in _SELECTING):
+            view = _Fields(fields)
+            names = set()
+            for kind, name in TrainConfig.components(view):  # type: ignore[arg-type]
+                entry = pm.registry.get(kind, {}).get(name)
+                if entry is not None:  # an unknown name fails in validate(), naming the known ones
+                    names.add(entry.gin_name)
+            usage.selected = names
+            for role, name in TrainConfig.samplers(view).items():  # type: ignore[arg-type]
+                entry = pm.registry["sampler"].get(name)
+                if entry is not None:
+                    usage.roles[role] = entry.gin_name
+        usage._follow()
+        return usage
+
+    def binding_used(self, scope: str, owner: str) -> bool:
+        if self.selected is None or owner not in self.components:
+            return True
+        if scope in SAMPLER_ROLES and scope in self.roles:
+            return self.roles[scope] == owner
+        return owner in self.selected
+
+    def uses(self, key: tuple[str, str]) -> bool:
+        """Whether the entry ``(scope or macro name, selector)`` of gin's config is used."""
+        scope, selector = key
+        if selector == _MACRO:
+            return scope in self.macros
+        return self.binding_used(scope, _owner(selector))
+
+    def _follow(self) -> None:
+        """Collect the macros that used bindings reach, through other macros too; a ``@Class``
+        reference in a used binding or macro makes ``Class`` used."""
+        while True:  # ends: ``selected`` only grows, within the configurables' names
+            pending: list[str] = []
+            owners: set[str] = set()
+            for (scope, selector), params in gin.config._CONFIG.items():
+                if selector != _MACRO and self.binding_used(scope, _owner(selector)):
+                    for value in params.values():
+                        macros, refs = _references(value)
+                        pending += macros
+                        owners |= refs
+            while pending:
+                name = pending.pop()
+                if name not in self.macros:
+                    self.macros.add(name)
+                    macros, refs = _references(_macro_value(name))
+                    pending += macros
+                    owners |= refs
+            if self.selected is None or owners <= self.selected:
+                return
+            self.selected |= owners
+
+
+class _Fields:
+    """The selecting fields of a TrainConfig read from gin's bindings, for ``TrainConfig.components``."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.__dict__.update(fields)
+
+
+def unbound_macros(usage: MacroUsage | None = None) -> list[str]:
+    """Macros of the parsed config still set to ``%gin.REQUIRED`` or to an ``'unset:NAME'`` default;
+    with ``usage``, only those a binding of the run reaches."""
     names = []
     for (name, selector), params in gin.config._CONFIG.items():
-        value = params.get("value")
-        if selector == "gin.macro" and (repr(value) == "%gin.REQUIRED"
-                                        or (isinstance(value, str) and value.startswith(UNSET_PREFIX))):
+        if selector == _MACRO and _is_unbound(params.get("value")) and (usage is None or name in usage.macros):
             names.append(name)
     return sorted(names)
 
 
-def check_macros_bound(config_file: str | Path) -> None:
-    """All required macros bound, or one error naming every missing one (before any model loads)."""
-    missing = unbound_macros()
+def check_macros_bound(config_file: str | Path, usage: MacroUsage | None = None) -> None:
+    """All required macros bound, or one error naming every missing one (before any model loads);
+    with ``usage``, only the macros the run's components use are required."""
+    missing = unbound_macros(usage)
     if missing:
         example = " ".join(f'--gin "{name} = \'...\'"' for name in missing)
         raise ConfigError(f"{config_file}: {len(missing)} required setting(s) not bound: {', '.join(missing)}. "
@@ -417,10 +640,11 @@ def check_macros_bound(config_file: str | Path) -> None:
 
 def load_config(config_file: str | Path, bindings: Sequence[str] = (), pm: PluginManager | None = None,
                 ) -> tuple[TrainConfig, PluginManager]:
-    """Parse a gin experiment and return its validated ``TrainConfig``; every required macro must
-    be bound (all missing ones are named at once)."""
-    pm = parse_gin([config_file], bindings, pm)
-    check_macros_bound(config_file)
+    """Parse a gin experiment and return its validated ``TrainConfig``. Every required macro that the
+    selected components use must be bound (all missing ones are named at once); the model and
+    reward paths of components the config does not select may stay unbound."""
+    pm = parse_gin([config_file], bindings, pm, selected_only=True)
+    check_macros_bound(config_file, MacroUsage.of_parsed_config(pm))
     try:
         config = TrainConfig()
     except (ValueError, TypeError) as exc:

@@ -14,7 +14,8 @@ A run directory holds ``config.gin`` (the operative config) and ``checkpoints/it
   loads in place of the base model's ``transformer/``.
 
 Every output folder is written beside its destination first and moved into place, so a failed
-export leaves nothing half-written, and an existing non-empty folder is only written into with
+export leaves nothing half-written; its files get the mode a plain ``open()`` gives (``0o666 & ~umask``,
+where safetensors alone would write 0600), and an existing non-empty folder is only written into with
 ``force``.
 """
 
@@ -125,8 +126,10 @@ def resolve_checkpoint(spec: str | None, checkpoints: Path, allow_base: bool = T
         found = ckpt.latest(checkpoints)
         if found is None:
             hint = ", or pass --checkpoint base for the base model" if allow_base else ""
-            raise ExportError(f"{checkpoints.parent} has no checkpoint ({checkpoints / 'latest'} not found): train "
-                              f"with TrainConfig.checkpoint_every > 0{hint}")
+            raise ExportError(f"{checkpoints.parent} has no checkpoint ({checkpoints / 'latest'} not found): a run "
+                              f"writes one after its last iteration and every TrainConfig.checkpoint_every "
+                              f"iterations, so this one stopped before writing any; continue it with "
+                              f"`mixgrpo train {checkpoints.parent} --resume`{hint}")
         return found
     candidates = [Path(spec)]
     if spec.isdigit():
@@ -300,6 +303,7 @@ def export_run(run_dir: str | os.PathLike, to: str | os.PathLike, checkpoint: st
             save_full(backbone, tmp, max_shard_size)
         info = _export_info(opened, cls, lora, out)
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        ckpt.share_like_open(tmp)  # diffusers' savers write safetensors 0600; a shared folder needs umask's
         publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

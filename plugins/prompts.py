@@ -61,9 +61,22 @@ class FilePrompts:
         else:
             cut = max(1, int(len(train) * (1 - eval_fraction)))
             self.train, self.eval = train[:cut], train[cut:]
-        if not self.train or not self.eval:
-            raise ValueError(f"{train_path}: need prompts for both splits (train={len(self.train)}, "
-                             f"eval={len(self.eval)}); add lines or pass eval_path")
+        counts = f"train={len(self.train)}, eval={len(self.eval)}"
+        if not self.train:  # the train file itself is empty, whether or not eval_path is bound
+            raise ValueError(f"FilePrompts.train_path = {train_path!r}: the file holds no prompts (one per line, "
+                             f"blank lines skipped), so the train split is empty ({counts}): need prompts for both "
+                             f"splits; add training prompts to it or bind FilePrompts.train_path to another file")
+        if eval_path is not None and not self.eval:
+            raise ValueError(f"FilePrompts.eval_path = {eval_path!r}: the file holds no prompts (one per line, "
+                             f"blank lines skipped), so the eval split is empty ({counts}): need prompts for both "
+                             f"splits; add held-out prompts to it, or leave FilePrompts.eval_path unbound to hold "
+                             f"out the last FilePrompts.eval_fraction of the train file")
+        if not self.eval:  # no eval file, and nothing of the train file is held out
+            raise_fraction = "raise FilePrompts.eval_fraction, " if len(train) > 1 else ""
+            raise ValueError(f"FilePrompts.train_path = {train_path!r} holds {len(train)} prompt(s), too few to hold "
+                             f"out FilePrompts.eval_fraction = {eval_fraction} of them for evaluation ({counts}): "
+                             f"need prompts for both splits; add lines to it, {raise_fraction}or bind "
+                             f"FilePrompts.eval_path to a file of held-out prompts")
 
     @staticmethod
     def _read(path: str) -> list[str]:

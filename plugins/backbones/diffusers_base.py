@@ -453,12 +453,15 @@ class DiffusersBackbone(TorchBackbone):
         """Write the transformer (LoRA merged in) to ``path`` in diffusers format (safetensors)."""
         from safetensors.torch import save_file
 
+        from mixgrpo.core.checkpoint import share_like_open
+
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         model = self.unwrapped()
         if not hasattr(model, "get_base_model"):
             model.save_pretrained(out, safe_serialization=True)
-            return out
-        model.get_base_model().save_config(out)
-        save_file(merged_state_dict(model), str(out / "diffusion_pytorch_model.safetensors"))
+        else:
+            model.get_base_model().save_config(out)
+            save_file(merged_state_dict(model), str(out / "diffusion_pytorch_model.safetensors"))
+        share_like_open(out)  # safetensors writes 0600; a shared model folder must be readable
         return out

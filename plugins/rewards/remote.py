@@ -195,8 +195,8 @@ class RemoteReward(Reward):
             of its last completed iteration (``mixgrpo train RUN --resume`` continues it). Restart a
             server within this time and nothing is lost.
         retries: further attempts after an answer that is an error of the reward itself (HTTP 500),
-            a malformed reply or no reply within ``timeout``; after the last, that batch scores NaN (masked, counted), and a call
-            in which no batch scored raises the server's own error.
+            a malformed reply or no reply within ``timeout``; after the last, that batch scores NaN
+            (masked, counted), and a call in which no batch scored raises the server's own error.
         backoff: seconds before the first retry, doubled before each next one.
         max_backoff: the longest wait between two attempts.
         batch_size: images per request.

@@ -30,6 +30,7 @@ import gin
 import numpy as np
 import torch
 
+from mixgrpo.core.checkpoint import share_like_open
 from mixgrpo.core.progress import progress_bar
 from mixgrpo.plugins.world.shapes import LEVELS, prompt_of, render_batch, sample_specs, vocabulary
 
@@ -207,6 +208,7 @@ def _export(trainer: _Pretrainer, scratch: Path, output: Path) -> None:
     shutil.copytree(scratch, tmp)
     trainer.ema["transformer"].save_pretrained(tmp / "transformer", safe_serialization=True)
     trainer.ema["text_encoder"].save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    share_like_open(tmp)  # safetensors writes 0600; a shared model folder must be readable
     if output.exists():
         shutil.rmtree(output)
     tmp.replace(output)

@@ -94,6 +94,66 @@ def test_empty_prompt_file(capsys, tmp_path):
     assert rc == 2 and "train.txt" in err and "need prompts" in err
 
 
+@pytest.mark.parametrize("empty", ["train", "eval"])
+def test_an_empty_prompt_file_names_its_own_binding(capsys, tmp_path, empty):
+    """The empty file's binding and path, the split it leaves empty, and a fix for that split (an
+    empty train file is not fixed by an eval file, which is already bound)."""
+    files = {split: tmp_path / f"{split}.txt" for split in ("train", "eval")}
+    for split, path in files.items():
+        path.write_text("\n\n" if split == empty else "a red circle\ntwo blue squares\n")
+    rc, err = train(capsys, MIXGRPO, *TOY, "TrainConfig.prompt_set = 'file'",
+                    f"FilePrompts.train_path = '{files['train']}'", f"FilePrompts.eval_path = '{files['eval']}'",
+                    output=tmp_path / "run")
+    other = "eval" if empty == "train" else "train"
+    assert rc == 2
+    assert f"FilePrompts.{empty}_path = '{files[empty]}'" in err and f"the {empty} split is empty" in err
+    assert f"FilePrompts.{other}_path" not in err and str(files[other]) not in err
+    assert ("train=0, eval=2" if empty == "train" else "train=2, eval=0") in err
+
+
+def test_a_train_file_too_short_to_hold_out_prompts_suggests_an_eval_file(capsys, tmp_path):
+    (tmp_path / "train.txt").write_text("a red circle\n")
+    rc, err = train(capsys, MIXGRPO, *TOY, "TrainConfig.prompt_set = 'file'",
+                    f"FilePrompts.train_path = '{tmp_path / 'train.txt'}'", output=tmp_path / "run")
+    assert rc == 2 and f"FilePrompts.train_path = '{tmp_path / 'train.txt'}' holds 1 prompt(s)" in err
+    assert "train=1, eval=0" in err and "bind FilePrompts.eval_path" in err
+
+
+@pytest.mark.parametrize("binding, named", [
+    ("TrainConfig.learning_rate = -1e-3", "TrainConfig.learning_rate = -0.001: the learning rate must be > 0"),
+    ("TrainConfig.learning_rate = 0", "TrainConfig.learning_rate = 0: the learning rate must be > 0"),
+    ("TrainConfig.weight_decay = -0.1", "TrainConfig.weight_decay = -0.1: AdamW's weight decay must be >= 0"),
+    ("TrainConfig.max_grad_norm = 0.0", "TrainConfig.max_grad_norm = 0.0: gradients are clipped"),
+    ("TrainConfig.adam_betas = (0.9, 1.0)", "TrainConfig.adam_betas = (0.9, 1.0): AdamW takes two betas"),
+    ("TrainConfig.adam_betas = (-0.1, 0.999)", "TrainConfig.adam_betas = (-0.1, 0.999)"),
+    ("TrainConfig.ema_decay = 1.0", "TrainConfig.ema_decay = 1.0: the moving average's decay must be in [0, 1)"),
+    ("TrainConfig.eval_every = -1", "TrainConfig.eval_every = -1: iterations between held-out evaluations"),
+    ("TrainConfig.sample_every = -5", "TrainConfig.sample_every = -5: iterations between sample grids"),
+    ("TrainConfig.checkpoint_every = -1", "TrainConfig.checkpoint_every = -1: iterations between checkpoints"),
+    ("TrainConfig.eval_prompts = 0", "TrainConfig.eval_prompts = 0: the number of held-out prompts"),
+    ("TrainConfig.eval_seeds = 0", "TrainConfig.eval_seeds = 0: the number of sampling seeds"),
+    ("TrainConfig.sample_prompts = 0", "TrainConfig.sample_prompts = 0: the number of prompts per sample grid"),
+])
+def test_optimizer_and_bookkeeping_numbers_are_refused_naming_the_binding(capsys, tmp_path, binding, named):
+    out = tmp_path / "run"
+    rc = main(["train", str(ROOT / "experiments" / "runs" / "toy_smoke.gin"), "--output", str(out), "--gin", binding])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert named in err
+    field = binding.split("=")[0].strip()
+    assert f'--gin "{field} = ' in err  # the fix, as a line to type
+    assert not out.exists()  # refused before the run directory is made, before any model loads
+
+
+@pytest.mark.parametrize("binding", ["TrainConfig.ema_decay = None", "TrainConfig.ema_decay = 0.0",
+                                     "TrainConfig.weight_decay = 0.0", "TrainConfig.eval_every = 0",
+                                     "TrainConfig.adam_betas = (0.0, 0.0)", "TrainConfig.max_grad_norm = 1e9"])
+def test_the_edges_of_the_optimizer_ranges_are_accepted(binding):
+    from mixgrpo.core.config import load_config
+
+    load_config(ROOT / "experiments" / "runs" / "toy_smoke.gin", [binding])
+
+
 def test_a_gin_file_anywhere_includes_the_shipped_presets(capsys, tmp_path):
     mine = tmp_path / "elsewhere" / "my_experiment.gin"
     mine.parent.mkdir()

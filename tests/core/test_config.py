@@ -140,3 +140,63 @@ def test_every_unbound_required_macro_is_named_at_once_before_anything_loads():
     for name in ("PROMPTS_TRAIN", "PROMPTS_TEST", "HPS_CHECKPOINT", "PICKSCORE_PATH", "IMAGEREWARD_CHECKPOINT"):
         assert name in message
     assert "FLUX_PATH" not in message.split("not bound:")[1].split(".")[0]  # the bound one is not listed
+
+
+# -- required macros follow the components the config selects --------------------------------------
+FLUX_RECIPE = ROOT / "experiments" / "flux_mixgrpo.gin"
+REWARD_PATHS = ("HPS_CHECKPOINT", "PICKSCORE_PATH", "IMAGEREWARD_CHECKPOINT", "IMAGEREWARD_MED_CONFIG",
+                "BERT_TOKENIZER_PATH")
+WEIGHT_FREE = "TrainConfig.rewards = {'shapes.preference': 1.0}"  # a reward that needs no checkpoint
+
+
+def missing_macros(config_file, bindings) -> list[str]:
+    """The macros the one error of ``load_config`` names as not bound."""
+    with pytest.raises(ConfigError) as err:
+        load_config(config_file, bindings)
+    return str(err.value).split("not bound: ")[1].split(". ")[0].split(", ")
+
+
+def test_the_flux_recipe_with_other_rewards_needs_no_reward_paths_but_still_the_model_path():
+    assert missing_macros(FLUX_RECIPE, [WEIGHT_FREE]) == ["FLUX_PATH", "PROMPTS_TEST", "PROMPTS_TRAIN"]
+    assert missing_macros(FLUX_RECIPE, []) == sorted(["FLUX_PATH", "PROMPTS_TEST", "PROMPTS_TRAIN", *REWARD_PATHS])
+    cfg, _ = load_config(FLUX_RECIPE, [WEIGHT_FREE, *DUMMY_MACROS])  # every reward path left unbound
+    assert (cfg.backbone, cfg.rewards) == ("flux", {"shapes.preference": 1.0})
+
+
+def test_required_macros_follow_each_selected_component():
+    # one model reward kept, as trained or held-out reward: only its own paths
+    assert missing_macros(FLUX_RECIPE, ["TrainConfig.rewards = {'hpsv2': 1.0}", *DUMMY_MACROS]) == ["HPS_CHECKPOINT"]
+    assert missing_macros(FLUX_RECIPE, [WEIGHT_FREE, "TrainConfig.eval_rewards = ('pickscore',)", *DUMMY_MACROS]
+                          ) == ["PICKSCORE_PATH"]
+    # another backbone and prompt set: FLUX_PATH and the prompt files (%gin.REQUIRED) are not needed
+    others = ["TrainConfig.backbone = 'toy'", "TrainConfig.prompt_set = 'shapes'"]
+    cfg, _ = load_config(FLUX_RECIPE, [WEIGHT_FREE, *others])
+    assert (cfg.backbone, cfg.prompt_set) == ("toy", "shapes")
+    # the model path still required once the backbone is selected again, whatever selects it
+    assert missing_macros(FLUX_RECIPE, [WEIGHT_FREE, "TrainConfig.prompt_set = 'shapes'"]) == ["FLUX_PATH"]
+
+
+def test_required_macros_are_followed_through_macros_and_unknown_selections_require_all(tmp_path):
+    toy = ROOT / "experiments" / "runs" / "toy_smoke.gin"
+    chain = ["ROOT_DIR = 'unset:ROOT_DIR'", "HPS_FILE = %ROOT_DIR", "HPSv2Reward.checkpoint = %HPS_FILE",
+             "SD3_DIR = %gin.REQUIRED", "SD3Backbone.path = %SD3_DIR"]
+    cfg, _ = load_config(toy, chain)  # neither hpsv2 nor sd3 selected
+    assert cfg.backbone == "toy"
+    assert missing_macros(toy, [*chain, "TrainConfig.eval_rewards = ('hpsv2',)"]) == ["ROOT_DIR"]
+    # a macro on TrainConfig itself, or on a configurable that is not a registered component, stays required
+    assert missing_macros(toy, ["OUT = 'unset:OUT'", "TrainConfig.output_dir = %OUT"]) == ["OUT"]
+    assert missing_macros(toy, ["CMP = %gin.REQUIRED", "CompareConfig.output_dir = %CMP"]) == ["CMP"]
+    # a scoped sampler binding counts only where its role uses that sampler
+    scoped = ["ORDER = 'unset:ORDER'", "post/DPMSolverPP.order = %ORDER"]
+    load_config(toy, scoped)  # post_solver is euler
+    assert missing_macros(toy, [*scoped, "TrainConfig.post_solver = 'dpmsolver++'"]) == ["ORDER"]
+    # the selection itself unbound: every component's macros are named, the selection's too
+    unknown = ["REWARDS = %gin.REQUIRED", "TrainConfig.rewards = %REWARDS", *chain]
+    assert missing_macros(toy, unknown) == ["REWARDS", "ROOT_DIR", "SD3_DIR"]
+
+
+def test_parse_gin_alone_still_requires_every_required_macro():
+    # serve-reward, pretrain and compare parse without a training selection: nothing is dropped
+    with pytest.raises(ConfigError, match="not bound: SD3_DIR"):
+        parse_gin([ROOT / "experiments" / "runs" / "toy_smoke.gin"],
+                  ["SD3_DIR = %gin.REQUIRED", "SD3Backbone.path = %SD3_DIR"])

@@ -327,6 +327,7 @@ def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
 
 def test_exporting_a_run_without_checkpoints_is_a_clear_error(tmp_path, capsys, flux_dir):
     train_run(tmp_path / "run", "flux", flux_dir, True, "TrainConfig.checkpoint_every = 0")
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # every finished run keeps its last: one that stopped before
     rc, _, err = run_cli(capsys, "export", tmp_path / "run", "--to", tmp_path / "out")
     assert_one_line_error(rc, err, "has no checkpoint", "checkpoint_every")
     assert "--checkpoint base" not in err  # the base model is not an export

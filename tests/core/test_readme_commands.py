@@ -124,7 +124,7 @@ def test_readme_flux_command_trains_from_a_local_snapshot(local, tmp_path):
     args = substitute(args, paths) + sum((["--gin", b] for b in structure + sizes), [])
     run = tmp_path / "run"
     out = train(tmp_path, args, run)
-    assert f"run directory: {run}  (2 iterations)" in out.stdout
+    assert f"run directory: {run}  (at iteration 2 of 2; 2 trained)" in out.stdout
     check_run(run, ["hpsv2", "pickscore", "imagereward"])
     # the summary names each trained reward's last value, and nothing else as a last-iteration value
     last = [line.split(" = ")[0].strip() for line in out.stdout.splitlines() if line.endswith("(last iteration)")]
@@ -146,5 +146,5 @@ def test_readme_sd3_command_trains_from_a_local_snapshot(local, tmp_path):
     args = substitute(args, paths) + sum((["--gin", b] for b in sizes), [])
     run = tmp_path / "run"
     out = train(tmp_path, args, run)
-    assert f"run directory: {run}  (2 iterations)" in out.stdout
+    assert f"run directory: {run}  (at iteration 2 of 2; 2 trained)" in out.stdout
     check_run(run, ["pickscore"])
