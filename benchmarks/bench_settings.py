@@ -1,0 +1,141 @@
+"""What one benchmark invocation is: the method presets, the backbones, and ``Run``, the settings
+shared by every measurement of an invocation together with the gin bindings they make.
+
+Part of ``benchmarks/iteration_time.py`` (the entry point); see docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import architectures  # benchmarks/architectures.py
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+METHODS = ["flowgrpo", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star"]
+REFERENCE = "dancegrpo"
+REAL = tuple(architectures.ARCHS)  # flux-dev, sd35-medium
+BACKBONES = ("toy", "shapes", *REAL)
+# LoRA ranks on one GPU: 64 for FLUX (a single-GPU FLUX set-up), 32 for SD3.5-M (FlowGRPO's).
+LORA_RANK = {"flux-dev": 64, "sd35-medium": 32}
+DEFAULT_SWEEPS = {
+    "toy": {"steps": "10,25,40", "group": "2,4,8", "res": "", "window": "0,10,21"},
+    "shapes": {"steps": "10,25,40", "group": "2,4,8", "res": "", "window": "0,5,10,21"},
+    "flux-dev": {"steps": "10,25,40", "group": "2,4,8", "res": "512,720,1024", "window": "0,21"},
+    "sd35-medium": {"steps": "10,25,40", "group": "2,4,8", "res": "256,512,768", "window": "0,21"},
+}
+TINY_SWEEPS = {"steps": "12,25", "group": "2,3", "res": "32,48", "window": "0,21"}
+PRESET_WINDOW = 4  # the window size of every MixGRPO preset (experiments/methods/)
+MOVING_WINDOW = ("mixgrpo", "mixgrpo_flash")  # the presets whose window moves (progressive)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The command-line flags a Run keeps as they are (argparse's names for them).
+_KEPT_FLAGS = ("backbone", "tiny", "steps", "group_size", "prompts", "warmup", "at_iteration", "iterations",
+               "gradient_checkpointing", "attention_backend", "compile", "overlap_rewards", "methods")
+
+
+class Run:
+    """The settings shared by every measurement of one invocation, and the gin bindings they make."""
+
+    backbone: str
+    tiny: bool
+    steps: int
+    group_size: int
+    prompts: int
+    warmup: int
+    at_iteration: int
+    iterations: int
+    gradient_checkpointing: bool
+    attention_backend: str | None
+    compile: str
+    overlap_rewards: bool
+    methods: list[str]
+
+    def __init__(self, args: argparse.Namespace, model_dir: Path | None) -> None:
+        for name in _KEPT_FLAGS:
+            setattr(self, name, getattr(args, name))
+        self.device = torch.device(args.device)
+        self.model_dir = model_dir
+        self.real = self.backbone in REAL
+        self.arch = architectures.load_arch(self.backbone, tiny=self.tiny) if self.real else None
+        default_size = architectures.TINY_SIZE if self.tiny else architectures.DEFAULT_SIZE.get(self.backbone)
+        self.size = args.size or default_size
+        self.dtype = args.dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
+        default_rank = 4 if self.tiny else LORA_RANK.get(self.backbone, 0)
+        self.lora_rank = args.lora_rank if args.lora_rank is not None else default_rank
+        self.rollout_batch = args.rollout_batch_size
+        self.micro_batch = args.micro_batch_size
+        self.share_prefix = not args.no_share_prefix
+
+    def bindings(self, out: str, steps: int | None = None, group_size: int | None = None,
+                 size: int | None = None, method: str | None = None) -> list[str]:
+        """The bindings after ``method``'s preset. The shapes world's file brings its model, and
+        also its demo's window schedule (shifted every 10 iterations, for a 40-iteration run); the
+        preset is read again after it so that every backbone times the presets' own schedules."""
+        steps, group_size, size = steps or self.steps, group_size or self.group_size, size or self.size
+        common = [
+            f"TrainConfig.num_steps = {steps}", f"TrainConfig.group_size = {group_size}",
+            f"TrainConfig.prompts_per_iteration = {self.prompts}", "TrainConfig.prompt_set = 'shapes'",
+            "TrainConfig.rewards = {'shapes.preference': 1.0}", "TrainConfig.eval_rewards = ()",
+            "TrainConfig.eval_every = 0", "TrainConfig.sample_every = 0", "TrainConfig.checkpoint_every = 0",
+            "TrainConfig.tensorboard = False", "TrainConfig.progress = False", f"TrainConfig.output_dir = '{out}'",
+            "TrainConfig.num_minibatches = 1", f"TrainConfig.overlap_rewards = {self.overlap_rewards}",
+            f"TrainConfig.share_prefix = {self.share_prefix}",
+            "FlowGRPO.kl_beta = 0.0",  # the FLUX recipes compared in the paper train without KL
+        ]
+        batches = []
+        if self.rollout_batch:
+            batches.append(f"TrainConfig.rollout_batch_size = {self.rollout_batch}")
+        if self.micro_batch:
+            batches.append(f"TrainConfig.micro_batch_size = {self.micro_batch}")
+        if self.backbone == "toy":
+            return ["TrainConfig.backbone = 'toy'", "ToyBackbone.size = 16", "ToyBackbone.hidden = 32",
+                    *common, *batches]
+        if self.backbone == "shapes":
+            preset = [f"include '{ROOT / 'experiments/methods' / method}.gin'"] if method else []
+            return [f"include '{ROOT / 'experiments/shapes/world.gin'}'", *preset, *common, *batches,
+                    *self.speed_bindings("FluxBackbone")]
+        if not self.rollout_batch:
+            batches.append("TrainConfig.rollout_batch_size = 4")
+        if not self.micro_batch:
+            batches.append("TrainConfig.micro_batch_size = 2")
+        return [*self.real_backbone_bindings(size), *common, *batches]
+
+    def real_backbone_bindings(self, size: int) -> list[str]:
+        """The real architectures: their backbone's gin file, the benchmark's model folder, and the
+        backbone's dtype, image side, LoRA and speed options."""
+        if self.arch["backbone"] == "flux":
+            cls = "FluxBackbone"
+            head = [f"include '{ROOT / 'experiments/backbones/flux.gin'}'", f"FLUX_PATH = '{self.model_dir}'"]
+        else:
+            cls = "SD3Backbone"
+            head = [f"include '{ROOT / 'experiments/backbones/sd3.gin'}'", f"SD3_PATH = '{self.model_dir}'"]
+        backbone = [
+            f"{cls}.dtype = '{self.dtype}'", f"{cls}.height = {size}", f"{cls}.width = {size}",
+            f"{cls}.lora_rank = {self.lora_rank}",
+            f"{cls}.lora_alpha = {2 * self.lora_rank if self.lora_rank else None}",
+            f"{cls}.gradient_checkpointing = {self.gradient_checkpointing}", f"{cls}.device = '{self.device}'",
+        ]
+        if self.tiny:  # the real lengths come from the backbone's gin file (FLUX 512, SD3.5 128)
+            backbone.append(f"{cls}.max_sequence_length = {self.arch['text']['max_sequence_length']}")
+        return [*head, *backbone, *self.speed_bindings(cls)]
+
+    def speed_bindings(self, cls: str) -> list[str]:
+        """The backbone's speed options (docs/benchmarks.md): diffusers' attention backend, torch.compile."""
+        out = [f"{cls}.compile = '{self.compile}'"]
+        if self.attention_backend:
+            out.append(f"{cls}.attention_backend = '{self.attention_backend}'")
+        return out
+
+    @contextlib.contextmanager
+    def building(self) -> Iterator[None]:
+        """Real architectures: components load with random weights on the target device."""
+        if not self.real:
+            yield
+            return
+        with architectures.random_weights(self.model_dir, self.device, DTYPES[self.dtype]):
+            yield
