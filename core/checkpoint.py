@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mixgrpo.core.parallel import full_tensor, is_sharded
+from mixgrpo.core.records import ITERATION_GLOB, iteration_name
 
 if TYPE_CHECKING:
     from mixgrpo.core.trainer import Trainer
@@ -105,8 +106,8 @@ def save(trainer: Trainer, root: Path, iteration: int, keep_last: int = 0) -> Pa
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     acc = trainer.accelerator
-    final = root / f"iter_{iteration:06d}"
-    tmp = root / f".tmp_iter_{iteration:06d}"
+    final = root / iteration_name(iteration)
+    tmp = root / f".tmp_{iteration_name(iteration)}"
     if acc.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -150,7 +151,7 @@ def prune(root: Path, keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` complete checkpoints (and stale temporary folders
     of interrupted writes); the one ``latest`` points to is always kept. Returns the deleted ones."""
     current = latest(root)
-    done = sorted(p for p in root.glob("iter_*") if (p / STATE_FILE).is_file())
+    done = sorted(p for p in root.glob(ITERATION_GLOB) if (p / STATE_FILE).is_file())
     deleted = [p for p in done[:-keep_last] if p != current]
     deleted += list(root.glob(".tmp_iter_*"))  # a write that never completed (save renames its own)
     for path in deleted:

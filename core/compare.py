@@ -35,7 +35,8 @@ import attrs
 import gin
 
 from mixgrpo.core import records
-from mixgrpo.core.config import ConfigError, TrainConfig, _search_paths, parse_gin
+from mixgrpo.core.config import ConfigError, TrainConfig, parse_gin
+from mixgrpo.core.gin_files import _search_paths
 from mixgrpo.core.plugins import get_plugin_manager
 from mixgrpo.core.report import slug
 

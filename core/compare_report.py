@@ -26,9 +26,9 @@ import matplotlib
 matplotlib.use("Agg")
 import json  # noqa: E402
 
-import matplotlib.pyplot as plt  # noqa: E402
-
 from mixgrpo.core import metrics  # noqa: E402
+from mixgrpo.core.compare_plots import plot_curves  # noqa: E402
+from mixgrpo.core.records import ITERATION_GLOB  # noqa: E402
 from mixgrpo.core.report import EVAL_SCORES, slug  # noqa: E402
 
 RESULTS = "results.json"
@@ -251,52 +251,6 @@ def predicted_ratios(table: dict[str, dict], reference: str) -> dict[str, tuple[
 
 # -- the figure -----------------------------------------------------------------------------------
 
-def _plot(table: dict[str, dict], metric: str, path: Path) -> None:
-    """Reward against iterations, wall-clock and NFE. One seed: its curve ± the evaluation SE.
-    Several: the mean over seeds, a band of ± SE over seeds, and each seed as a thin line."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    several = False
-    for i, (label, row) in enumerate(table.items()):
-        curves = [c for c in row["curves"] if c]
-        if not curves:
-            continue
-        color = f"C{i % 10}"
-        n = min(len(c) for c in curves)
-        columns = [[c[k] for c in curves] for k in range(n)]
-        xs_iter = [points[0][0] for points in columns]
-        xs_wall = [mean(p[3] for p in points) for points in columns]
-        xs_nfe = [mean(p[4] for p in points) for points in columns]
-        if len(curves) > 1:
-            several = True
-            ys = [mean(p[1] for p in points) for points in columns]
-            es = [stdev(p[1] for p in points) / math.sqrt(len(points)) for points in columns]
-            for c in curves:
-                for ax, x in zip(axes, (0, 3, 4)):
-                    ax.plot([p[x] for p in c[:n]], [p[1] for p in c[:n]], color=color, lw=0.7, alpha=0.45)
-        else:
-            ys, es = [p[0][1] for p in columns], [p[0][2] for p in columns]
-        for ax, xs in zip(axes, (xs_iter, xs_wall, xs_nfe)):
-            ax.plot(xs, ys, marker="o", ms=3, color=color, label=f"{label} ({len(curves)} seeds)" if len(curves) > 1
-                    else label)
-            ax.fill_between(xs, [y - e for y, e in zip(ys, es)], [y + e for y, e in zip(ys, es)], color=color,
-                            alpha=0.15)
-    for ax, xlabel in zip(axes, ("iteration", "training wall-clock (s)", "model calls per sample (cumulative)")):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"held-out {metric}" if metric else "held-out reward")
-        ax.grid(alpha=0.3)
-    if any(row["curves"] for row in table.values()):
-        axes[0].legend(fontsize=8)
-    else:
-        axes[0].text(0.5, 0.5, "no held-out evaluation", ha="center", va="center", transform=axes[0].transAxes)
-    single = any(len(row["curves"]) == 1 for row in table.values())
-    fig.suptitle(f"held-out {metric}: mean over training seeds, band ± SE over seeds, thin lines each seed"
-                 + (" (one seed: ± SE over evaluation prompts and seeds)" if single else "") if several else
-                 f"held-out {metric} (mean ± SE over evaluation prompts and seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # -- report.md and results.json -------------------------------------------------------------------
 
 def _number(value: float | None, spec: str) -> str:
@@ -431,7 +385,7 @@ def write_report(out: Path, runs: dict[str, list[Path]], metric: str | None = No
     metric, table = summarize(runs, metric)
     if not table:
         raise ValueError(f"no runs with records under {out}: nothing to report")
-    _plot(table, metric, out / "reward_curves.png")
+    plot_curves(table, metric, out / "reward_curves.png")
     (out / RESULTS).write_text(json.dumps(results_json(table, metric, out), indent=1) + "\n")
     timed = [k for k in table if table[k]["iteration_s"] is not None]
     reference = next((k for k in timed if "dance" in k.lower()), timed[0] if timed else next(iter(table)))
@@ -479,7 +433,7 @@ def write_report(out: Path, runs: dict[str, list[Path]], metric: str | None = No
         lines += [f"| {label} | {p:.2f} | {m:.2f} |" for label, (p, m) in ratios.items()]
     lines += ["", "## Reward curves", "", "![held-out reward](reward_curves.png)", "", "## Samples (final)", ""]
     for label, dirs in runs.items():
-        grids = next((g for d in dirs if (g := sorted((d / "samples").glob("iter_*.png")))), [])
+        grids = next((g for d in dirs if (g := sorted((d / "samples").glob(f"{ITERATION_GLOB}.png")))), [])
         if grids:
             name = f"samples_{slug(label)}.png"
             shutil.copyfile(grids[-1], out / name)

@@ -8,7 +8,6 @@ list of valid choices.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import inspect
 import logging
@@ -21,6 +20,16 @@ from typing import Any
 import attrs
 import gin
 
+from mixgrpo.core.gin_files import _harden_gin_readers, _quiet_search_misses, _search_paths
+from mixgrpo.core.macros import (
+    UNSET_PREFIX,
+    MacroUsage,
+    _finalize,
+    _is_required,
+    _macro_value,
+    check_macros_bound,
+    unbound_macros,
+)
 from mixgrpo.core.parallel import PARALLELISMS
 from mixgrpo.core.plugins import (
     SAMPLER_ROLES,
@@ -234,41 +243,6 @@ class ConfigError(ValueError):
     """A gin file or binding that cannot be applied; the message says what is valid."""
 
 
-_INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""", re.MULTILINE)
-
-
-def _search_paths(config: Path, _seen: set[Path] | None = None) -> list[Path]:
-    """Where gin looks for this config's ``include``s: the folder of the file and the nearest
-    ``experiments/`` folder above it, for the file itself and, recursively, for every file it
-    includes by an absolute path, and last the presets installed with the package (so a gin file
-    anywhere on disk may ``include 'methods/mixgrpo.gin'``)."""
-    paths = _local_search_paths(config, _seen)
-    from mixgrpo.experiments import PRESETS
-
-    return paths if PRESETS in paths else [*paths, PRESETS]
-
-
-def _local_search_paths(config: Path, _seen: set[Path] | None = None) -> list[Path]:
-    seen = set() if _seen is None else _seen
-    config = config.resolve()
-    if config in seen:
-        return []
-    seen.add(config)
-    paths = [config.parent]
-    for parent in config.parents:
-        if parent.name == "experiments":
-            paths.append(parent)
-            break
-    if config.is_file():
-        for name in _INCLUDE.findall(config.read_text()):
-            target = Path(name)
-            if not target.is_absolute():
-                target = next((p / name for p in paths if (p / name).is_file()), target)
-            if target.is_file():
-                paths += [p for p in _local_search_paths(target, seen) if p not in paths]
-    return paths
-
-
 def _configurable_names(pm: PluginManager) -> dict[str, Any]:
     names: dict[str, Any] = {"TrainConfig": TrainConfig}
     for kind in pm.registry:
@@ -317,44 +291,6 @@ def _parameters(factory: Any) -> list[str]:
     return [p for p in inspect.signature(target).parameters if p not in ("self", "args", "kwargs")]
 
 
-def _tolerant(exists: Any) -> Any:
-    def check(path: str) -> bool:
-        try:
-            return bool(exists(path))
-        except (TypeError, ValueError, ImportError, AttributeError):
-            return False
-
-    check._mixgrpo_tolerant = True  # type: ignore[attr-defined]
-    return check
-
-
-def _harden_gin_readers() -> None:
-    """gin's second file reader treats the head of a relative include (``runs/x.gin``) as a Python
-    package; a directory of that name in the working directory (``runs/`` is where every run writes)
-    imports as a namespace package without a file, and gin crashes with ``TypeError: expected str ...
-    not NoneType`` instead of trying the next search path. Make every existence check answer False
-    when it cannot tell."""
-    readers = gin.config._FILE_READERS
-    for i, (reader, exists) in enumerate(readers):
-        if not getattr(exists, "_mixgrpo_tolerant", False):
-            readers[i] = (reader, _tolerant(exists))
-
-
-@contextlib.contextmanager
-def _quiet_search_misses() -> Iterator[None]:
-    """gin logs an ERROR for every search path an ``include`` is not found in before the one it
-    is found in; those misses are expected, and a file found nowhere still raises."""
-    def drop(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Path not found")
-
-    root = logging.getLogger()
-    root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
-
-
 def parse_gin(config_files: Sequence[str | Path], bindings: Sequence[str] = (), pm: PluginManager | None = None,
               *, selected_only: bool = False) -> PluginManager:
     """Load plugins, then parse gin files and bindings (cleared first). Returns the plugin manager.
@@ -391,7 +327,7 @@ def parse_gin(config_files: Sequence[str | Path], bindings: Sequence[str] = (), 
         if isinstance(exc, UnknownComponentError):
             raise
         raise ConfigError(explain_gin_error(exc, pm)) from None
-    usage = MacroUsage.of_parsed_config(pm) if selected_only else None
+    usage = MacroUsage.of_parsed_config(pm, TrainConfig) if selected_only else None
     where = config_files[-1] if config_files else "the --gin bindings"
     if any(_is_required(_macro_value(name)) for name in unbound_macros(usage)):
         check_macros_bound(where, usage)  # gin would name only the first; this names them all
@@ -401,23 +337,6 @@ def parse_gin(config_files: Sequence[str | Path], bindings: Sequence[str] = (), 
         raise ConfigError(explain_gin_error(exc, pm)) from None
     check_scoped_bindings(pm)
     return pm
-
-
-def _finalize(usage: MacroUsage | None) -> None:
-    """``gin.finalize()``; with ``usage``, gin's check for ``%gin.REQUIRED`` values sees only the
-    bindings and macros the run uses (a model path of a component the run does not select may stay
-    unbound)."""
-    hooks = gin.config._FINALIZE_HOOKS
-    check = gin.config.find_missing_overrides_hook
-    if usage is None or check not in hooks:
-        gin.finalize()
-        return
-    index = hooks.index(check)
-    hooks[index] = lambda config: check({key: params for key, params in config.items() if usage.uses(key)})
-    try:
-        gin.finalize()
-    finally:
-        hooks[index] = check
 
 
 def _scoped_bindings() -> Iterator[tuple[str, str, str]]:
@@ -461,190 +380,13 @@ def warn_unused_role_bindings(config: TrainConfig, pm: PluginManager) -> list[st
     return unused
 
 
-UNSET_PREFIX = "unset:"  # a macro default that must be bound (gin.REQUIRED, where a string is needed)
-_MACRO = "gin.macro"  # the selector of a macro's entry in gin's config: ``(name, "gin.macro")``
-
-
-def _owner(selector: str) -> str:
-    """The configurable's name of a gin selector (``mixgrpo.plugins.backbones.flux.FluxBackbone``)."""
-    return selector.rsplit(".", 1)[-1]
-
-
-def _macro_value(name: str) -> Any:
-    return gin.config._CONFIG.get((name, _MACRO), {}).get("value")
-
-
-def _is_required(value: Any) -> bool:
-    return repr(value) == "%gin.REQUIRED"
-
-
-def _is_unbound(value: Any) -> bool:
-    return _is_required(value) or (isinstance(value, str) and value.startswith(UNSET_PREFIX))
-
-
-def _references(value: Any) -> tuple[set[str], set[str]]:
-    """``(macros, configurables)`` a binding's value refers to (``%NAME``, ``@Class`` / ``@Class()``)."""
-    macros, owners = set(), set()
-    for item in gin.config._iterate_flattened_values(value):
-        if isinstance(item, gin.config.ConfigurableReference):
-            if item.selector == _MACRO:
-                macros.add(item.scoped_selector.rsplit("/", 1)[0])
-            elif item.configurable.wrapped is not gin.config._retrieve_constant:  # not %gin.REQUIRED
-                owners.add(_owner(item.selector))
-    return macros, owners
-
-
-class _Unknown:
-    """A value that cannot be known before the run starts (an unbound macro, a ``@Class()`` call)."""
-
-
-def _resolve(value: Any, seen: frozenset[str] = frozenset()) -> Any:
-    """A parsed binding's value with its macros substituted (``_Unknown`` where that cannot be done
-    without calling anything)."""
-    if isinstance(value, gin.config.ConfigurableReference):
-        if value.selector != _MACRO:
-            return _Unknown()
-        name = value.scoped_selector.rsplit("/", 1)[0]
-        if name in seen or (name, _MACRO) not in gin.config._CONFIG:
-            return _Unknown()
-        resolved = _resolve(_macro_value(name), seen | {name})
-        return _Unknown() if _is_unbound(resolved) else resolved
-    if isinstance(value, dict):
-        return {_resolve(k, seen): _resolve(v, seen) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_resolve(v, seen) for v in value)
-    return value
-
-
-def _known(value: Any) -> bool:
-    if isinstance(value, _Unknown):
-        return False
-    if isinstance(value, dict):
-        return all(_known(k) and _known(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return all(_known(v) for v in value)
-    return not _is_unbound(value)
-
-
-_SELECTING = ("backbone", "sde_sampler", "pre_solver", "post_solver", "eval_solver", "schedule", "objective",
-              "prompt_set", "rewards", "eval_rewards")  # the TrainConfig fields that ``components()`` reads
-
-
-@attrs.define
-class MacroUsage:
-    """Which bindings and macros of the parsed gin config a training run uses.
-
-    A binding is used when it belongs to ``TrainConfig``, to a component the config selects
-    (``TrainConfig.components()``: a scoped sampler binding only when its role uses that sampler) or
-    to a configurable that is not a registered component (we cannot tell whether it is called); a
-    registered component the config does not select never is. A macro is used when a used binding
-    refers to it, directly or through other macros. ``selected`` is None when the selection itself
-    cannot be read from the parsed bindings (a component name bound to an unbound macro): then
-    everything counts as used.
-    """
-
-    components: set[str]  # gin names of every registered component
-    selected: set[str] | None  # gin names of the components the config selects
-    roles: dict[str, str]  # sampler role -> gin name of the role's sampler
-    macros: set[str] = attrs.field(factory=set)  # the macros used bindings reach
-
-    @classmethod
-    def of_parsed_config(cls, pm: PluginManager) -> MacroUsage:
-        components = {entry.gin_name for kind in pm.registry.values() for entry in kind.values()}
-        fields = {f.name: f.default for f in attrs.fields(TrainConfig)}
-        fields = {name: d.factory() if isinstance(d, attrs.Factory) else d for name, d in fields.items()}
-        for (scope, selector), params in gin.config._CONFIG.items():
-            if not scope and selector != _MACRO and _owner(selector) == "TrainConfig":
-                fields.update({k: _resolve(v) for k, v in params.items() if k in _SELECTING})
-        usage = cls(components, None, {})
-        if all(_known(fields[name]) for name in _SELECTING):
-            view = _Fields(fields)
-            names = set()
-            for kind, name in TrainConfig.components(view):  # type: ignore[arg-type]
-                entry = pm.registry.get(kind, {}).get(name)
-                if entry is not None:  # an unknown name fails in validate(), naming the known ones
-                    names.add(entry.gin_name)
-            usage.selected = names
-            for role, name in TrainConfig.samplers(view).items():  # type: ignore[arg-type]
-                entry = pm.registry["sampler"].get(name)
-                if entry is not None:
-                    usage.roles[role] = entry.gin_name
-        usage._follow()
-        return usage
-
-    def binding_used(self, scope: str, owner: str) -> bool:
-        if self.selected is None or owner not in self.components:
-            return True
-        if scope in SAMPLER_ROLES and scope in self.roles:
-            return self.roles[scope] == owner
-        return owner in self.selected
-
-    def uses(self, key: tuple[str, str]) -> bool:
-        """Whether the entry ``(scope or macro name, selector)`` of gin's config is used."""
-        scope, selector = key
-        if selector == _MACRO:
-            return scope in self.macros
-        return self.binding_used(scope, _owner(selector))
-
-    def _follow(self) -> None:
-        """Collect the macros that used bindings reach, through other macros too; a ``@Class``
-        reference in a used binding or macro makes ``Class`` used."""
-        while True:  # ends: ``selected`` only grows, within the configurables' names
-            pending: list[str] = []
-            owners: set[str] = set()
-            for (scope, selector), params in gin.config._CONFIG.items():
-                if selector != _MACRO and self.binding_used(scope, _owner(selector)):
-                    for value in params.values():
-                        macros, refs = _references(value)
-                        pending += macros
-                        owners |= refs
-            while pending:
-                name = pending.pop()
-                if name not in self.macros:
-                    self.macros.add(name)
-                    macros, refs = _references(_macro_value(name))
-                    pending += macros
-                    owners |= refs
-            if self.selected is None or owners <= self.selected:
-                return
-            self.selected |= owners
-
-
-class _Fields:
-    """The selecting fields of a TrainConfig read from gin's bindings, for ``TrainConfig.components``."""
-
-    def __init__(self, fields: dict[str, Any]) -> None:
-        self.__dict__.update(fields)
-
-
-def unbound_macros(usage: MacroUsage | None = None) -> list[str]:
-    """Macros of the parsed config still set to ``%gin.REQUIRED`` or to an ``'unset:NAME'`` default;
-    with ``usage``, only those a binding of the run reaches."""
-    names = []
-    for (name, selector), params in gin.config._CONFIG.items():
-        if selector == _MACRO and _is_unbound(params.get("value")) and (usage is None or name in usage.macros):
-            names.append(name)
-    return sorted(names)
-
-
-def check_macros_bound(config_file: str | Path, usage: MacroUsage | None = None) -> None:
-    """All required macros bound, or one error naming every missing one (before any model loads);
-    with ``usage``, only the macros the run's components use are required."""
-    missing = unbound_macros(usage)
-    if missing:
-        example = " ".join(f'--gin "{name} = \'...\'"' for name in missing)
-        raise ConfigError(f"{config_file}: {len(missing)} required setting(s) not bound: {', '.join(missing)}. "
-                          f"Bind each on the command line, e.g. {example} (paths are local: nothing is "
-                          f"downloaded), or in a gin file that includes this one")
-
-
 def load_config(config_file: str | Path, bindings: Sequence[str] = (), pm: PluginManager | None = None,
                 ) -> tuple[TrainConfig, PluginManager]:
     """Parse a gin experiment and return its validated ``TrainConfig``. Every required macro that the
     selected components use must be bound (all missing ones are named at once); the model and
     reward paths of components the config does not select may stay unbound."""
     pm = parse_gin([config_file], bindings, pm, selected_only=True)
-    check_macros_bound(config_file, MacroUsage.of_parsed_config(pm))
+    check_macros_bound(config_file, MacroUsage.of_parsed_config(pm, TrainConfig))
     try:
         config = TrainConfig()
     except (ValueError, TypeError) as exc:
@@ -654,4 +396,5 @@ def load_config(config_file: str | Path, bindings: Sequence[str] = (), pm: Plugi
     return config, pm
 
 
-__all__ = ["ConfigError", "TrainConfig", "UnknownComponentError", "load_config", "parse_gin", "unknown_message"]
+__all__ = ["UNSET_PREFIX", "ConfigError", "TrainConfig", "UnknownComponentError", "check_macros_bound", "load_config",
+           "parse_gin", "unbound_macros", "unknown_message"]

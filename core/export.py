@@ -3,15 +3,11 @@
 A run directory holds ``config.gin`` (the operative config) and ``checkpoints/iter_XXXXXX/``.
 ``open_model`` rebuilds the run's backbone from its config and loads one checkpoint into it through
 ``load_checkpoint_weights``, the one place that knows how a checkpoint stores the weights.
-``export_run`` then writes what the diffusers pipelines load:
-
-* a LoRA run: the adapter, written by the pipeline class's own ``save_lora_weights``
-  (``pytorch_lora_weights.safetensors``, keys ``transformer.<module>.lora_A.weight`` /
-  ``lora_B.weight``, the LoRA config with its ``lora_alpha`` in the file's metadata), loaded with
-  ``FluxPipeline.load_lora_weights(DIR)`` / ``StableDiffusion3Pipeline.load_lora_weights(DIR)``;
-* a full fine-tune: a transformer folder (``config.json`` + safetensors shards) that
-  ``FluxTransformer2DModel.from_pretrained(DIR)`` / ``SD3Transformer2DModel.from_pretrained(DIR)``
-  loads in place of the base model's ``transformer/``.
+``export_run`` then has the backbone write what its diffusers pipeline loads (``Backbone.export``:
+the backbone, not the core, knows the pipeline and its formats; a LoRA run gives an adapter that the
+pipeline's ``load_lora_weights`` loads, a full fine-tune a transformer folder that replaces the base
+model's) and records what was written in ``mixgrpo_export.json``. A backbone whose
+``model_facts().pipeline`` is None has nothing to export.
 
 Every output folder is written beside its destination first and moved into place, so a failed
 export leaves nothing half-written; its files get the mode a plain ``open()`` gives (``0o666 & ~umask``,
@@ -21,7 +17,6 @@ where safetensors alone would write 0600), and an existing non-empty folder is o
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -31,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import torch
 
 from mixgrpo.core import checkpoint as ckpt
 from mixgrpo.core.config import TrainConfig, load_config
@@ -40,8 +34,6 @@ from mixgrpo.core.plugins import PluginManager
 
 RUN_CONFIG = "config.gin"
 CHECKPOINTS = "checkpoints"
-#: diffusers' default file name for LoRA weights (what ``load_lora_weights(DIR)`` looks for)
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 #: what was exported, from where, and how to load it
 EXPORT_INFO = "mixgrpo_export.json"
 BASE = "base"  # the checkpoint name that means "no checkpoint: the base model"
@@ -84,9 +76,7 @@ def load_checkpoint_weights(backbone: Backbone, checkpoint: str | os.PathLike) -
     path = Path(checkpoint)
     if not (path / ckpt.STATE_FILE).is_file():
         raise ExportError(f"{path} is not a mixgrpo checkpoint folder (no {ckpt.STATE_FILE})")
-    module = getattr(backbone, "module", None)
-    if not isinstance(module, torch.nn.Module):
-        raise ExportError(f"backbone {type(backbone).__name__} has no torch module to load a checkpoint into")
+    module = backbone.module
     try:
         ckpt.read_state(path)
     except ValueError as exc:  # an older checkpoint format
@@ -182,9 +172,7 @@ def open_model(source: str | os.PathLike, checkpoint: str | None = None, binding
     if path is not None:
         load_checkpoint_weights(backbone, path)
         iteration = int(json.loads((path / ckpt.STATE_FILE).read_text()).get("iteration", 0))
-    module = getattr(backbone, "module", None)
-    if isinstance(module, torch.nn.Module):
-        module.eval()
+    backbone.module.eval()
     return OpenedModel(config=config, pm=pm, backbone=backbone, run_dir=run_dir, checkpoint=path,
                        iteration=iteration)
 
@@ -222,111 +210,30 @@ def publish(tmp: Path, out: Path) -> Path:
 
 
 # -- export ----------------------------------------------------------------------------------------
-def pipeline_class(backbone: Backbone) -> type:
-    """The diffusers pipeline class that loads this backbone's exports (the backbone names it in
-    ``diffusers_pipeline``, e.g. ``"FluxPipeline"``)."""
-    import diffusers
-
-    name = getattr(backbone, "diffusers_pipeline", None)
-    if not name:
-        raise ExportError(f"export writes models for a diffusers pipeline (FLUX and SD3); backbone "
-                          f"{type(backbone).__name__} does not name one (its diffusers_pipeline attribute)")
-    return getattr(diffusers, name)
-
-
-def lora_layers(model: torch.nn.Module, bake_alpha: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The LoRA weights of a peft-wrapped transformer in diffusers' names, and its LoRA config.
-
-    Keys are the transformer's module paths (``transformer_blocks.0.attn.to_q.lora_A.weight``); the
-    pipeline's ``save_lora_weights`` adds the ``transformer.`` prefix. The config (a ``LoraConfig``
-    as a dict, ``lora_alpha`` included) is what diffusers stores as the adapter metadata. With
-    ``bake_alpha`` the scale ``lora_alpha / r`` is multiplied into ``lora_B`` and the config says
-    ``lora_alpha = r``: the same adapter for loaders that cannot read the metadata.
-    """
-    from peft import get_peft_model_state_dict
-
-    if not hasattr(model, "peft_config"):
-        raise ExportError("the transformer has no LoRA adapter to export")
-    config = model.peft_config["default"]
-    if config.rank_pattern or config.alpha_pattern or config.use_dora:
-        raise ExportError("export writes plain LoRA adapters (one rank and alpha, no DoRA)")
-    prefix = "base_model.model."
-    state = {k.removeprefix(prefix): v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    metadata = config.to_dict()
-    metadata["target_modules"] = sorted(metadata["target_modules"]) if metadata["target_modules"] else None
-    metadata["base_model_name_or_path"] = None  # a local path of the training machine
-    if bake_alpha:
-        scale = config.lora_alpha / config.r
-        state = {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
-        metadata["lora_alpha"] = config.r
-    return state, metadata
-
-
-def save_lora(backbone: Backbone, out: Path) -> Path:
-    """Write the backbone's LoRA adapter with the pipeline class's ``save_lora_weights``."""
-    cls = pipeline_class(backbone)
-    takes_metadata = "transformer_lora_adapter_metadata" in inspect.signature(cls.save_lora_weights).parameters
-    state, metadata = lora_layers(backbone.unwrapped(), bake_alpha=not takes_metadata)
-    kwargs = {"transformer_lora_adapter_metadata": metadata} if takes_metadata else {}
-    cls.save_lora_weights(str(out), transformer_lora_layers=state, weight_name=LORA_WEIGHTS,
-                          safe_serialization=True, **kwargs)
-    return out / LORA_WEIGHTS
-
-
-def save_full(backbone: Backbone, out: Path, max_shard_size: str | int = "5GB") -> Path:
-    """Write the backbone's transformer as a diffusers model folder (config + safetensors shards)."""
-    pipeline_class(backbone)
-    model = backbone.unwrapped()
-    if hasattr(model, "peft_config"):
-        raise ExportError("the transformer carries a LoRA adapter: export it with save_lora")
-    model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
-    return out
-
-
 def export_run(run_dir: str | os.PathLike, to: str | os.PathLike, checkpoint: str | None = None,
                force: bool = False, max_shard_size: str | int = "5GB", bindings: Sequence[str] = ()) -> dict:
     """Export a checkpoint of a run for diffusers into the folder ``to``; returns what was written
-    (also saved as ``to/mixgrpo_export.json``)."""
+    (also saved as ``to/mixgrpo_export.json``): ``Backbone.export``'s description (``kind``,
+    ``pipeline``, ``load``, ...) with the run, checkpoint and base model it came from."""
     src, out = Path(run_dir), Path(to)
     if not src.is_dir():
         raise ExportError(f"{src} is not a run directory (export takes a run directory, not a gin file)")
     check_output_dir(out, force)
     opened = open_model(src, checkpoint, bindings, require_checkpoint=True)
     backbone = opened.backbone
-    cls = pipeline_class(backbone)
-    lora = int(getattr(backbone, "lora_rank", 0)) > 0
+    facts = backbone.model_facts()
+    if not facts.pipeline:
+        raise ExportError(f"export writes models for a diffusers pipeline; backbone {type(backbone).__name__} "
+                          "does not name one (its model_facts().pipeline)")
     tmp = staging_dir(out)
     try:
-        if lora:
-            save_lora(backbone, tmp)
-        else:
-            save_full(backbone, tmp, max_shard_size)
-        info = _export_info(opened, cls, lora, out)
+        written = backbone.export(tmp, max_shard_size=max_shard_size, load_path=str(out))
+        info: dict[str, Any] = {"kind": written.pop("kind"), "backbone": opened.config.backbone,
+                                "base_model": facts.base_model or "", "run": str(opened.run_dir),
+                                "checkpoint": str(opened.checkpoint), "iteration": opened.iteration, **written}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         ckpt.share_like_open(tmp)  # diffusers' savers write safetensors 0600; a shared folder needs umask's
         publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return info
-
-
-def _export_info(opened: OpenedModel, cls: type, lora: bool, out: Path) -> dict:
-    bb = opened.backbone
-    base = str(getattr(bb, "path", ""))
-    model = type(bb.unwrapped().get_base_model() if lora else bb.unwrapped()).__name__
-    info: dict[str, Any] = {
-        "kind": "lora" if lora else "full",
-        "backbone": opened.config.backbone,
-        "base_model": base,
-        "run": str(opened.run_dir),
-        "checkpoint": str(opened.checkpoint),
-        "iteration": opened.iteration,
-        "pipeline": cls.__name__,
-    }
-    if lora:
-        config = bb.unwrapped().peft_config["default"]
-        info.update(lora_rank=config.r, lora_alpha=config.lora_alpha, weights=LORA_WEIGHTS,
-                    load=f"{cls.__name__}.from_pretrained(BASE).load_lora_weights({str(out)!r})")
-    else:
-        info.update(model=model, load=f"{model}.from_pretrained({str(out)!r}) in place of BASE/transformer")
     return info

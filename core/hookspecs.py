@@ -33,7 +33,11 @@ def register_backbones(register: Register) -> None:
 
 @hookspec
 def register_samplers(register: Register) -> None:
-    """Register ``Sampler`` factories (ODE solvers and SDE samplers): ``register("euler", Euler)``."""
+    """Register ``Sampler`` factories (ODE solvers and SDE samplers): ``register("euler", Euler)``.
+
+    A new SDE noise form may subclass ``mixgrpo.plugins.samplers.sde.SDESampler`` (define ``std`` and
+    ``mean``) or ``ReverseSDE`` (define the diffusion coefficient ``diffusion``).
+    """
 
 
 @hookspec
@@ -48,7 +52,12 @@ def register_rewards(register: Register) -> None:
 
 @hookspec
 def register_objectives(register: Register) -> None:
-    """Register ``PolicyObjective`` factories: ``register("mixgrpo", MixGRPO)``."""
+    """Register ``PolicyObjective`` factories: ``register("mixgrpo", MixGRPO)``.
+
+    Every factory takes the keyword ``weights`` (``PolicyObjective``'s constructor contract): the trainer
+    builds the objective as ``factory(weights=dict(TrainConfig.rewards))``, with the other arguments from
+    gin bindings, and refuses, before anything loads, a factory that does not take it.
+    """
 
 
 @hookspec

@@ -8,18 +8,66 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from typing import ClassVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
 
+import attrs
 import torch
 from torch import nn
 
 from mixgrpo.core.types import Conditioning, SolverHistory, StepPlan, StepResult
 
 
+@attrs.frozen
+class ModelFacts:
+    """What a backbone tells the model card, ``mixgrpo export`` and ``mixgrpo sample`` about its model
+    (``Backbone.model_facts()``). Every field has a default, and ``ModelFacts()`` is the answer of a
+    backbone outside diffusers (``toy``): no pipeline loads its exports, so ``export`` refuses it and
+    the model card tells how to draw with ``mixgrpo sample`` instead.
+
+    Attributes:
+        pipeline: the name of the diffusers pipeline class that loads what ``Backbone.export`` writes
+            (e.g. ``"StableDiffusion3Pipeline"``), or None.
+        family: the model family, a tag of the model card (e.g. ``"sd3"``), or None.
+        base_model: the base model the backbone was loaded from (a local folder or a Hub id), or None.
+        height, width: the image size in pixels the backbone draws, or None.
+        guidance: the pipeline's ``guidance_scale`` that draws what the backbone draws, or None where
+            the pipeline takes none.
+        guidance_settings: the backbone's guidance settings by name with their current values (what
+            ``mixgrpo sample`` records in its manifest); empty when it has none.
+        lora_alpha: the LoRA alpha when ``lora_rank > 0``, else None.
+    """
+
+    pipeline: str | None = None
+    family: str | None = None
+    base_model: str | None = None
+    height: int | None = None
+    width: int | None = None
+    guidance: float | None = None
+    guidance_settings: Mapping[str, float] = attrs.field(factory=dict)
+    lora_alpha: float | None = None
+
+
 class Backbone(ABC):
-    """A flow-matching text-to-image model: text → conditioning, (x, σ, cond) → velocity, x → images."""
+    """A flow-matching text-to-image model: text → conditioning, (x, σ, cond) → velocity, x → images.
+
+    Everything the core uses of a backbone is declared here, abstract or with a documented default,
+    and nothing else is read (tests/core/test_contracts.py checks the core for it): the methods
+    below, the trainable network ``module``, ``dtype``, ``lora_rank``, ``device``,
+    ``calls_per_velocity``, the frozen reference, and what publishing a model needs
+    (``model_facts``, ``export``, ``load_snippet``, ``set_guidance``).
+    """
+
+    #: the compute dtype of the network's forward (``velocity`` takes and returns fp32 whatever it
+    #: is); the trainer's FSDP runs the all-gathered forward in it
+    dtype: torch.dtype = torch.float32
+    #: what trains: 0 = every weight of ``module`` (full fine-tuning); r > 0 = LoRA adapters of rank
+    #: r (FSDP refuses those: LoRA runs use DDP)
+    lora_rank: int = 0
+    _module: nn.Module | None = None
 
     @abstractmethod
     def encode(self, prompts: Sequence[str]) -> Conditioning:
@@ -47,7 +95,34 @@ class Backbone(ABC):
 
     @abstractmethod
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters the policy optimizer updates (all, or only LoRA adapters)."""
+        """The parameters the policy optimizer updates (all, or only LoRA adapters), all of them
+        parameters of ``module``."""
+
+    @property
+    def module(self) -> nn.Module:
+        """The trainable network (an ``nn.Module``) that ``velocity`` runs; required: a backbone sets
+        it in its constructor (``self.module = network``).
+
+        The trainer may replace it by a wrapped version (DDP through accelerate) or shard it in
+        place (FSDP), and switches it between ``train()`` and ``eval()``; a backbone therefore always
+        calls ``self.module`` and never keeps another reference to it. Checkpoints hold its weights.
+        """
+        if self._module is None:
+            raise NotImplementedError(f"{type(self).__name__} sets no module: a Backbone holds its trainable "
+                                      "network in self.module")
+        return self._module
+
+    @module.setter
+    def module(self, network: nn.Module) -> None:
+        self._module = network
+
+    def unwrapped(self) -> nn.Module:
+        """``module`` without the wrappers the trainer may have put around it (DDP): the network whose
+        parameter names checkpoints use."""
+        module = self.module
+        while hasattr(module, "module") and isinstance(module.module, nn.Module):
+            module = module.module
+        return module
 
     def freeze_reference(self) -> None:  # noqa: B027 (optional hook: a no-op by default)
         """Fix the weights ``reference()`` uses to the current ones (called before any update).
@@ -69,17 +144,42 @@ class Backbone(ABC):
         conditional and the unconditional branch). The NFE metrics count network evaluations."""
         return 1
 
+    # -- publishing: the model card, ``mixgrpo export`` and ``mixgrpo sample`` --------------------
+    def model_facts(self) -> ModelFacts:
+        """What the model card, ``export`` and ``sample`` say about the model (see ``ModelFacts``).
+        The default, ``ModelFacts()``: no diffusers pipeline, nothing else known."""
+        return ModelFacts()
+
+    def export(self, out: Path, *, max_shard_size: str | int = "5GB", load_path: str | None = None) -> dict[str, Any]:
+        """Write the trained weights into the empty folder ``out`` as ``model_facts().pipeline`` loads
+        them, and say what was written: a JSON-able dict with ``kind`` (``"lora"``: an adapter;
+        ``"full"``: the whole trained network), ``pipeline``, ``load`` (one line: how to load the
+        export from ``load_path``, the folder it is published as, default ``out``) and anything that
+        describes the files. ``max_shard_size`` bounds each weight file of a full export. Only a
+        backbone with a pipeline exports; the default raises ``ValueError``."""
+        raise ValueError(f"backbone {type(self).__name__} names no diffusers pipeline to export for")
+
+    def load_snippet(self, export_dir: str, prompt: str, num_steps: int) -> list[str]:
+        """Markdown lines for the model card: how to load an export published as ``export_dir`` in
+        diffusers and draw ``prompt`` in ``num_steps`` steps (a fenced Python block, with a sentence
+        before it where one is needed). The default: no lines (no pipeline loads this backbone)."""
+        return []
+
+    def set_guidance(self, scale: float) -> str:
+        """Set the sampling guidance to ``scale`` as diffusers' ``guidance_scale`` means it (``mixgrpo
+        sample --guidance``) and return the name of the setting changed, a key of
+        ``model_facts().guidance_settings``. The default: no guidance setting, a ``ValueError``."""
+        raise ValueError(f"backbone {type(self).__name__} has no guidance setting")
+
 
 class TorchBackbone(Backbone):
-    """A ``Backbone`` whose trainable network is ``self.module`` (an ``nn.Module``).
-
-    The trainer may replace ``module`` by a wrapped version (DDP through accelerate) or shard it in
-    place (FSDP); subclasses therefore always call ``self.module`` and never keep another reference
-    to it. The frozen reference is the adapter-disabled network under peft, else a frozen copy of
-    the weights taken by ``freeze_reference`` (the trainer takes it before any update or resume).
+    """A ``Backbone`` whose defaults come from its ``module``: the trainable parameters are those of
+    ``module`` that require gradients, the device is theirs, and the frozen reference of
+    ``reference()`` is a copy of the weights taken by ``freeze_reference`` (the trainer takes it
+    before any update or resume). A backbone with a cheaper reference (its LoRA adapters switched
+    off) overrides both.
     """
 
-    module: nn.Module
     _reference_module: nn.Module | None = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -89,27 +189,14 @@ class TorchBackbone(Backbone):
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
-    def unwrapped(self) -> nn.Module:
-        module = self.module
-        while hasattr(module, "module") and isinstance(module.module, nn.Module):
-            module = module.module
-        return module
-
     def freeze_reference(self) -> None:
         """Keep the current weights as the frozen reference of ``reference()`` (the trainer calls it
-        before any update or resume, so the reference is the base model). Nothing to keep under
-        peft, where the reference is the network with its adapters disabled."""
-        base = self.unwrapped()
-        if self._reference_module is None and not hasattr(base, "disable_adapter"):
-            self._reference_module = copy.deepcopy(base).requires_grad_(False).eval()
+        before any update or resume, so the reference is the base model)."""
+        if self._reference_module is None:
+            self._reference_module = copy.deepcopy(self.unwrapped()).requires_grad_(False).eval()
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
-        base = self.unwrapped()
-        if hasattr(base, "disable_adapter"):  # peft: the base is the model with adapters off
-            with base.disable_adapter():
-                yield
-            return
         self.freeze_reference()  # a direct caller that never froze one: the weights as they are now
         live = self.module
         self.module = self._reference_module
@@ -191,7 +278,10 @@ class Reward(ABC):
     negates its scores before the advantages; metrics and evaluations record them as returned.
     """
 
+    #: the reward's own label (runs, metrics and reports use its registered name instead)
     name: str = "reward"
+    #: the direction training pushes the score; the core reads it directly, so a subclass that does
+    #: not set it is trained upwards
     higher_is_better: bool = True
 
     @abstractmethod
@@ -200,10 +290,21 @@ class Reward(ABC):
 
 
 class PolicyObjective(ABC):
-    """Rewards → advantages; per-transition log-probs → the clipped policy loss."""
+    """Rewards → advantages; per-transition log-probs → the clipped policy loss.
+
+    Constructor contract: every objective's constructor takes the keyword ``weights``, a mapping
+    ``{reward name: weight}`` or None (equal weights), and keeps it as ``self.weights``; ``advantages``
+    combines several rewards with these weights. The trainer builds the objective as
+    ``create(TrainConfig.objective, weights=dict(TrainConfig.rewards))`` (gin binds the other
+    arguments), so the weights are set where the rewards are chosen:
+    ``TrainConfig.rewards = {'hpsv2': 1.0, 'pickscore': 0.5}``. ``check_objective_factory`` refuses a
+    factory without ``weights`` before anything runs, and ``mixgrpo.testing.ObjectiveContract`` checks
+    that the weights reach the advantages.
+    """
 
     clip_range: float = 1e-4
     kl_beta: float = 0.0
+    weights: Mapping[str, float] | None = None
 
     @abstractmethod
     def advantages(self, rewards: dict[str, torch.Tensor], group_ids: torch.Tensor) -> torch.Tensor:
@@ -241,3 +342,30 @@ class PolicyObjective(ABC):
     def uses_reference(self) -> bool:
         """Whether training runs the frozen reference model (for the KL term): ``kl_beta > 0``."""
         return self.kl_beta > 0
+
+
+def check_objective_factory(factory: Callable[..., Any], name: str | None = None) -> None:
+    """Refuse an objective factory that breaks ``PolicyObjective``'s constructor contract: it must take
+    the keyword argument ``weights`` (or ``**kwargs``).
+
+    Args:
+        factory: the class (gin-configurable or not) or function a plugin registers.
+        name: its registered name, for the message.
+    Raises:
+        ValueError: naming the factory, the contract and the fix.
+    """
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): the call itself will tell
+        return
+    if any(p.kind is p.VAR_KEYWORD or (p.name == "weights" and p.kind is not p.POSITIONAL_ONLY) for p in params):
+        return
+    label = getattr(factory, "__qualname__", repr(factory))
+    raise ValueError(
+        f"{f'objective {name!r} ({label})' if name else label} breaks PolicyObjective's constructor contract: "
+        "it must take the keyword argument weights (a dict {reward name: weight}, or None for equal weights), "
+        "with which the trainer builds every objective (weights=dict(TrainConfig.rewards)); add "
+        "`weights: Mapping[str, float] | None = None` to its constructor, keep it as self.weights and combine "
+        "the rewards in advantages() with it"
+    )

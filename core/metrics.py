@@ -54,6 +54,21 @@ LOSS_KL = "loss/kl"
 #: what the optimisation of one iteration reports (NaN when it trained nothing)
 POLICY = (RATIO_MEAN, CLIPFRAC, APPROX_KL, ONPOLICY_RATIO_DEV, GRAD_NORM, LOSS_POLICY, LOSS_KL)
 
+
+def policy_row(mean: Mapping[str, float], onpolicy_dev: float, grad_norms: list[float], skipped: int,
+               nfe_train: float) -> dict[str, float]:
+    """The policy metrics of an iteration's optimizer steps, from the objective's per-transition
+    statistics averaged over the trained transitions (``mean``: ``ratio``, ``clipped``,
+    ``approx_kl``, ``policy``, ``kl``), the on-policy deviation, the unskipped steps' gradient
+    norms, the number of skipped steps and the training NFE per sample."""
+    nan = float("nan")
+    return {
+        RATIO_MEAN: mean.get("ratio", nan), CLIPFRAC: mean.get("clipped", nan), APPROX_KL: mean.get("approx_kl", nan),
+        ONPOLICY_RATIO_DEV: onpolicy_dev, GRAD_NORM: sum(grad_norms) / len(grad_norms) if grad_norms else nan,
+        SKIPPED_STEPS: float(skipped), LOSS_POLICY: mean.get("policy", nan), LOSS_KL: mean.get("kl", 0.0),
+        NFE_TRAIN: nfe_train,
+    }
+
 # -- the window of the iteration's plan (-1, 0 without one) -----------------------------------------
 WINDOW_START = "window/start"
 WINDOW_SIZE = "window/size"

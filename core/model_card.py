@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mixgrpo.core import metrics
+from mixgrpo.core.interfaces import Backbone, ModelFacts
 from mixgrpo.core.records import METRICS
 from mixgrpo.core.report import format_difference, format_estimate, held_out_summary, read_metrics
 
@@ -61,73 +62,30 @@ def plot_curve(run_dir: Path, path: Path) -> bool:
     return True
 
 
-def _backbone_facts(backbone: Any) -> dict[str, Any]:
-    # the backbone names the diffusers pipeline that loads its exports; the card knows FLUX's and SD3's
-    family = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}.get(getattr(backbone, "diffusers_pipeline",
-                                                                                    None))
-    lora = int(getattr(backbone, "lora_rank", 0) or 0)
-    facts: dict[str, Any] = {"family": family, "lora_rank": lora, "class": type(backbone).__name__,
-                             "path": str(getattr(backbone, "path", "")) or None,
-                             "has_vae": getattr(backbone, "vae", None) is not None}
-    if lora:
-        model = backbone.unwrapped()
-        facts["lora_alpha"] = model.peft_config["default"].lora_alpha if hasattr(model, "peft_config") else None
-    facts["height"], facts["width"] = getattr(backbone, "height", None), getattr(backbone, "width", None)
-    facts["guidance"] = getattr(backbone, "guidance", None) if family == "flux" else getattr(backbone, "cfg_scale",
-                                                                                              None)
-    return facts
-
-
-def usage_lines(run_dir: Path, config: Any, facts: dict[str, Any], prompt: str) -> list[str]:
-    """How to export the run and load it in diffusers (or why it cannot be)."""
-    if facts["family"] is None:
-        return [f"The `{config.backbone}` backbone is not a diffusers model: `mixgrpo export` writes FLUX and SD3 "
-                "runs only. Draw images with:", "", "```bash",
+def usage_lines(run_dir: Path, config: Any, backbone: Backbone, prompt: str) -> list[str]:
+    """How to export the run and load it in diffusers (``Backbone.load_snippet``), or, for a backbone
+    no diffusers pipeline loads, how to draw with ``mixgrpo sample``."""
+    if not backbone.model_facts().pipeline:
+        return [f"The `{config.backbone}` backbone is not a diffusers model, so `mixgrpo export` has nothing to "
+                "write for it. Draw images with:", "", "```bash",
                 f"mixgrpo sample {run_dir} --prompts \"{prompt}\" --seeds 0-3 --out samples_out", "```"]
     export = f"exported/{run_dir.name}"
-    pipeline = "FluxPipeline" if facts["family"] == "flux" else "StableDiffusion3Pipeline"
-    model = "FluxTransformer2DModel" if facts["family"] == "flux" else "SD3Transformer2DModel"
-    base = facts["path"] or "BASE_MODEL"
-    lines = ["Write the weights the way diffusers loads them:", "", "```bash",
-             f"mixgrpo export {run_dir} --to {export}", "```", ""]
-    if not facts["has_vae"]:  # the shipped shapes-world model: a transformer on pixels, no pipeline draws it
-        lines += [f"The base model (`{base}`) is a {model} on pixels without a VAE, so no diffusers pipeline "
-                  "draws it; its transformer loads the export:", "", "```python", "import torch",
-                  f"from diffusers import {model}", ""]
-        if facts["lora_rank"]:
-            lines += [f"transformer = {model}.from_pretrained(\"{base}\", subfolder=\"transformer\")",
-                      f"transformer.load_lora_adapter(\"{export}\", weight_name=\"pytorch_lora_weights.safetensors\", "
-                      "prefix=\"transformer\")"]
-        else:
-            lines += [f"transformer = {model}.from_pretrained(\"{export}\")"]
-        return [*lines, "```"]
-    call = (f"image = pipe(\"{prompt}\", height={facts['height']}, width={facts['width']}, "
-            f"num_inference_steps={config.eval_num_steps or config.num_steps}"
-            + (f", guidance_scale={facts['guidance']}" if facts["guidance"] is not None else "") + ").images[0]")
-    lines += ["```python", "import torch"]
-    if facts["lora_rank"]:
-        lines += [f"from diffusers import {pipeline}", "",
-                  f"pipe = {pipeline}.from_pretrained(\"{base}\", torch_dtype=torch.bfloat16)",
-                  f"pipe.load_lora_weights(\"{export}\")  # LoRA rank {facts['lora_rank']}, alpha "
-                  f"{facts.get('lora_alpha')} (stored in the file)"]
-    else:
-        lines += [f"from diffusers import {model}, {pipeline}", "",
-                  f"transformer = {model}.from_pretrained(\"{export}\", torch_dtype=torch.bfloat16)",
-                  f"pipe = {pipeline}.from_pretrained(\"{base}\", transformer=transformer, torch_dtype=torch.bfloat16)"]
-    return [*lines, call, "image.save(\"sample.png\")", "```"]
+    return ["Write the weights the way diffusers loads them:", "", "```bash",
+            f"mixgrpo export {run_dir} --to {export}", "```", "",
+            *backbone.load_snippet(export, prompt, config.eval_num_steps or config.num_steps)]
 
 
-def _front_matter(config: Any, facts: dict[str, Any]) -> list[str]:
+def _front_matter(config: Any, backbone: Backbone, facts: ModelFacts) -> list[str]:
     tags = list(dict.fromkeys(["mixgrpo", config.objective, "reinforcement-learning", "text-to-image"]))
-    if facts["family"]:
-        tags.append(facts["family"])
-    if facts["lora_rank"]:
+    if facts.family:
+        tags.append(facts.family)
+    if backbone.lora_rank:
         tags.append("lora")
     lines = ["---"]
-    if facts["family"]:
+    if facts.pipeline:
         lines.append("library_name: diffusers")
     lines.append("pipeline_tag: text-to-image")
-    base = facts["path"] or ""
+    base = facts.base_model or ""
     if re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not Path(base).exists():  # a Hub id, not a local folder
         lines.append(f"base_model: {base}")
     lines.append("tags:")
@@ -135,17 +93,17 @@ def _front_matter(config: Any, facts: dict[str, Any]) -> list[str]:
     return [*lines, "---"]
 
 
-def model_card(run_dir: Path, config: Any, backbone: Any, prompt: str = "a red circle") -> str:
+def model_card(run_dir: Path, config: Any, backbone: Backbone, prompt: str = "a red circle") -> str:
     """The card's Markdown (``plot_curve`` draws the curve it shows)."""
-    facts = _backbone_facts(backbone)
+    facts = backbone.model_facts()
     rows = read_metrics(run_dir / METRICS) if (run_dir / METRICS).is_file() else []
     iterations = max((int(r["iteration"]) for r in rows), default=0)
     method = method_name(config)
-    base = facts["path"] or config.backbone
-    mode = (f"LoRA (rank {facts['lora_rank']}, alpha {facts.get('lora_alpha')})" if facts["lora_rank"]
+    base = facts.base_model or config.backbone
+    mode = (f"LoRA (rank {backbone.lora_rank}, alpha {facts.lora_alpha})" if backbone.lora_rank
             else "full fine-tuning of the transformer")
     rewards = ", ".join(f"`{n}` (weight {w:g})" for n, w in config.rewards.items())
-    lines = [*_front_matter(config, facts), "", f"# {run_dir.name}: {method} on `{base}`", "",
+    lines = [*_front_matter(config, backbone, facts), "", f"# {run_dir.name}: {method} on `{base}`", "",
              f"Trained with [mixgrpo](https://arxiv.org/abs/2507.21802)'s {method} recipe: online reinforcement "
              "learning of the GRPO family on a flow-matching text-to-image model.", "",
              "## What was trained", "",
@@ -153,7 +111,7 @@ def model_card(run_dir: Path, config: Any, backbone: Any, prompt: str = "a red c
              f"| method | {method}: objective `{config.objective}`, window schedule `{config.schedule}`, SDE "
              f"`{config.sde_sampler}`, ODE `{config.pre_solver}` / `{config.post_solver}`"
              + (f", compression {config.compression:g}" if config.compression is not None else "") + " |",
-             f"| backbone | `{config.backbone}` ({facts['class']}), base model `{base}` |",
+             f"| backbone | `{config.backbone}` ({type(backbone).__name__}), base model `{base}` |",
              f"| fine-tuning | {mode} |",
              f"| rewards | {rewards}"
              + (f"; evaluated only: {', '.join(f'`{n}`' for n in config.eval_rewards)}" if config.eval_rewards else "")
@@ -192,7 +150,7 @@ def model_card(run_dir: Path, config: Any, backbone: Any, prompt: str = "a red c
             k = int(grid.stem.split("_")[1])
             lines += [f"**iteration {k}**{' (base model)' if k == 0 else ''}", "",
                       f"![iteration {k}](samples/{grid.name})", ""]
-    lines += ["", "## Use it", "", *usage_lines(run_dir, config, facts, prompt), "",
+    lines += ["", "## Use it", "", *usage_lines(run_dir, config, backbone, prompt), "",
               "Score its latest checkpoint on held-out prompts with every configured reward (a report with "
               "side-by-side grids in `eval/`), or train it further:", "", "```bash", f"mixgrpo eval {run_dir}",
               f"mixgrpo train {run_dir} --resume --gin \"TrainConfig.iterations = {2 * config.iterations}\"", "```",
@@ -205,7 +163,7 @@ def model_card(run_dir: Path, config: Any, backbone: Any, prompt: str = "a red c
     return "\n".join(lines)
 
 
-def write_model_card(run_dir: Path, config: Any, backbone: Any, prompt: str = "a red circle") -> Path:
+def write_model_card(run_dir: Path, config: Any, backbone: Backbone, prompt: str = "a red circle") -> Path:
     """Write ``README.md`` (and ``reward_curve.png``) into the run directory; returns the card's path.
     ``prompt`` is the example prompt of the usage snippet."""
     run_dir = Path(run_dir)

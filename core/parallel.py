@@ -18,10 +18,15 @@ config (``experiments/accelerate/fsdp.yaml``), so no experiment file changes bet
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 PARALLELISMS = ("auto", "ddp", "fsdp")
 
@@ -94,3 +99,91 @@ def clip_grad_norm(parameters: Sequence[torch.Tensor], max_norm: float) -> float
     norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
     return float(full_tensor(norm))
 
+
+
+class Parallel:
+    """The run's layout over processes, chosen once: ``kind`` is ``"ddp"`` (replicas through
+    accelerate; one process is its special case) or ``"fsdp"`` (sharded with ``shard``). Everything
+    the trainer does differently between the two goes through here."""
+
+    def __init__(self, accelerator: Accelerator, requested: str = "auto") -> None:
+        from accelerate.utils import DistributedType
+
+        self.accelerator = accelerator
+        self.kind = resolve_parallelism(requested, accelerator.distributed_type == DistributedType.FSDP)
+
+    @property
+    def sharded(self) -> bool:
+        return self.kind == "fsdp"
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def shard(self, backbone: Any) -> None:
+        """Before the optimizer exists: shard the backbone's network in place under FSDP (full
+        fine-tuning only; a LoRA run is refused with the fix)."""
+        if not self.sharded:
+            return
+        if backbone.lora_rank > 0:
+            raise ValueError("FSDP is for full fine-tuning; LoRA runs train with DDP (the adapters are small): "
+                             "launch with experiments/accelerate/ddp.yaml or set TrainConfig.parallelism = 'ddp'")
+        backbone.module = shard(backbone.module, backbone.dtype, backbone.device)
+
+    def prepare(self, backbone: Any, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """After the optimizer exists: under DDP, accelerate wraps the network and the optimizer."""
+        if self.sharded:
+            return optimizer
+        backbone.module, optimizer = self.accelerator.prepare(backbone.module, optimizer)
+        return optimizer
+
+    def no_sync(self, module: nn.Module) -> contextlib.AbstractContextManager:
+        """Accumulate gradients locally (DDP); FSDP reduce-scatters every micro-batch, which keeps
+        the gradients sharded."""
+        return contextlib.nullcontext() if self.sharded else self.accelerator.no_sync(module)
+
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
+        """The global gradient norm before clipping (the same on every process)."""
+        if self.sharded:
+            return clip_grad_norm(params, max_norm)
+        return float(self.accelerator.clip_grad_norm_(params, max_norm))
+
+    def all_processes(self, flag: bool) -> bool:
+        """True when ``flag`` holds on every process (so all take the same decision; a collective)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return flag
+        failed = acc.reduce(torch.tensor([0.0 if flag else 1.0], device=acc.device), reduction="sum")
+        return float(failed) == 0.0
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's rows of ``tensor`` (process order), on the CPU."""
+        acc = self.accelerator
+        return acc.gather(tensor.to(acc.device)).cpu()
+
+
+def make_accelerator(out: Any, tensorboard: bool) -> Accelerator:
+    """One process on CPU or GPU by default (``accelerate launch`` for more), with TensorBoard
+    tracking in ``out/tensorboard`` when asked for and installed."""
+    from accelerate import Accelerator
+    from accelerate.tracking import is_tensorboard_available
+
+    tracked = tensorboard and is_tensorboard_available()
+    return Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard" if tracked else None,
+                       project_dir=str(out))
+
+
+def peak_mem_gb() -> float:
+    """Peak memory of this process in GiB: allocated on the GPU, else the resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    except ImportError:  # pragma: no cover
+        return float("nan")

@@ -21,13 +21,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import gin
 
+log = logging.getLogger(__name__)
+#: what ``Trainer.train`` may do with a run directory that already holds a run
+START_MODES = ("new", "resume", "overwrite")
 BINDINGS = "bindings.json"
 LAUNCH = "launch.json"
 RESUMES = "resumes.jsonl"
@@ -36,6 +40,16 @@ EVAL_SCORES = "eval_scores.jsonl"
 #: what a run directory holds (``--overwrite`` removes exactly these)
 RUN_FILES = ("config.gin", BINDINGS, LAUNCH, RESUMES, METRICS, EVAL_SCORES, "README.md", "reward_curve.png")
 RUN_FOLDERS = ("checkpoints", "samples", "tensorboard", "eval")
+
+#: how an iteration names its checkpoint folder and its sample grid (``iter_000040``), and the pattern
+#: that finds them
+ITERATION_GLOB = "iter_*"
+
+
+def iteration_name(iteration: int) -> str:
+    """``iter_000040`` for iteration 40: the name of its checkpoint folder and sample grid."""
+    return f"iter_{int(iteration):06d}"
+
 
 #: TrainConfig fields a resume may change: they do not change what an iteration computes (share_prefix:
 #: beyond float rounding)
@@ -302,3 +316,60 @@ def truncate_after(out: Path, iteration: int) -> None:
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             tmp.replace(path)
+
+
+def open_run(out: Path, start: str, accelerator: Any, restore: Callable[[Path], int],
+             launch: dict[str, Any] | None = None) -> int:
+    """Check and prepare the run directory for ``start`` (one of ``START_MODES``); returns the
+    iteration to start from. ``"new"`` refuses a directory that holds a run, ``"overwrite"``
+    deletes it first, ``"resume"`` checks the config against the run's (before anything is loaded:
+    a refused resume changes nothing), then ``restore(checkpoints)`` loads the latest checkpoint on
+    every process and returns its iteration. Writes ``config.gin`` and ``launch`` (when given)."""
+    from mixgrpo.core import checkpoint as ckpt
+
+    root, first, main = out / "checkpoints", 0, accelerator.is_main_process
+    if start not in START_MODES:
+        raise ValueError(f"start must be one of {', '.join(START_MODES)}, got {start!r}")
+    if start == "resume":
+        require_run(out)  # nothing to continue is a mistake, not a silent fresh start
+    if start == "resume" and ckpt.latest(root) is not None:
+        changed = check_resume(out)
+        first = restore(root)
+        if main:
+            truncate_after(out, first)
+            record_resume(out, first, changed)
+            print(describe_resume(out, first, changed), flush=True)
+    else:
+        if start == "resume":  # a run stopped before its first checkpoint: its records are redone
+            log.warning("--resume: no checkpoint in %s; starting from iteration 0", root)
+        elif start == "new":
+            refuse_existing_run(out)  # on every process alike
+        accelerator.wait_for_everyone()
+        if main:
+            prepare_new(out)
+    if main:
+        (out / "config.gin").write_text(gin.operative_config_str() or gin.config_str())
+        if launch is not None:
+            write_launch(out, launch)
+    accelerator.wait_for_everyone()
+    return first
+
+
+def jsonable(value: Any) -> Any:
+    """A metric as JSON stores it: a tensor's number, and ``None`` for NaN or Inf."""
+    import math
+
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def append_row(out: Path, name: str, row: dict[str, Any]) -> None:
+    """One JSON row (its values through ``jsonable``) at the end of the jsonl record ``out/name``."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / name, "a") as f:
+        f.write(json.dumps({k: jsonable(v) for k, v in row.items()}) + "\n")

@@ -30,7 +30,7 @@ import torch
 from mixgrpo.core.interfaces import Backbone, Sampler
 from mixgrpo.core.progress import progress_bar
 from mixgrpo.core.sigmas import compressed_grid, sigma_grid
-from mixgrpo.core.types import Conditioning, SolverHistory, StepPlan, Trajectories
+from mixgrpo.core.types import Conditioning, SolverHistory, StepPlan, Trajectories, first_of_each
 
 
 def keyed_generator(*key: int | str) -> torch.Generator:
@@ -88,17 +88,6 @@ def step_noise(shape: Sequence[int], sample_ids: torch.Tensor, seed: int, iterat
     return torch.stack([keyed_normal(shape, seed, iteration, "sde", int(n), step) for n in sample_ids])
 
 
-def first_of_each(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The distinct values of ``keys`` in order of first appearance, the position of each one's first
-    appearance, and for every entry the index of its value among the distinct ones."""
-    first: dict[int, int] = {}
-    for n, key in enumerate(keys.tolist()):
-        first.setdefault(key, n)
-    slot = {key: k for k, key in enumerate(first)}
-    return (torch.tensor(list(first), dtype=torch.long), torch.tensor(list(first.values()), dtype=torch.long),
-            torch.tensor([slot[key] for key in keys.tolist()], dtype=torch.long))
-
-
 def encode_unique(backbone: Backbone, prompts: Sequence[str]) -> Conditioning:
     """Encode each distinct prompt once and expand to ``len(prompts)`` rows (cached embeddings)."""
     unique = list(dict.fromkeys(prompts))
@@ -137,8 +126,6 @@ def rollout(
     seed: int,
     iteration: int,
     batch_size: int = 16,
-    cond: Conditioning | None = None,
-    decode: bool = True,
     on_images: Callable[[torch.Tensor, slice], None] | None = None,
 ) -> Trajectories:
     """Sample ``len(prompts)`` trajectories under ``plan``, ``batch_size`` samples at a time.
@@ -159,8 +146,6 @@ def rollout(
             used for non-SDE steps of window-less plans).
         seed, iteration: noise keys.
         batch_size: samples per model call (and per chunk).
-        cond: precomputed conditioning of the N prompts (else encoded here, once per distinct prompt).
-        decode: decode the final latents to images.
         on_images: called with each chunk's images ``[B, 3, H, W]`` and its rows of the N samples,
             as soon as they are decoded.
     Returns:
@@ -175,7 +160,7 @@ def rollout(
     sample_ids = torch.as_tensor(sample_ids, dtype=torch.long)
     if group_ids.shape != (n,) or sample_ids.shape != (n,):
         raise ValueError(f"group_ids and sample_ids must have shape [{n}]")
-    cond = encode_unique(backbone, prompts) if cond is None else cond
+    cond = encode_unique(backbone, prompts)  # once per distinct prompt
     sigmas = setup.sigmas(plan)
     steps = tuple(i for i in sorted(set(plan.sde_steps)) if i < plan.num_steps)
     solvers = _solver_per_step(sigmas.numel() - 1, plan, steps, pre_solver, post_solver)
@@ -191,10 +176,10 @@ def rollout(
         begin = prefix.expand(group_ids[rows]) if prefix is not None else _ChunkStart(x_T[rows])
         part = _rollout_chunk(backbone, begin, cond.select(torch.arange(n)[rows]), sample_ids[rows],
                               sigmas, solvers, sde_sampler, seed, iteration)
-        images = backbone.decode(part[3]).float() if decode else torch.zeros(part[3].shape[0], 3, 1, 1)
+        images = backbone.decode(part.latents).float()
         if on_images is not None:
             on_images(images, rows)
-        parts.append((*part, images))
+        parts.append((part.x, part.x_next, part.log_prob, part.latents, images))
     xs, x_nexts, log_probs, latents, images = (torch.cat(column) for column in zip(*parts, strict=True))
     calls = sigmas.numel() - 1
     if prefix is not None and n:  # the shared steps were paid once per group
@@ -313,12 +298,21 @@ def _record(history: SolverHistory, res: Any, x: torch.Tensor, v: torch.Tensor, 
     history.append(float(sigmas[i]), res.x0 if res.x0 is not None else x.float() - float(sigmas[i]) * v)
 
 
+@attrs.define
+class _Chunk:
+    """A chunk's stored transitions ``x``, ``x_next`` ``[B, K, *latent]`` and log-probs ``[B, K]``
+    (CPU, fp32), and its final latents (fp32, on the backbone's device)."""
+
+    x: torch.Tensor
+    x_next: torch.Tensor
+    log_prob: torch.Tensor
+    latents: torch.Tensor
+
+
 def _rollout_chunk(backbone: Backbone, begin: _ChunkStart, cond: Conditioning, sample_ids: torch.Tensor,
                    sigmas: torch.Tensor, solvers: list[Sampler | None], sde_sampler: Sampler, seed: int,
-                   iteration: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One chunk down the grid from ``begin`` in one model call per step: its stored transitions
-    ``x``, ``x_next`` ``[B, K, *latent]`` and log-probs ``[B, K]`` (CPU, fp32), and the final
-    latents (fp32, on the backbone's device)."""
+                   iteration: int) -> _Chunk:
+    """One chunk down the grid from ``begin`` in one model call per step."""
     device, shape = backbone.device, backbone.latent_shape()
     x = begin.x.to(device)
     history = SolverHistory(list(begin.history))
@@ -343,8 +337,8 @@ def _rollout_chunk(backbone: Backbone, begin: _ChunkStart, cond: Conditioning, s
     b = x.shape[0]
     if not xs:
         empty = torch.zeros(b, 0, *shape)
-        return empty, empty, torch.zeros(b, 0), x.float()
-    return torch.stack(xs, 1), torch.stack(x_nexts, 1), torch.stack(log_probs, 1), x.float()
+        return _Chunk(empty, empty, torch.zeros(b, 0), x.float())
+    return _Chunk(torch.stack(xs, 1), torch.stack(x_nexts, 1), torch.stack(log_probs, 1), x.float())
 
 
 @torch.no_grad()

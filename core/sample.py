@@ -67,16 +67,13 @@ def read_prompts(spec: str) -> list[str]:
 
 
 def set_guidance(backbone: Backbone, guidance: float) -> str:
-    """Set the guidance the way diffusers' ``guidance_scale`` means it: the embedded guidance of a
-    guidance-distilled FLUX (FLUX.1-dev), else classifier-free guidance. Returns what was set."""
-    config = getattr(backbone, "config", None)
-    if getattr(config, "guidance_embeds", False):
-        backbone.guidance = float(guidance)
-        return "guidance"
-    if hasattr(backbone, "cfg_scale"):
-        backbone.cfg_scale = float(guidance)
-        return "cfg_scale"
-    raise ExportError(f"backbone {type(backbone).__name__} has no guidance setting")
+    """Set the guidance the way diffusers' ``guidance_scale`` means it (``Backbone.set_guidance``: e.g.
+    the embedded guidance of a guidance-distilled model, else classifier-free guidance). Returns the
+    name of the setting changed; a backbone without one is an ``ExportError``."""
+    try:
+        return backbone.set_guidance(float(guidance))
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
 
 
 @torch.no_grad()
@@ -88,8 +85,9 @@ def sample_images(backbone: Backbone, prompts: Sequence[str], indices: Sequence[
                       indices=indices).cpu()
 
 
-def _check_ode(name: str, solver: Any) -> None:
-    if getattr(solver, "stochastic", False):
+def _check_ode(name: str, stochastic: bool) -> None:
+    """An error when the sampler ``name`` is an SDE sampler (``Sampler.stochastic``)."""
+    if stochastic:
         raise ExportError(f"sampler {name!r} is stochastic; sample draws with an ODE solver (e.g. euler)")
 
 
@@ -133,7 +131,9 @@ def run_sample(source: str | os.PathLike, prompts: str | Sequence[str], out: str
     if solver is not None:  # a bad solver fails before the model loads
         from mixgrpo.core.plugins import get_plugin_manager
 
-        _check_ode(solver, get_plugin_manager().get("sampler", solver).factory)
+        factory = get_plugin_manager().get("sampler", solver).factory
+        if isinstance(factory, type) and issubclass(factory, Sampler):
+            _check_ode(solver, factory.stochastic)
     opened = open_model(source, checkpoint, bindings)
     c, backbone = opened.config, opened.backbone
     seed_list = parse_seeds(seeds) if isinstance(seeds, str) else list(seeds) if seeds is not None else [c.seed]
@@ -141,7 +141,7 @@ def run_sample(source: str | os.PathLike, prompts: str | Sequence[str], out: str
         raise ExportError("no seed given")
     solver_name = solver or c.eval_solver
     ode = make_sampler(opened.pm, "eval", solver_name)
-    _check_ode(solver_name, ode)
+    _check_ode(solver_name, ode.stochastic)
     if guidance is not None:
         set_guidance(backbone, guidance)
     setup = SamplingSetup(num_steps=steps or c.num_steps, shift=c.shift if shift is None else shift, grid=c.grid,
@@ -172,7 +172,7 @@ def run_sample(source: str | os.PathLike, prompts: str | Sequence[str], out: str
 
     columns = len(seed_list) if 1 < len(seed_list) <= 8 else 4
     save_sample_grid(torch.stack(grid_images), grid_captions, out / GRID, columns=columns)
-    guidance_used = {name: getattr(backbone, name) for name in ("cfg_scale", "guidance") if hasattr(backbone, name)}
+    guidance_used = dict(backbone.model_facts().guidance_settings)
     manifest = {
         "source": str(source),
         "checkpoint": str(opened.checkpoint) if opened.checkpoint is not None else "base",

@@ -9,9 +9,12 @@ and give it advantage 0. The trainer gathers the scores over its processes and c
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -20,6 +23,7 @@ from mixgrpo.core import metrics as m
 from mixgrpo.core.advantages import zero_std_fraction
 from mixgrpo.core.interfaces import Reward, RewardUnavailable
 
+log = logging.getLogger(__name__)
 _INTEGER = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
@@ -27,7 +31,13 @@ class RewardFailure(RuntimeError):
     """A reward returned something that is not one finite score per image, or failed every sample."""
 
 
-__all__ = ["RewardFailure", "RewardUnavailable", "call_reward", "evaluate", "score", "statistics"]
+__all__ = ["ChunkScorer", "RewardFailure", "RewardUnavailable", "RewardWatch", "call_reward", "evaluate", "score",
+           "statistics"]
+
+
+def higher_is_better(reward: Reward | Any) -> bool:
+    """A ``Reward`` says; a plain callable used as a reward scores higher for better images."""
+    return reward.higher_is_better if isinstance(reward, Reward) else True
 
 
 def _as_scores(raw: Any, name: str, count: int) -> torch.Tensor:
@@ -98,3 +108,76 @@ def evaluate(rewards: Mapping[str, Reward], images: torch.Tensor, prompts: Seque
         out[m.evaluation(name, "mean")] = ok.mean().item() if n else float("nan")
         out[m.evaluation(name, "sem")] = (ok.std().item() / math.sqrt(n)) if n > 1 else float("nan")
     return out
+
+
+class ChunkScorer:
+    """Scores each rollout chunk's images as the rollout hands them over: at once, or in a background
+    thread (``TrainConfig.overlap_rewards``). The reward calls and their images are the same either
+    way, so are the scores. ``inline_s`` is the scoring time spent inside the rollout; ``errors``
+    the exception of each reward call that scored nothing."""
+
+    def __init__(self, rewards: Mapping[str, Reward], prompts: Sequence[str], background: bool = False) -> None:
+        self.rewards, self.prompts = rewards, list(prompts)
+        self.scores = {name: torch.full((len(prompts),), float("nan")) for name in rewards}
+        self.errors: dict[str, BaseException] = {}
+        self.inline_s = 0.0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mixgrpo-reward") if background else None
+        self._pending: list[Future] = []
+
+    def __enter__(self) -> ChunkScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, images: torch.Tensor, rows: slice) -> None:
+        if self._pool is not None:
+            self._pending.append(self._pool.submit(self._score, images, rows))
+        else:
+            t = time.perf_counter()
+            self._score(images, rows)
+            self.inline_s += time.perf_counter() - t
+
+    def _score(self, images: torch.Tensor, rows: slice) -> None:
+        for name, s in score(self.rewards, images, self.prompts[rows], self.errors).items():
+            self.scores[name][rows] = s
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        """Every sample's scores, once every chunk is scored (a failure other than the reward's own,
+        which ``score`` masks, is raised here)."""
+        for future in self._pending:
+            future.result()
+        return self.scores
+
+
+class RewardWatch:
+    """Decides, iteration by iteration, whether the trained rewards still score: an iteration in
+    which one scored no sample trains nothing; ``max_failed`` such iterations in a row, or a reward
+    that is unavailable (``RewardUnavailable`` on any process), stop the run."""
+
+    def __init__(self, names: Sequence[str], samples: int, max_failed: int) -> None:
+        self.names, self.samples, self.max_failed = list(names), samples, max_failed
+        self.streak = 0  # consecutive iterations in which a trained reward scored nothing
+
+    def check(self, iteration: int, metrics: Mapping[str, float], errors: Mapping[str, BaseException],
+              everywhere: Callable[[bool], bool]) -> tuple[bool, RewardFailure | None]:
+        """``(train nothing, failure)`` for 1-based ``iteration``; ``everywhere(flag)`` is the
+        collective that makes every process decide alike."""
+        dead = [name for name in self.names if metrics[m.reward(name, "failed")] >= self.samples]
+        self.streak = self.streak + 1 if dead else 0
+        gone = [name for name, e in errors.items() if isinstance(e, RewardUnavailable)]
+        unavailable = not everywhere(not gone)
+        if dead:
+            log.warning("iteration %d: reward(s) %s scored no sample; the iteration trains nothing (%d of %d "
+                        "allowed in a row)", iteration, ", ".join(dead), self.streak, self.max_failed)
+        if not (unavailable or self.streak >= self.max_failed):
+            return bool(dead), None
+        name = (gone or dead or self.names)[0]
+        cause = errors.get(name)
+        why = ("is unavailable" if unavailable else f"scored no sample in {self.streak} consecutive iterations "
+               f"(TrainConfig.max_failed_iterations = {self.max_failed})")
+        told = f"{type(cause).__name__}: {cause}" if cause else "non-finite scores (or on another process)"
+        failure = RewardFailure(f"reward {name!r} {why}; the cause: {told}")
+        failure.__cause__ = cause
+        return True, failure

@@ -213,3 +213,38 @@ class Trajectories:
             return self.sde_steps.index(step)
         except ValueError:
             raise KeyError(f"step {step} was not an SDE step of this rollout ({self.sde_steps})") from None
+
+    def model_rows(self, step: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The samples the model runs on at ``step`` for the samples ``rows``, and the index that
+        expands its output back to ``rows`` (``None``: one model row per sample). At the step a
+        group shares, one sample per group."""
+        if step != self.shared_step:
+            return rows, None
+        _, first, expand = first_of_each(self.group_ids[rows])
+        return rows[first], expand
+
+    def micro_batches(self, rows: torch.Tensor, mask: torch.Tensor, size: int) -> list[tuple[int, torch.Tensor]]:
+        """``(step, sample rows)`` pairs for training ``rows`` (``mask[n, i]``: sample n trains step
+        i): for each trained step, its samples in chunks of ``size``; at the step a group shares (one
+        model call per group), chunks of ``size`` whole groups."""
+        chunks = []
+        for step in self.plan.all_train_steps():
+            members = rows[mask[rows, step]]
+            if step != self.shared_step:
+                chunks += [(step, part) for part in members.split(size)]
+                continue
+            groups, _, which = first_of_each(self.group_ids[members])
+            for part in torch.arange(len(groups)).split(size):
+                chunks.append((step, members[torch.isin(which, part)]))
+        return chunks
+
+
+def first_of_each(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct values of ``keys`` in order of first appearance, the position of each one's first
+    appearance, and for every entry the index of its value among the distinct ones."""
+    first: dict[int, int] = {}
+    for n, key in enumerate(keys.tolist()):
+        first.setdefault(key, n)
+    slot = {key: k for k, key in enumerate(first)}
+    return (torch.tensor(list(first), dtype=torch.long), torch.tensor(list(first.values()), dtype=torch.long),
+            torch.tensor([slot[key] for key in keys.tolist()], dtype=torch.long))

@@ -22,17 +22,27 @@ What is checked:
   (and is not zero everywhere);
 - ``decode`` returns ``[B, 3, H, W]`` floats in [0, 1];
 - ``reference()`` (for a ``TorchBackbone``): equal to the live model before training; after the
-  trainable weights move, the live velocity changes and the reference's does not.
+  trainable weights move, the live velocity changes and the reference's does not;
+- the members the core reads: ``module`` is an ``nn.Module`` holding every trainable parameter,
+  ``velocity`` runs whatever ``module`` is now (the trainer wraps or shards it in place),
+  ``unwrapped()`` is a module with the same parameters, ``dtype`` is a floating dtype, ``lora_rank``
+  an integer >= 0;
+- publishing: ``model_facts()`` is a ``ModelFacts``; ``set_guidance`` changes the setting it names
+  (or raises ``ValueError``); a backbone with a diffusers pipeline exports a non-empty folder and
+  describes it (``kind``, ``pipeline``, ``load``) and has a load snippet, one without refuses to
+  export and has none.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import ClassVar
 
 import pytest
 import torch
+from torch import nn
 
-from mixgrpo.core.interfaces import Backbone, TorchBackbone
+from mixgrpo.core.interfaces import Backbone, ModelFacts, TorchBackbone
 from mixgrpo.core.types import Conditioning
 
 
@@ -172,3 +182,69 @@ class BackboneContract:
         torch.testing.assert_close(ref_after, ref, atol=1e-6, rtol=0)
         after = self._velocity(bb, cond=cond)  # leaving the context restores the live model
         torch.testing.assert_close(after, moved, atol=0, rtol=0)
+
+    # -- the members the core reads ------------------------------------------------------------
+    def test_module_holds_the_trainable_parameters(self):
+        bb = self.backbone()
+        assert isinstance(bb.module, nn.Module), "a Backbone sets self.module to its trainable network"
+        assert isinstance(bb.unwrapped(), nn.Module)
+        in_module = {id(p) for p in bb.module.parameters()}
+        assert {id(p) for p in bb.unwrapped().parameters()} == in_module
+        assert all(id(p) in in_module for p in bb.trainable_parameters()), (
+            "trainable_parameters() must be parameters of module (the trainer wraps and shards module)")
+        assert isinstance(bb.dtype, torch.dtype) and bb.dtype.is_floating_point
+        assert isinstance(bb.lora_rank, int) and bb.lora_rank >= 0
+        assert isinstance(bb.calls_per_velocity, int) and bb.calls_per_velocity >= 1
+
+    def test_velocity_runs_the_current_module(self):
+        """The trainer replaces ``module`` (DDP, FSDP, the frozen reference): ``velocity`` must call
+        whatever ``self.module`` is at the time, never a reference kept from before."""
+        bb = self.make_backbone()
+        bb.module.eval()
+        cond = bb.encode(list(self.prompts))
+        live = self._velocity(bb, cond=cond)
+        other = copy.deepcopy(bb.module)
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for p in other.parameters():
+                if p.is_floating_point():
+                    p.add_(0.05 * torch.randn(p.shape, generator=gen).to(p))
+        original, bb.module = bb.module, other
+        try:
+            swapped = self._velocity(bb, cond=cond)
+        finally:
+            bb.module = original
+        assert not torch.allclose(swapped, live, atol=1e-5), "velocity ignored a replaced self.module"
+        torch.testing.assert_close(self._velocity(bb, cond=cond), live, atol=0, rtol=0)
+
+    # -- publishing ----------------------------------------------------------------------------
+    def test_model_facts(self):
+        facts = self.backbone().model_facts()
+        assert isinstance(facts, ModelFacts)
+        assert all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in facts.guidance_settings.items())
+        assert (facts.lora_alpha is None) or self.backbone().lora_rank > 0
+
+    def test_set_guidance_changes_the_setting_it_names(self):
+        bb = self.make_backbone()
+        try:
+            name = bb.set_guidance(2.5)
+        except ValueError:
+            return  # a backbone without guidance says so
+        assert bb.model_facts().guidance_settings[name] == 2.5
+
+    def test_export_or_refuse(self, tmp_path):
+        bb = self.backbone()
+        facts = bb.model_facts()
+        out = tmp_path / "export"
+        out.mkdir()
+        if not facts.pipeline:
+            with pytest.raises(ValueError):
+                bb.export(out)
+            assert bb.load_snippet("exported", self.prompts[0], 4) == []
+            return
+        info = bb.export(out, load_path="published")
+        assert info["kind"] in ("lora", "full") and (info["kind"] == "lora") == (bb.lora_rank > 0)
+        assert info["pipeline"] == facts.pipeline and "published" in info["load"]
+        assert any(out.iterdir()), "export wrote nothing"
+        snippet = bb.load_snippet("exported/run", self.prompts[0], 4)
+        assert snippet and all(isinstance(line, str) for line in snippet) and "exported/run" in "\n".join(snippet)

@@ -16,16 +16,23 @@ Checked (docs/algorithms.md §7, §8):
   it is ``−A·r``;
 - with ``kl_beta > 0``, ``kl`` is implemented: zero for equal step means, growing as they part;
 - ``stats`` has ``ratio``, ``clipped``, ``approx_kl``, ``policy`` and ``kl``, each a detached
-  ``[M]`` tensor; at ratio 1: ratio 1, nothing clipped, approx_kl 0.
+  ``[M]`` tensor; at ratio 1: ratio 1, nothing clipped, approx_kl 0;
+- the constructor contract (``PolicyObjective``): the constructor takes the keyword ``weights``, keeps
+  it as ``weights``, and the weights reach the advantages of several rewards. The objective is rebuilt
+  with other weights by ``with_weights`` (``attrs.evolve`` for an attrs class, else
+  ``type(objective)(weights=...)``): override it when the constructor needs other arguments.
 
 Rewards are named after the objective's ``weights`` when it has any, else ``"reward"``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import attrs
 import torch
 
-from mixgrpo.core.interfaces import PolicyObjective
+from mixgrpo.core.interfaces import PolicyObjective, check_objective_factory
 
 STAT_KEYS = ("ratio", "clipped", "approx_kl", "policy", "kl")
 
@@ -45,8 +52,14 @@ class ObjectiveContract:
 
     # -- the problem ---------------------------------------------------------------------------
     def reward_names(self, objective: PolicyObjective) -> list[str]:
-        weights = getattr(objective, "weights", None)
-        return list(weights) if weights else ["reward"]
+        return list(objective.weights) if objective.weights else ["reward"]
+
+    def with_weights(self, objective: PolicyObjective, weights: Mapping[str, float] | None) -> PolicyObjective:
+        """``objective`` built again with ``weights``, as the trainer passes them (override when its
+        constructor needs arguments that ``type(objective)(weights=...)`` does not give)."""
+        if attrs.has(type(objective)):
+            return attrs.evolve(objective, weights=weights)
+        return type(objective)(weights=weights)
 
     def batch(self, objective: PolicyObjective, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Rewards ``{name: [N]}`` (moderate, so no advantage clipping) and group ids ``[N]``."""
@@ -66,6 +79,26 @@ class ObjectiveContract:
         adv[0] = 0.0  # a zero advantage must give a zero policy term
         kl = torch.rand(m, generator=gen) if objective.kl_beta > 0 else None
         return old, adv, kl
+
+    # -- the constructor contract ---------------------------------------------------------------
+    def test_constructor_takes_reward_weights(self):
+        """The trainer builds every objective with ``weights=dict(TrainConfig.rewards)``: the keyword is
+        taken, kept as ``weights``, and changing the weights of two rewards changes the advantages."""
+        objective = self.make_objective()
+        check_objective_factory(type(objective))  # a clear error naming the contract, not a TypeError
+        gen = torch.Generator().manual_seed(5)
+        n = self.num_groups * self.group_size
+        group_ids = torch.arange(self.num_groups).repeat_interleave(self.group_size)
+        rewards = {"first": torch.randn(n, generator=gen), "second": 3.0 * torch.randn(n, generator=gen)}
+        advantages = {}
+        for key, weights in (("equal", None), ("even", {"first": 1.0, "second": 1.0}),
+                             ("second", {"first": 1.0, "second": 4.0})):
+            weighted = self.with_weights(objective, weights)
+            assert weighted.weights == weights, f"{type(objective).__name__} does not keep its weights as .weights"
+            advantages[key] = weighted.advantages(rewards, group_ids)
+            assert advantages[key].shape == group_ids.shape and torch.isfinite(advantages[key]).all()
+        assert not torch.allclose(advantages["even"], advantages["second"]), \
+            f"{type(objective).__name__}'s advantages ignore the reward weights"
 
     # -- the KL term ------------------------------------------------------------------------------
     def test_kl_when_the_objective_uses_a_reference(self):

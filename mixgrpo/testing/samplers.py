@@ -78,6 +78,14 @@ class SamplerContract:
         gen = torch.Generator().manual_seed(seed)
         return torch.randn(self.batch_size, *self.shape, generator=gen)
 
+    def _only(self, stochastic: bool) -> tuple[Sampler, torch.Tensor]:
+        """``(sampler, grid)`` for a test of SDE samplers (``stochastic=True``) or of ODE solvers,
+        skipping it for a sampler of the other kind."""
+        sampler = self.make_sampler()
+        if sampler.stochastic != stochastic:
+            pytest.skip("ODE solver" if stochastic else "SDE sampler")
+        return sampler, self.grid()
+
     def _step(self, sampler: Sampler, x, v, sigmas, index, **kwargs) -> StepResult:
         if sampler.stochastic and "noise" not in kwargs and "prev_sample" not in kwargs:
             kwargs["noise"] = self.noise(100 + index)
@@ -183,9 +191,7 @@ class SamplerContract:
 
     # -- ODE solvers ---------------------------------------------------------------------------
     def test_ode_has_no_log_prob(self):
-        sampler, sigmas = self.make_sampler(), self.grid()
-        if sampler.stochastic:
-            pytest.skip("SDE sampler")
+        sampler, sigmas = self._only(stochastic=False)
         x, v = self.inputs()
         for i in self.step_indices(sampler, sigmas):
             res = sampler.step(x, v, sigmas, i)
@@ -197,9 +203,7 @@ class SamplerContract:
         """On ``x = (1−σ)·x0 + σ·ε`` with ``v = ε − x0`` the trajectory is a straight line in σ and
         the data estimate is constant, so an RF ODE solver lands exactly on ``(1−σ')·x0 + σ'·ε``,
         with or without a (consistent) history."""
-        sampler, sigmas = self.make_sampler(), self.grid()
-        if sampler.stochastic:
-            pytest.skip("SDE sampler")
+        sampler, sigmas = self._only(stochastic=False)
         x0, eps = self.inputs(seed=3)
         v = eps - x0
         for i in self.step_indices(sampler, sigmas):
@@ -217,9 +221,7 @@ class SamplerContract:
 
     # -- SDE samplers --------------------------------------------------------------------------
     def test_sde_log_prob_shape_and_finite(self):
-        sampler, sigmas = self.make_sampler(), self.grid()
-        if not sampler.stochastic:
-            pytest.skip("ODE solver")
+        sampler, sigmas = self._only(stochastic=True)
         x, v = self.inputs()
         for i in self.step_indices(sampler, sigmas):
             res = self._step(sampler, x, v, sigmas, i)
@@ -229,9 +231,7 @@ class SamplerContract:
             assert float(torch.as_tensor(res.std).min()) > 0.0
 
     def test_sde_draw_is_mean_plus_std_noise(self):
-        sampler, sigmas = self.make_sampler(), self.grid()
-        if not sampler.stochastic:
-            pytest.skip("ODE solver")
+        sampler, sigmas = self._only(stochastic=True)
         x, v = self.inputs()
         noise = self.noise()
         for i in self.step_indices(sampler, sigmas):
@@ -243,9 +243,7 @@ class SamplerContract:
 
     def test_sde_log_prob_reproduces_bit_for_bit(self):
         """The on-policy check: recomputing the log-prob of a drawn sample gives the same bits."""
-        sampler, sigmas = self.make_sampler(), self.grid()
-        if not sampler.stochastic:
-            pytest.skip("ODE solver")
+        sampler, sigmas = self._only(stochastic=True)
         x, v = self.inputs()
         for i in self.step_indices(sampler, sigmas):
             drawn = self._step(sampler, x, v, sigmas, i)
@@ -254,9 +252,7 @@ class SamplerContract:
             assert torch.equal(again.prev_sample, drawn.prev_sample)
 
     def test_sde_log_prob_gradient_flows_through_v_only(self):
-        sampler, sigmas = self.make_sampler(), self.grid()
-        if not sampler.stochastic:
-            pytest.skip("ODE solver")
+        sampler, sigmas = self._only(stochastic=True)
         x, v = self.inputs()
         drawn = self._step(sampler, x, v, sigmas, 3)
         v = v.clone().requires_grad_(True)

@@ -1,22 +1,28 @@
-"""What the diffusers-format backbones share: dtypes and devices, local model folders, LoRA, latent
-packing, tokenizing, and ``DiffusersBackbone`` (CFG, autocast compute over fp32 master weights,
-timestep quantization, VAE decoding, saving the transformer). ``flux.py`` and ``sd3.py`` build on it.
+"""What the diffusers-format backbones share: dtypes and devices, local model folders, LoRA,
+tokenizing, and ``DiffusersBackbone`` (loading, CFG, autocast compute over fp32 master
+weights, timestep quantization, VAE decoding, the frozen reference, exporting and saving the
+transformer). ``flux.py`` and ``sd3.py`` build on it; the attention backends are in ``speed.py``, the
+diffusers export formats in ``diffusers_export.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from mixgrpo.core.interfaces import TorchBackbone
+from mixgrpo.core.interfaces import ModelFacts, TorchBackbone
 from mixgrpo.core.types import Conditioning
+from mixgrpo.plugins.backbones import diffusers_export, resolve_model_path
+from mixgrpo.plugins.backbones.speed import attention_backends as attention_backends  # re-exported
+from mixgrpo.plugins.backbones.speed import check_attention_backend, set_attention_backend
 
 log = logging.getLogger(__name__)
 
@@ -95,46 +101,6 @@ def add_lora(module: nn.Module, rank: int, alpha: float | None, targets: Sequenc
     return get_peft_model(module, config)
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict of a peft-wrapped model with the active LoRA deltas merged, in the base's key names.
-
-    Computed out of place: the live weights are never touched (merge/unmerge in bf16 would not
-    restore them bit-for-bit, and the rollout's log-probs must stay reproducible).
-    """
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
-    for name, layer in base.named_modules():
-        if isinstance(layer, LoraLayer):
-            weight = layer.get_base_layer().weight
-            delta = sum(layer.get_delta_weight(a).float() for a in layer.active_adapters)
-            state[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
-    return {k: v.detach().contiguous() for k, v in state.items()}
-
-
-def pack(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """``[B, C, h, w]`` → ``[B, (h/p)(w/p), C·p²]`` (row-major patches, channel-major inside)."""
-    b, c, h, w = x.shape
-    x = x.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
-
-
-def unpack(tokens: torch.Tensor, channels: int, height: int, width: int, patch: int) -> torch.Tensor:
-    """Inverse of ``pack``: ``[B, (h/p)(w/p), C·p²]`` → ``[B, C, h, w]``."""
-    b = tokens.shape[0]
-    x = tokens.reshape(b, height // patch, width // patch, channels, patch, patch).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, channels, height, width)
-
-
-def image_ids(rows: int, cols: int) -> torch.Tensor:
-    """FLUX position ids ``[rows·cols, 3]`` fp32: ``(0, row, col)`` in row-major order."""
-    ids = torch.zeros(rows, cols, 3)
-    ids[..., 1] = torch.arange(rows)[:, None]
-    ids[..., 2] = torch.arange(cols)[None, :]
-    return ids.reshape(rows * cols, 3)
-
-
 def tokenize(tokenizer: Any, prompts: list[str], length: int) -> dict[str, torch.Tensor]:
     """Token ids and mask padded (and truncated) to exactly ``length``, so a prompt's features never
     depend on the other prompts of its batch."""
@@ -162,111 +128,64 @@ def cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module
 
 
-# -- speed options: attention backend, torch.compile -----------------------------------------------
-def _backend_problem(name: str, device: torch.device) -> str | None:
-    """Why diffusers' attention backend ``name`` cannot run here (None when it can)."""
-    from diffusers.models import attention_dispatch as dispatch
-
-    backend = dispatch.AttentionBackendName(name)
-    if name.endswith("_hub"):
-        return "it downloads its kernel from the Hugging Face Hub, and mixgrpo never downloads"
-    try:
-        dispatch._check_attention_backend_requirements(backend)
-    except (RuntimeError, ImportError) as exc:
-        return str(exc)
-    checks = {getattr(c, "__name__", "") for c in dispatch._AttentionBackendRegistry._constraints.get(backend, [])}
-    cuda_only = (name.startswith(("flash", "_flash", "sage", "_sage", "aiter")) or "_check_device_cuda" in checks
-                 or "check_device_cuda" in checks or name in ("_native_cudnn", "_native_efficient"))
-    if cuda_only and device.type != "cuda":
-        return f"it runs on CUDA only, and this backbone is on {device.type}"
-    if name in ("_native_npu", "_native_xla") and device.type not in ("npu", "xla"):
-        return f"it runs on {name.removeprefix('_native_').upper()} devices only"
-    return None
-
-
-def attention_backends(device: torch.device) -> list[str]:
-    """The names of diffusers' attention backends that can run on ``device`` with what is installed."""
-    from diffusers.models.attention_dispatch import AttentionBackendName
-
-    return [b.value for b in AttentionBackendName if _backend_problem(b.value, device) is None]
-
-
-def check_attention_backend(name: str | None, device: torch.device) -> str | None:
-    """``name`` (lower case) when diffusers' attention backend of that name can run on ``device``;
-    None keeps diffusers' default (PyTorch SDPA). Checked before any weight is loaded, with a
-    message naming the backends that can run here."""
-    if name is None:
-        return None
-    from diffusers.models.attention_dispatch import AttentionBackendName
-
-    name = str(name).lower()
-    known = [b.value for b in AttentionBackendName]
-    if name not in known:
-        raise ValueError(f"unknown attention_backend {name!r}; diffusers' attention backends are "
-                         f"{', '.join(known)} (None = PyTorch SDPA, the default)")
-    problem = _backend_problem(name, device)
-    if problem:
-        raise ValueError(f"attention_backend {name!r} cannot run here: {problem.rstrip('.')}. Available on "
-                         f"{device.type}: {', '.join(attention_backends(device))} (or None, PyTorch SDPA)")
-    return name
-
-
-def set_attention_backend(transformer: nn.Module, name: str) -> None:
-    """Route the transformer's attention through diffusers' backend ``name`` (checked by
-    ``check_attention_backend``), leaving every other model of the process as it was: diffusers'
-    ``set_attention_backend`` also makes ``name`` the process-wide default, which is undone here.
-
-    Transformers whose attention processors call PyTorch SDPA directly (SD3 in diffusers 0.42)
-    take ``'xformers'`` through diffusers' xformers processors and refuse the other backends."""
-    from diffusers.models import attention_dispatch as dispatch
-
-    registry = dispatch._AttentionBackendRegistry
-    before = registry._active_backend
-    try:
-        diffusers_log = logging.getLogger("diffusers.models.modeling_utils")
-        with _quiet(diffusers_log, "Attention backends are an experimental feature"):
-            transformer.set_attention_backend(name)
-    finally:
-        registry.set_active_backend(before)
-    processors = [getattr(m, "processor", None) for m in transformer.modules()]
-    if any(getattr(p, "_attention_backend", None) == name for p in processors):
-        return
-    if name == "xformers" and hasattr(transformer, "enable_xformers_memory_efficient_attention"):
-        transformer.enable_xformers_memory_efficient_attention()
-        return
-    kinds = sorted({type(p).__name__ for p in processors if p is not None})
-    raise ValueError(f"{type(transformer).__name__}'s attention processors ({', '.join(kinds)}) call PyTorch SDPA "
-                     f"directly and do not dispatch to diffusers' attention backends: attention_backend={name!r} "
-                     "would change nothing. Use None (PyTorch SDPA) or 'xformers' (diffusers' xformers processors).")
-
-
-class _quiet:
-    """Drop the records of ``logger`` whose message starts with ``prefix`` (and no other) while active."""
-
-    def __init__(self, logger: logging.Logger, prefix: str) -> None:
-        self.logger, self.prefix = logger, prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
-
-    def __enter__(self) -> None:
-        self.logger.addFilter(self)
-
-    def __exit__(self, *exc: object) -> None:
-        self.logger.removeFilter(self)
-
-
 # -- the shared diffusers backbone -----------------------------------------------------------------
 class DiffusersBackbone(TorchBackbone):
-    """What the diffusers-format backbones share: dtype and devices, LoRA, CFG with the empty prompt,
-    timestep quantization, VAE decoding and saving the transformer. Subclasses set the transformer,
-    encoders and latent layout, and implement ``encode`` and ``_forward``."""
+    """What the diffusers-format backbones share: loading from a local folder, dtype and devices,
+    LoRA, CFG with the empty prompt, timestep quantization, VAE decoding, the frozen reference, and
+    exporting for the diffusers pipeline. A subclass names its model (the class attributes below),
+    loads its text encoders and VAE (``_load_components``), sets its latent layout
+    (``_set_latent_layout``), and implements ``encode`` and ``_forward``; its constructor sets its
+    own options, then calls this one with the shared arguments (gin binds them by the subclass's
+    name, e.g. ``FluxBackbone.lora_rank``).
 
+    Args (shared by every diffusers backbone):
+        path: local diffusers-format directory (see the subclass's module docstring for its layout).
+            Never a hub id: nothing is downloaded.
+        height, width: image size in pixels. Default: ``mixgrpo.json`` in ``path`` if present, else
+            the subclass's fallback. Multiples of the latent patch size in pixels.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the compute dtype. Text encoders (and
+            the VAE, unless the subclass sets its own dtype) are held and run in it; the transformer
+            runs in it under autocast, while its trainable weights (full fine-tuning) stay fp32
+            master weights, so that small updates and weight decay are not rounded away (LoRA: the
+            frozen base is held in this dtype, the adapters in fp32). Step math stays fp32:
+            ``velocity`` takes and returns fp32.
+        cfg_scale: classifier-free guidance against the empty prompt when > 1:
+            ``v = v_u + s·(v_c − v_u)``. ``velocity`` then runs a doubled batch, so every model call
+            costs two network evaluations (NFE doubles); 1 disables guidance.
+        cfg_gradient: with guidance, ``"conditional"`` (default, FlowGRPO's) trains through the
+            conditional branch only (the unconditional prediction is detached, so the gradient is
+            ``s·dv_c/dθ``); ``"both"`` differentiates the guided velocity through both branches.
+        timestep_quantization: None feeds the network the exact σ; an integer q feeds
+            ``floor(q·σ)/q`` (q = 1000 reproduces the MixGRPO/DanceGRPO references).
+        lora_rank: 0 trains the whole transformer; r > 0 wraps it with peft LoRA of rank r on
+            ``lora_targets`` (only the adapters train, and ``reference()`` is the adapter-disabled
+            model).
+        lora_alpha: LoRA alpha (default ``2·lora_rank``).
+        lora_targets: module names LoRA adapts (default: the subclass's ``default_lora_targets``).
+        gradient_checkpointing: recompute transformer blocks in the backward pass (memory for time).
+        attention_backend: None (default) runs attention through PyTorch SDPA, diffusers' default;
+            otherwise the name of one of diffusers' attention backends (``'xformers'``, ``'flash'``,
+            ``'_native_flash'``, ``'_native_math'``, ``'flex'``, ``'sage'``, ...; see
+            ``diffusers.models.attention_dispatch.AttentionBackendName``). Checked before anything is
+            loaded: a backend that is not installed, needs another device or downloads a kernel is
+            refused with the list of those that can run here. Set on this transformer only.
+        compile: ``'none'`` (default); ``'all'``: ``torch.compile`` the transformer for every forward
+            (rollout and training compute identical log-probs, also in bf16); ``'rollout'``: only the
+            forwards without gradients (rollout, evaluation, KL reference), fp32 only (docs/design.md).
+        device: where the model lives; default this process's GPU if there is one, else the CPU.
+    """
+
+    #: the backbone's registered name (a tag of the model card), its model's name in messages, the
+    #: diffusers class of its transformer, and the diffusers pipeline that loads its exports
+    family: ClassVar[str]
+    model_name: ClassVar[str]
+    transformer_class: ClassVar[str]
+    diffusers_pipeline: ClassVar[str]
     default_lora_targets: ClassVar[tuple[str, ...]] = FLUX_LORA_TARGETS
-    #: the diffusers pipeline class that loads this backbone's exports (``mixgrpo export``)
-    diffusers_pipeline: ClassVar[str | None] = None
 
-    dtype: torch.dtype
+    path: Path
+    height: int
+    width: int
     cfg_scale: float
     timestep_quantization: int | None
     vae: nn.Module | None = None
@@ -278,9 +197,39 @@ class DiffusersBackbone(TorchBackbone):
     #: the transformer blocks ``compile`` compiles when the model names none (``_repeated_blocks``)
     compile_blocks: ClassVar[tuple[str, ...]] = ()
 
+    def __init__(self, path: str, height: int | None, width: int | None, *, dtype: str, cfg_scale: float,
+                 cfg_gradient: str, timestep_quantization: int | None, lora_rank: int, lora_alpha: float | None,
+                 lora_targets: Sequence[str] | None, gradient_checkpointing: bool, attention_backend: str | None,
+                 compile: str, device: str | None) -> None:  # noqa: A002 (gin name)
+        import diffusers
+
+        self.dtype = resolve_dtype(dtype)
+        self._set_speed_options(attention_backend, compile, device)  # before anything is read or loaded
+        root = self.path = resolve_model_path(path, self.model_name)
+        self._set_guidance(cfg_scale, cfg_gradient)
+        self.timestep_quantization = timestep_quantization
+        folder = component(root, "transformer", f"{self.model_name} transformer")
+        check_model_class(folder, self.transformer_class, self.family)
+        transformer = getattr(diffusers, self.transformer_class).from_pretrained(
+            folder, local_files_only=True, dtype=self.transformer_load_dtype(self.dtype, lora_rank))
+        self.config = transformer.config
+        self._load_components(root, {"dtype": self.dtype, "local_files_only": True})
+        self._set_latent_layout(root, height, width)
+        self._setup_transformer(transformer, default_device(device), lora_rank, lora_alpha, lora_targets,
+                                gradient_checkpointing)
+
+    def _load_components(self, root: Path, load: dict[str, Any]) -> None:
+        """Load the text encoders, tokenizers and VAE from ``root`` (``from_pretrained(..., **load)``)
+        into ``self.frozen``, and check they fit the transformer (``self.config``)."""
+        raise NotImplementedError
+
+    def _set_latent_layout(self, root: Path, height: int | None, width: int | None) -> None:
+        """Set ``height``, ``width`` and the latent shape (checked against the transformer and VAE)."""
+        raise NotImplementedError
+
     def _set_speed_options(self, attention_backend: str | None, compile: str,  # noqa: A002 (gin name)
                            device: str | torch.device | None) -> None:
-        """Check the speed options before anything is loaded (see ``FluxBackbone``'s arguments)."""
+        """Check the speed options before anything is loaded (see the class's arguments)."""
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         if compile == "rollout" and self.dtype != torch.float32:
@@ -363,15 +312,28 @@ class DiffusersBackbone(TorchBackbone):
         for m in self.frozen.values():
             m.requires_grad_(False).eval().to(device)
 
+    # -- the frozen reference: the adapters switched off under LoRA, else a frozen copy -------------
     def freeze_reference(self) -> None:
-        """The frozen copy of a full fine-tune is held in the compute dtype (its forward runs in it
-        anyway), half the memory of the fp32 master weights."""
+        """Under LoRA nothing to keep: the reference is the network with its adapters disabled. The
+        frozen copy of a full fine-tune is held in the compute dtype (its forward runs in it anyway),
+        half the memory of the fp32 master weights."""
+        if self.lora_rank > 0:
+            return
         for _, compiled in (self._compiled or {}).values():  # the copy must not call the live blocks' code
             for block, _ in compiled:
                 block._compiled_call_impl = None
         super().freeze_reference()
         if self._reference_module is not None:
             cast(self._reference_module, self.dtype)
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        if self.lora_rank > 0:
+            with self.unwrapped().disable_adapter():  # peft: the base is the model with adapters off
+                yield
+            return
+        with super().reference():
+            yield
 
     def _sync_devices(self) -> torch.device:
         """Frozen components follow the transformer (which the trainer may move)."""
@@ -449,19 +411,26 @@ class DiffusersBackbone(TorchBackbone):
         z = self.vae.encode(x.to(self.device, self.vae.dtype)).latent_dist.mode()
         return ((z.float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor).to(images.device)
 
+    # -- publishing: the model card, ``mixgrpo export`` and ``mixgrpo sample`` --------------------
+    def model_facts(self) -> ModelFacts:
+        alpha = self.unwrapped().peft_config["default"].lora_alpha if self.lora_rank > 0 else None
+        return ModelFacts(pipeline=self.diffusers_pipeline, family=self.family, base_model=str(self.path),
+                          height=self.height, width=self.width, guidance=self.cfg_scale,
+                          guidance_settings={"cfg_scale": self.cfg_scale}, lora_alpha=alpha)
+
+    def set_guidance(self, scale: float) -> str:
+        """Classifier-free guidance: ``cfg_scale``."""
+        self.cfg_scale = float(scale)
+        return "cfg_scale"
+
+    def export(self, out: Path, *, max_shard_size: str | int = "5GB", load_path: str | None = None) -> dict[str, Any]:
+        """The LoRA adapter (``lora_rank > 0``) as the pipeline's ``save_lora_weights`` writes it, else
+        the transformer as a diffusers model folder (``plugins/backbones/diffusers_export.py``)."""
+        return diffusers_export.export(self, Path(out), max_shard_size, load_path)
+
+    def load_snippet(self, export_dir: str, prompt: str, num_steps: int) -> list[str]:
+        return diffusers_export.load_snippet(self, export_dir, prompt, num_steps)
+
     def save_transformer(self, path: str | os.PathLike) -> Path:
         """Write the transformer (LoRA merged in) to ``path`` in diffusers format (safetensors)."""
-        from safetensors.torch import save_file
-
-        from mixgrpo.core.checkpoint import share_like_open
-
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        model = self.unwrapped()
-        if not hasattr(model, "get_base_model"):
-            model.save_pretrained(out, safe_serialization=True)
-        else:
-            model.get_base_model().save_config(out)
-            save_file(merged_state_dict(model), str(out / "diffusion_pytorch_model.safetensors"))
-        share_like_open(out)  # safetensors writes 0600; a shared model folder must be readable
-        return out
+        return diffusers_export.save_merged(self.unwrapped(), Path(path))

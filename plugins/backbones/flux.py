@@ -26,71 +26,55 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import attrs
 import torch
 
 from mixgrpo.core.hookspecs import hookimpl
+from mixgrpo.core.interfaces import ModelFacts
 from mixgrpo.core.types import Conditioning
-from mixgrpo.plugins.backbones import resolve_model_path
-from mixgrpo.plugins.backbones.diffusers_base import (
-    DiffusersBackbone,
-    check_model_class,
-    component,
-    default_device,
-    image_ids,
-    pack,
-    read_defaults,
-    resolve_dtype,
-    tokenize,
-    unpack,
-)
+from mixgrpo.plugins.backbones.diffusers_base import DiffusersBackbone, component, read_defaults, tokenize
+
+
+def pack(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """``[B, C, h, w]`` → ``[B, (h/p)(w/p), C·p²]`` (row-major patches, channel-major inside)."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def unpack(tokens: torch.Tensor, channels: int, height: int, width: int, patch: int) -> torch.Tensor:
+    """Inverse of ``pack``: ``[B, (h/p)(w/p), C·p²]`` → ``[B, C, h, w]``."""
+    b = tokens.shape[0]
+    x = tokens.reshape(b, height // patch, width // patch, channels, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels, height, width)
+
+
+def image_ids(rows: int, cols: int) -> torch.Tensor:
+    """FLUX position ids ``[rows·cols, 3]`` fp32: ``(0, row, col)`` in row-major order."""
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] = torch.arange(rows)[:, None]
+    ids[..., 2] = torch.arange(cols)[None, :]
+    return ids.reshape(rows * cols, 3)
 
 
 # -- FLUX ------------------------------------------------------------------------------------------
 class FluxBackbone(DiffusersBackbone):
     """FLUX.1 (or the tiny shapes-world FLUX) from a local diffusers-format directory.
 
-    Args:
-        path: local directory (see the module docstring for its layout). Never a hub id: nothing
-            is downloaded.
-        height, width: image size in pixels. Default: ``mixgrpo.json`` in ``path`` if present,
-            else 32 in pixel space and 1024 with a VAE. Must be multiples of the patch size in
-            pixel space (of 2× the VAE's downsampling factor with a VAE).
-        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the compute dtype (``"bfloat16"`` is
-            bf16 autocast). Text encoders and VAE are held and run in it; the transformer runs in it
-            under autocast, while its trainable weights (full fine-tuning) stay fp32 master weights,
-            so that small updates and weight decay are not rounded away (LoRA: the frozen base is
-            held in this dtype, the adapters in fp32). Step math stays fp32: ``velocity`` returns fp32.
+    Args: those of ``DiffusersBackbone`` (``path`` laid out as the module docstring says), and
+        height, width: default ``mixgrpo.json`` in ``path``, else 32 in pixel space and 1024 with a
+            VAE. Multiples of the patch size in pixel space (of 2× the VAE's downsampling factor
+            with a VAE).
         guidance: the embedded guidance value passed to guidance-distilled transformers
             (``transformer.config.guidance_embeds``, FLUX.1-dev); ignored otherwise.
-        cfg_scale: true classifier-free guidance against the empty prompt when > 1:
-            ``v = v_u + s·(v_c − v_u)``. ``velocity`` then runs a doubled batch, so every model call
-            costs two network evaluations (NFE doubles).
-        cfg_gradient: with guidance, ``"conditional"`` (default) trains through the conditional
-            branch only (the unconditional prediction is detached, as FlowGRPO does); ``"both"``
-            differentiates the guided velocity through both branches.
-        timestep_quantization: None feeds the network the exact σ; an integer q feeds
-            ``floor(q·σ)/q`` (q = 1000 reproduces the MixGRPO/DanceGRPO references).
+        cfg_scale: default 1 (no classifier-free guidance: FLUX.1-dev is guidance-distilled).
         max_sequence_length: T5 tokens per prompt (77; FLUX.1-dev is usually run with 512).
             Without T5 the CLIP sequence is used, capped by the CLIP context length.
-        lora_rank: 0 trains the whole transformer; r > 0 wraps it with peft LoRA of rank r on
-            ``lora_targets`` (only the adapters train, and ``reference()`` is the adapter-disabled
-            model).
-        lora_alpha: LoRA alpha (default ``2·lora_rank``).
-        lora_targets: module names LoRA adapts (default ``to_q, to_k, to_v, to_out.0``).
-        gradient_checkpointing: recompute transformer blocks in the backward pass (memory for time).
-        attention_backend: None (default) runs attention through PyTorch SDPA, diffusers' default;
-            otherwise the name of one of diffusers' attention backends (``'xformers'``, ``'flash'``,
-            ``'_native_flash'``, ``'_native_math'``, ``'flex'``, ``'sage'``, ...; see
-            ``diffusers.models.attention_dispatch.AttentionBackendName``). Checked before anything is
-            loaded: a backend that is not installed, needs another device or downloads a kernel is
-            refused with the list of those that can run here. Set on this transformer only.
-        compile: ``'none'`` (default); ``'all'``: ``torch.compile`` the transformer for every forward
-            (rollout and training compute identical log-probs, also in bf16); ``'rollout'``: only the
-            forwards without gradients (rollout, evaluation, KL reference), fp32 only (docs/design.md).
-        device: where the model lives; default this process's GPU if there is one, else the CPU.
+        lora_targets: default ``to_q, to_k, to_v, to_out.0``.
     """
 
-    diffusers_pipeline = "FluxPipeline"
+    family, model_name = "flux", "FLUX"
+    transformer_class, diffusers_pipeline = "FluxTransformer2DModel", "FluxPipeline"
 
     def __init__(self, path: str, height: int | None = None, width: int | None = None,
                  dtype: str = "float32", guidance: float = 3.5, cfg_scale: float = 1.0,
@@ -100,22 +84,17 @@ class FluxBackbone(DiffusersBackbone):
                  lora_targets: Sequence[str] | None = None, gradient_checkpointing: bool = False,
                  attention_backend: str | None = None, compile: str = "none",  # noqa: A002 (gin name)
                  device: str | None = None) -> None:
-        from diffusers import AutoencoderKL, FluxTransformer2DModel
+        self.guidance = float(guidance)
+        self.max_sequence_length = int(max_sequence_length)
+        super().__init__(path, height, width, dtype=dtype, cfg_scale=cfg_scale, cfg_gradient=cfg_gradient,
+                         timestep_quantization=timestep_quantization, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                         lora_targets=lora_targets, gradient_checkpointing=gradient_checkpointing,
+                         attention_backend=attention_backend, compile=compile, device=device)
+
+    def _load_components(self, root: Path, load: dict) -> None:
+        from diffusers import AutoencoderKL
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-        self.dtype = resolve_dtype(dtype)
-        self._set_speed_options(attention_backend, compile, device)  # before anything is read or loaded
-        root = resolve_model_path(path, "FLUX")
-        self.path = root
-        self.guidance = float(guidance)
-        self._set_guidance(cfg_scale, cfg_gradient)
-        self.timestep_quantization = timestep_quantization
-        load = {"dtype": self.dtype, "local_files_only": True}
-        check_model_class(component(root, "transformer", "FLUX transformer"), "FluxTransformer2DModel", "flux")
-        transformer = FluxTransformer2DModel.from_pretrained(
-            component(root, "transformer", "FLUX transformer"), local_files_only=True,
-            dtype=self.transformer_load_dtype(self.dtype, lora_rank))
-        self.config = transformer.config
         self.tokenizer = AutoTokenizer.from_pretrained(component(root, "tokenizer", "CLIP tokenizer"),
                                                        local_files_only=True)
         self.text_encoder = CLIPTextModel.from_pretrained(component(root, "text_encoder", "CLIP text encoder"),
@@ -131,10 +110,7 @@ class FluxBackbone(DiffusersBackbone):
             self.vae = AutoencoderKL.from_pretrained(root / "vae", **load)
             self.frozen["vae"] = self.vae
         self._check_text_dims(root)
-        self._set_sequence_lengths(max_sequence_length)
-        self._set_latent_layout(root, height, width)
-        self._setup_transformer(transformer, default_device(device), lora_rank, lora_alpha, lora_targets,
-                                gradient_checkpointing)
+        self._set_sequence_lengths()
 
     # -- set-up --------------------------------------------------------------------------------
     def _check_text_dims(self, root: Path) -> None:
@@ -151,11 +127,10 @@ class FluxBackbone(DiffusersBackbone):
             raise ValueError(f"{root}: the transformer's pooled_projection_dim is {cfg.pooled_projection_dim} but "
                              f"the CLIP text encoder's pooled features have {clip_dim}")
 
-    def _set_sequence_lengths(self, max_sequence_length: int) -> None:
+    def _set_sequence_lengths(self) -> None:
         limit = self.text_encoder.config.max_position_embeddings
         tok_max = self.tokenizer.model_max_length
         self.clip_length = min(limit, tok_max) if tok_max and tok_max < 10**6 else limit
-        self.max_sequence_length = int(max_sequence_length)
         if self.text_encoder_2 is None:
             self.clip_length = min(self.clip_length, self.max_sequence_length)
 
@@ -236,6 +211,19 @@ class FluxBackbone(DiffusersBackbone):
             return_dict=False,
         )[0]
         return self.unpack(out)
+
+    # -- publishing ----------------------------------------------------------------------------
+    def model_facts(self) -> ModelFacts:
+        """FluxPipeline's ``guidance_scale`` is the embedded guidance (its CFG is ``true_cfg_scale``)."""
+        return attrs.evolve(super().model_facts(), guidance=self.guidance,
+                            guidance_settings={"cfg_scale": self.cfg_scale, "guidance": self.guidance})
+
+    def set_guidance(self, scale: float) -> str:
+        """The embedded guidance of a guidance-distilled FLUX (FLUX.1-dev), else classifier-free guidance."""
+        if self.config.guidance_embeds:
+            self.guidance = float(scale)
+            return "guidance"
+        return super().set_guidance(scale)
 
 
 @hookimpl

@@ -24,12 +24,9 @@ import torch
 
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.types import Conditioning
-from mixgrpo.plugins.backbones import resolve_model_path
 from mixgrpo.plugins.backbones.diffusers_base import (
     DiffusersBackbone,
-    check_model_class,
     component,
-    default_device,
     read_defaults,
     resolve_dtype,
     tokenize,
@@ -43,45 +40,23 @@ SD3_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
 class SD3Backbone(DiffusersBackbone):
     """Stable Diffusion 3 / 3.5 from a local diffusers-format directory.
 
-    Args:
-        path: local directory (see the module docstring). Never a hub id: nothing is downloaded.
-        height, width: image size in pixels. Default: ``mixgrpo.json`` in ``path`` if present, else
-            ``transformer.config.sample_size × VAE factor`` (1024 for SD3.5; FlowGRPO trains at 512).
-            Multiples of ``VAE factor × patch_size``.
-        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the compute dtype of the transformer
-            (under autocast; its trainable weights stay fp32 master weights, LoRA adapters fp32) and
-            the dtype of the text encoders; ``velocity`` takes and returns fp32.
-        cfg_scale: classifier-free guidance against the empty prompt, ``v = v_u + s·(v_c − v_u)``
-            (FlowGRPO: 4.5). When > 1 every ``velocity`` call runs a doubled batch (NFE doubles);
-            1 disables guidance.
-        cfg_gradient: ``"conditional"`` (default, FlowGRPO's) detaches the unconditional branch when
-            training, so the gradient is ``s·dv_c/dθ``; ``"both"`` differentiates through both.
-        timestep_quantization: None feeds the network ``σ·1000``; an integer q feeds
-            ``floor(q·σ)/q·1000``.
+    Args: those of ``DiffusersBackbone`` (``path`` laid out as the module docstring says), and
+        height, width: default ``mixgrpo.json`` in ``path``, else ``transformer.config.sample_size ×
+            VAE factor`` (1024 for SD3.5; FlowGRPO trains at 512). Multiples of ``VAE factor ×
+            patch_size``.
+        cfg_scale: default 4.5 (FlowGRPO's).
+        timestep_quantization: the network takes ``σ·1000`` (quantized: ``floor(q·σ)/q·1000``).
         max_sequence_length: T5 tokens per prompt (256, the pipeline's default). Without
             ``text_encoder_3/`` that many zero tokens stand in for T5, as in the pipeline.
-        lora_rank: 0 trains the whole transformer; r > 0 trains peft LoRA adapters of rank r on
-            ``lora_targets`` (``reference()`` is then the adapter-disabled model).
-        lora_alpha: LoRA alpha (default ``2·lora_rank``).
-        lora_targets: module names LoRA adapts (default: FlowGRPO's eight attention projections).
-        gradient_checkpointing: recompute transformer blocks in the backward pass.
+        lora_targets: default FlowGRPO's eight attention projections.
         vae_dtype: dtype of the VAE (default: ``dtype``); FlowGRPO decodes in ``"float32"``, which
             its SD3.5 recipe sets: the rewards then score images free of bf16 decoding error.
-        attention_backend: None (default) runs attention through PyTorch SDPA, diffusers' default;
-            otherwise the name of one of diffusers' attention backends (``'xformers'``, ``'flash'``,
-            ``'_native_flash'``, ``'_native_math'``, ``'flex'``, ``'sage'``, ...; see
-            ``diffusers.models.attention_dispatch.AttentionBackendName``). Checked before anything is
-            loaded: a backend that is not installed, needs another device or downloads a kernel is
-            refused with the list of those that can run here. Set on this transformer only.
-        compile: ``'none'`` (default); ``'all'``: ``torch.compile`` the transformer for every forward
-            (rollout and training compute identical log-probs, also in bf16); ``'rollout'``: only the
-            forwards without gradients (rollout, evaluation, KL reference), fp32 only (docs/design.md).
-        device: where the model lives; default this process's GPU if there is one, else the CPU.
     """
 
+    family, model_name = "sd3", "SD3"
+    transformer_class, diffusers_pipeline = "SD3Transformer2DModel", "StableDiffusion3Pipeline"
     default_lora_targets = SD3_LORA_TARGETS
     compile_blocks = ("JointTransformerBlock",)  # diffusers 0.42's SD3 declares no _repeated_blocks
-    diffusers_pipeline = "StableDiffusion3Pipeline"
 
     def __init__(self, path: str, height: int | None = None, width: int | None = None,
                  dtype: str = "float32", cfg_scale: float = 4.5, cfg_gradient: str = "conditional",
@@ -90,22 +65,17 @@ class SD3Backbone(DiffusersBackbone):
                  lora_targets: Sequence[str] | None = None, gradient_checkpointing: bool = False,
                  vae_dtype: str | None = None, attention_backend: str | None = None,
                  compile: str = "none", device: str | None = None) -> None:  # noqa: A002 (gin name)
-        from diffusers import AutoencoderKL, SD3Transformer2DModel
+        self.max_sequence_length = int(max_sequence_length)
+        self.vae_dtype = vae_dtype
+        super().__init__(path, height, width, dtype=dtype, cfg_scale=cfg_scale, cfg_gradient=cfg_gradient,
+                         timestep_quantization=timestep_quantization, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                         lora_targets=lora_targets, gradient_checkpointing=gradient_checkpointing,
+                         attention_backend=attention_backend, compile=compile, device=device)
+
+    def _load_components(self, root: Path, load: dict) -> None:
+        from diffusers import AutoencoderKL
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-        self.dtype = resolve_dtype(dtype)
-        self._set_speed_options(attention_backend, compile, device)  # before anything is read or loaded
-        root = resolve_model_path(path, "SD3")
-        self.path = root
-        self._set_guidance(cfg_scale, cfg_gradient)
-        self.timestep_quantization = timestep_quantization
-        self.max_sequence_length = int(max_sequence_length)
-        load = {"dtype": self.dtype, "local_files_only": True}
-        check_model_class(component(root, "transformer", "SD3 transformer"), "SD3Transformer2DModel", "sd3")
-        transformer = SD3Transformer2DModel.from_pretrained(
-            component(root, "transformer", "SD3 transformer"), local_files_only=True,
-            dtype=self.transformer_load_dtype(self.dtype, lora_rank))
-        self.config = transformer.config
         self.tokenizers, self.clip_encoders = [], []
         for suffix in ("", "_2"):
             self.tokenizers.append(AutoTokenizer.from_pretrained(
@@ -120,12 +90,9 @@ class SD3Backbone(DiffusersBackbone):
             self.text_encoder_3 = T5EncoderModel.from_pretrained(root / "text_encoder_3", **load)
             self.frozen["text_encoder_3"] = self.text_encoder_3
         self.vae = AutoencoderKL.from_pretrained(component(root, "vae", "VAE"), local_files_only=True,
-                                                 dtype=resolve_dtype(vae_dtype or self.dtype))
+                                                 dtype=resolve_dtype(self.vae_dtype or self.dtype))
         self.frozen["vae"] = self.vae
         self._check_dims(root)
-        self._set_latent_layout(root, height, width)
-        self._setup_transformer(transformer, default_device(device), lora_rank, lora_alpha, lora_targets,
-                                gradient_checkpointing)
 
     def _check_dims(self, root: Path) -> None:
         cfg = self.config

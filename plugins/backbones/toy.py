@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mixgrpo.core.hookspecs import hookimpl
-from mixgrpo.core.interfaces import TorchBackbone
+from mixgrpo.core.interfaces import ModelFacts, TorchBackbone
 from mixgrpo.core.types import Conditioning
 
 
@@ -81,6 +81,11 @@ class ToyBackbone(TorchBackbone):
 
     def latent_shape(self) -> tuple[int, ...]:
         return (self.channels, self.size, self.size)
+
+    def model_facts(self) -> ModelFacts:
+        """No diffusers pipeline draws the toy net: ``mixgrpo export`` refuses it, and its model card
+        tells how to draw with ``mixgrpo sample``. Its images are ``size × size``."""
+        return ModelFacts(height=self.size, width=self.size)
 
 
 @hookimpl

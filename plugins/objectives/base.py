@@ -14,7 +14,9 @@ give a subclass the same checks with its own defaults.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
+from typing import Any
 
 import attrs
 import torch
@@ -26,32 +28,66 @@ from mixgrpo.core.validators import finite_non_negative, one_of, positive
 
 
 # -- the fields of ClippedGRPO, with their checks, for subclasses that change a default ----------------
-def std_field(default: str) -> str:
+# Each returns an attrs field definition for a class body (``std: str = std_field("group")``). It is typed
+# ``Any``: the object is attrs' field marker, which becomes the annotated ``str``/``float`` value only on
+# an instance; the class annotation states that type.
+def std_field(default: str) -> Any:
     return attrs.field(default=default, validator=one_of("std mode", STD_MODES))
 
 
-def aggregate_field(default: str) -> str:
-    return attrs.field(default=default, validator=one_of("aggregate", AGGREGATES))
+def ddof_field(default: float) -> Any:
+    return attrs.field(default=default, validator=[_real_number, finite_non_negative])
 
 
-def eps_field(default: float) -> float:
-    return attrs.field(default=default, converter=float)
-
-
-def weights_field() -> Mapping[str, float] | None:
-    return attrs.field(default=None, converter=attrs.converters.optional(dict))
-
-
-def clip_range_field(default: float) -> float:
-    return attrs.field(default=default, converter=float, validator=positive)
-
-
-def kl_beta_field(default: float) -> float:
+def eps_field(default: float) -> Any:
     return attrs.field(default=default, converter=float, validator=finite_non_negative)
 
 
-def kl_include_dt_field(default: bool) -> bool:
+def aggregate_field(default: str) -> Any:
+    return attrs.field(default=default, validator=one_of("aggregate", AGGREGATES))
+
+
+def weights_field() -> Any:
+    return attrs.field(default=None, converter=attrs.converters.optional(dict))
+
+
+def adv_clip_field(default: float | None) -> Any:
+    return attrs.field(default=default, converter=attrs.converters.optional(float), validator=_positive_or_none)
+
+
+def clip_range_field(default: float) -> Any:
+    return attrs.field(default=default, converter=float, validator=positive)
+
+
+def kl_beta_field(default: float) -> Any:
+    return attrs.field(default=default, converter=float, validator=finite_non_negative)
+
+
+def kl_include_dt_field(default: bool) -> Any:
     return attrs.field(default=default, converter=bool)
+
+
+def _real_number(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """A real number, not a bool (ddof keeps its type: 1 stays 1, as the references write it)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{attribute.name} must be a number, got {value!r}")
+
+
+def _positive_or_none(instance: Any, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    """None (no clamp) or a number > 0 (NaN is not)."""
+    if value is not None and not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0, or None for no clamp, got {value}")
+
+
+def in_base_order(cls: type, fields: list[attrs.Attribute[Any]]) -> list[attrs.Attribute[Any]]:
+    """attrs ``field_transformer`` that keeps ``ClippedGRPO``'s field order in a subclass.
+
+    attrs moves a field that a subclass redefines (to change its default) to the end; with
+    ``@attrs.frozen(field_transformer=in_base_order)`` the subclass redefines only the fields whose
+    defaults differ and its signature and repr read as ``ClippedGRPO``'s (fields of its own follow).
+    """
+    order = {field.name: k for k, field in enumerate(attrs.fields(ClippedGRPO))}
+    return sorted(fields, key=lambda field: order.get(field.name, len(order)))
 
 
 def gaussian_kl(
@@ -104,16 +140,17 @@ class ClippedGRPO(PolicyObjective):
         std (`str`, defaults to `"group"`):
             Advantage std mode: ``"group"`` (per group) or ``"global"`` (all rewards of the batch).
         ddof (`float`, defaults to 1):
-            Delta degrees of freedom of the std (1 unbiased, 0 population).
+            Delta degrees of freedom of the std (1 unbiased, 0 population); >= 0.
         eps (`float`, defaults to 1e-8):
-            Added to the std in the advantage denominator.
+            Added to the std in the advantage denominator; >= 0.
         aggregate (`str`, defaults to `"advantage"`):
             Several rewards: ``"advantage"`` averages per-reward advantages (weights normalized to
             sum to 1); ``"reward"`` sums the weighted raw rewards and normalizes once.
         weights (`dict[str, float]`, defaults to None):
-            Per-reward weights (None: equal). The trainer passes ``TrainConfig.rewards``.
+            Per-reward weights (None: equal), ``PolicyObjective``'s constructor keyword: the trainer
+            passes ``TrainConfig.rewards``.
         adv_clip (`float`, defaults to 5.0):
-            Advantages are clamped to ±adv_clip (None: no clamp).
+            Advantages are clamped to ±adv_clip (> 0; None: no clamp).
         clip_range (`float`, defaults to 1e-4):
             The ratio clip ε (a trust region on the per-element-average log-prob).
         kl_beta (`float`, defaults to 0.0):
@@ -123,11 +160,11 @@ class ClippedGRPO(PolicyObjective):
     """
 
     std: str = std_field("group")
-    ddof: float = 1
+    ddof: float = ddof_field(1)
     eps: float = eps_field(1e-8)
     aggregate: str = aggregate_field("advantage")
     weights: Mapping[str, float] | None = weights_field()
-    adv_clip: float | None = 5.0
+    adv_clip: float | None = adv_clip_field(5.0)
     clip_range: float = clip_range_field(1e-4)
     kl_beta: float = kl_beta_field(0.0)
     kl_include_dt: bool = kl_include_dt_field(False)

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import attrs
 
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.plugins.objectives.base import (
     ClippedGRPO,
     aggregate_field,
-    clip_range_field,
+    ddof_field,
     eps_field,
+    in_base_order,
     kl_beta_field,
-    kl_include_dt_field,
     std_field,
-    weights_field,
 )
 
 
-@attrs.frozen
+@attrs.frozen(field_transformer=in_base_order)
 class FlowGRPO(ClippedGRPO):
     """FlowGRPO (arXiv 2505.05470 and its public code): a group is all samples of one prompt in the
     iteration, gathered across processes; advantages use the per-prompt mean and the std of ALL
@@ -32,17 +29,12 @@ class FlowGRPO(ClippedGRPO):
     ``kl_include_dt=False`` (the reference's KL, Δ absorbed into β).
     """
 
-    # every field, in ClippedGRPO's order (attrs appends redefined fields at the end), so that the
-    # signature and the repr read as the other objectives'
+    # the fields whose defaults differ from ClippedGRPO's (in_base_order keeps ClippedGRPO's order)
     std: str = std_field("global")
-    ddof: float = 0
+    ddof: float = ddof_field(0)
     eps: float = eps_field(1e-4)
     aggregate: str = aggregate_field("reward")
-    weights: Mapping[str, float] | None = weights_field()
-    adv_clip: float | None = 5.0
-    clip_range: float = clip_range_field(1e-4)
     kl_beta: float = kl_beta_field(0.04)
-    kl_include_dt: bool = kl_include_dt_field(False)
 
 
 @hookimpl

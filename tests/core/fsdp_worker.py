@@ -54,7 +54,7 @@ def main(parallelism: str, flux_dir: str, run: Path, iterations: int, flags: lis
               for p, w in zip(params, weights)]
     names = [n for n, p in trainer.backbone.unwrapped().named_parameters() if p.requires_grad]
     torch.save({"world": acc.num_processes, "names": names, "advantages": advantages, "weights": weights,
-                "shards": shards, "parallelism": trainer.parallelism}, run / f"rank{acc.process_index}.pt")
+                "shards": shards, "parallelism": trainer.parallel.kind}, run / f"rank{acc.process_index}.pt")
     trainer.close()
 
 

@@ -182,10 +182,10 @@ FLOWGRPO = str(ROOT / "experiments" / "methods" / "flowgrpo.gin")
 
 @pytest.mark.parametrize("config, bindings, where", [
     # FlowGRPO samples every step with the SDE, the last one (into σ = 0) included
-    (FLOWGRPO, (), "TrainConfig.schedule = 'all' makes step 7, the last of 8, an SDE step at iteration 0"),
-    # MixGRPO's window (3 of 8 steps, moving every 25 iterations) reaches the last step at iteration 125
+    (FLOWGRPO, (), "TrainConfig.schedule = 'all' makes step 7, the last of 8, an SDE step at iteration 1"),
+    # MixGRPO's window (3 of 8 steps, moving every 25 iterations) reaches the last step at iteration 126
     (MIXGRPO, ("TrainConfig.iterations = 200",),
-     "TrainConfig.schedule = 'progressive' makes step 7, the last of 8, an SDE step at iteration 125"),
+     "TrainConfig.schedule = 'progressive' makes step 7, the last of 8, an SDE step at iteration 126"),
 ], ids=["flowgrpo-all", "mixgrpo-progressive"])
 def test_cps_with_a_schedule_that_samples_the_last_step_stops_before_the_model_loads(
         capsys, tmp_path, config, bindings, where):

@@ -14,9 +14,10 @@ from safetensors import safe_open
 
 from mixgrpo.core.cli import main
 from mixgrpo.core.config import load_config
-from mixgrpo.core.export import EXPORT_INFO, LORA_WEIGHTS, lora_layers, open_model
+from mixgrpo.core.export import EXPORT_INFO, open_model
 from mixgrpo.core.rollout import SamplingSetup, keyed_normal, sample_ode
 from mixgrpo.core.trainer import Trainer
+from mixgrpo.plugins.backbones.diffusers_export import LORA_WEIGHTS, lora_layers
 from mixgrpo.plugins.backbones.tiny import build_tiny_flux, build_tiny_sd3
 from mixgrpo.plugins.samplers.euler import Euler
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mixgrpo.core.rollout import SamplingSetup, first_of_each, rollout
-from mixgrpo.core.trainer import Trainer, _micro_batches
+from mixgrpo.core.trainer import Trainer
 from mixgrpo.plugins.schedules.windows import FixedWindow
 
 PROMPTS = ["a red circle"] * 3 + ["two blue squares"] * 3 + ["a green triangle"] * 3
@@ -155,7 +155,7 @@ def test_micro_batches_at_the_shared_step_hold_whole_groups(make_trainer, size):
     plan = FixedWindow(start=2, window_size=2).plan(0, T)
     traj = _walk(trainer, plan, share=True, batch_size=9)
     rows = torch.tensor([0, 2, 3, 4, 5, 7, 8])
-    chunks = _micro_batches(traj, rows, plan.train_mask(9), size)
+    chunks = traj.micro_batches(rows, plan.train_mask(9), size)
     at_shared = [part for step, part in chunks if step == 2]
     assert len(at_shared) == -(-3 // size)  # ceil(groups / size)
     assert all(len(first_of_each(traj.group_ids[part])[0]) <= size for part in at_shared)

@@ -9,6 +9,8 @@ import torch
 
 from mixgrpo.core.advantages import group_advantages
 from mixgrpo.core.config import parse_gin
+from mixgrpo.core.hookspecs import hookimpl
+from mixgrpo.core.interfaces import PolicyObjective, check_objective_factory
 from mixgrpo.core.plugins import PluginManager
 from mixgrpo.core.types import StepResult
 from mixgrpo.plugins.objectives.base import ClippedGRPO, gaussian_kl
@@ -69,6 +71,39 @@ def test_objectives_are_frozen_records_with_the_same_fields(cls):
     assert obj == cls(weights={"a": 2}) and obj != cls(weights={"a": 3})
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         obj.kl_beta = 1.0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ddof=-1), "ddof must be a finite number >= 0, got -1"),
+    (dict(ddof=math.nan), "ddof must be a finite number >= 0, got nan"),
+    (dict(ddof="1"), "ddof must be a number, got '1'"),
+    (dict(adv_clip=-1), "adv_clip must be > 0, or None for no clamp, got -1.0"),
+    (dict(adv_clip=0), "adv_clip must be > 0, or None for no clamp, got 0.0"),
+    (dict(eps=-1e-8), "eps must be a finite number >= 0, got -1e-08"),
+])
+@pytest.mark.parametrize("cls", list(DEFAULTS))
+def test_ddof_adv_clip_and_eps_are_checked(cls, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        cls(**kwargs)
+    assert str(err.value) == message
+
+
+def test_valid_ddof_and_adv_clip_keep_their_values():
+    obj = MixGRPO(ddof=0, adv_clip=None)
+    assert obj.ddof == 0 and type(obj.ddof) is int and obj.adv_clip is None
+    assert FlowGRPO(ddof=0.5, adv_clip=3).adv_clip == 3.0 and type(FlowGRPO(adv_clip=3).adv_clip) is float
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("MixGRPO.adv_clip = -1", "adv_clip must be > 0, or None for no clamp, got -1.0"),
+    ("FlowGRPO.ddof = -1", "ddof must be a finite number >= 0, got -1"),
+])
+def test_bad_bindings_are_refused_naming_the_binding(binding, message):
+    pm = parse_gin([], [binding])
+    cls, name = binding.split(".")[0], binding.split(".")[0].lower()
+    with pytest.raises(ValueError) as err:
+        pm.create("objective", name)
+    assert str(err.value).startswith(message) and f"configurable '{cls}'" in str(err.value)
 
 
 def test_gin_bindings_are_converted_and_checked():
@@ -226,3 +261,87 @@ class TestMixGRPOContract(ObjectiveContract):
 class TestMixGRPOWithKLContract(ObjectiveContract):
     def make_objective(self):
         return MixGRPO(kl_beta=0.1, clip_range=1e-3)
+
+
+# -- the constructor contract, for an objective written outside mixgrpo ------------------------------
+class RankObjective(PolicyObjective):
+    """As a third party writes one: no attrs, no ClippedGRPO. Advantages: the weighted sum of each
+    reward's within-group rank, centred; loss: the clipped GRPO terms."""
+
+    def __init__(self, weights=None, clip_range=1e-3):
+        self.weights = None if weights is None else dict(weights)
+        self.clip_range = clip_range
+
+    def advantages(self, rewards, group_ids):
+        weights = self.weights or dict.fromkeys(rewards, 1.0)
+        total = sum(weights[name] * r.double() for name, r in rewards.items())
+        adv = torch.zeros_like(total)
+        for g in group_ids.unique():
+            rows = group_ids == g
+            ranks = total[rows].argsort().argsort().double()
+            adv[rows] = ranks - ranks.mean()
+        return adv.float()
+
+    def loss(self, log_prob_new, log_prob_old, advantages, kl=None):
+        ratio = torch.exp(log_prob_new - log_prob_old.detach())
+        eps = self.clip_range
+        policy = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - eps, 1 + eps))
+        log_ratio = (log_prob_new - log_prob_old).detach()
+        stats = {"ratio": ratio.detach(), "clipped": ((ratio.detach() - 1).abs() > eps).float(),
+                 "approx_kl": 0.5 * log_ratio**2, "policy": policy.detach(), "kl": torch.zeros_like(policy.detach())}
+        return policy, stats
+
+
+class UnweightedObjective(RankObjective):
+    """Breaks the contract: its constructor does not take ``weights``."""
+
+    def __init__(self, clip_range=1e-3):
+        super().__init__(None, clip_range)
+
+
+class TestThirdPartyObjectiveContract(ObjectiveContract):
+    zero_mean_groups = True
+
+    def make_objective(self):
+        return RankObjective(weights={"aesthetic": 1.0, "text": 2.0})
+
+
+class _UnweightedContract(ObjectiveContract):  # not collected: run by the test below
+    def make_objective(self):
+        return UnweightedObjective()
+
+
+def test_an_objective_without_weights_fails_naming_the_contract():
+    with pytest.raises(ValueError, match=r"UnweightedObjective breaks PolicyObjective's constructor contract: it must "
+                                         r"take the keyword argument weights"):
+        _UnweightedContract().test_constructor_takes_reward_weights()
+    # as registered by a plugin, gin-configurable: refused by name before anything is built
+    class Plugin:
+        @hookimpl
+        def register_objectives(self, register):
+            register("unweighted", UnweightedObjective)
+            register("ranks", RankObjective)
+
+    pm = PluginManager(load_entry_points=False, plugins=[Plugin()])
+    with pytest.raises(ValueError, match=r"objective 'unweighted' \(UnweightedObjective\) breaks PolicyObjective's "
+                                         r"constructor contract.*weights=dict\(TrainConfig.rewards\)"):
+        check_objective_factory(pm.get("objective", "unweighted").factory, "unweighted")
+    with pytest.raises(TypeError, match="weights"):  # what the trainer's call would raise without the check
+        pm.create("objective", "unweighted", weights={"x": 1.0})
+    check_objective_factory(pm.get("objective", "ranks").factory, "ranks")  # the contract kept: no error
+    assert pm.create("objective", "ranks", weights={"x": 1.0}).weights == {"x": 1.0}
+    for cls in DEFAULTS:
+        check_objective_factory(cls)
+
+
+def test_an_objective_that_ignores_its_weights_fails_the_contract():
+    class Ignoring(RankObjective):  # takes and keeps its weights, but weighs the rewards equally
+        def advantages(self, rewards, group_ids):
+            return RankObjective().advantages(rewards, group_ids)
+
+    class Contract(ObjectiveContract):
+        def make_objective(self):
+            return Ignoring()
+
+    with pytest.raises(AssertionError, match="ignore the reward weights"):
+        Contract().test_constructor_takes_reward_weights()

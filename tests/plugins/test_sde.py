@@ -10,7 +10,8 @@ import torch
 
 from mixgrpo.core.plugins import PluginManager
 from mixgrpo.core.sigmas import sigma_grid
-from mixgrpo.plugins.samplers.sde import CPSSDE, DanceSDE, FlowSDE, sde_step
+from mixgrpo.plugins.samplers.sde import CPSSDE, DanceSDE, FlowSDE, GridStep, ReverseSDE, SDESampler, sde_step
+from mixgrpo.testing import SamplerContract
 
 SHAPE = (4, 2, 3, 5)  # [B, C, H, W]
 GRID = sigma_grid(25, 3.0)  # the MixGRPO grid, fp32
@@ -243,3 +244,34 @@ def test_bad_reduction_and_shapes():
         sde_step(x, v, GRID, 0, form="flow", noise_level=0.7, noise=xi[:2])
     with pytest.raises(ValueError, match="prev_sample has shape"):
         sde_step(x, v, GRID, 0, form="flow", noise_level=0.7, prev_sample=xi[:, :1])
+
+
+# -- a new noise form on the base classes ------------------------------------------------------------
+class LinearSDE(ReverseSDE):
+    """A form of the Euler–Maruyama family is its diffusion coefficient: here ``g = a·σ``."""
+
+    def __init__(self, noise_level: float = 0.5, reduction: str = "mean") -> None:
+        super().__init__(noise_level, reduction)
+
+    def diffusion(self, step: GridStep) -> float:
+        return self.noise_level * step.sigma
+
+
+class TestLinearSDEContract(SamplerContract):
+    def make_sampler(self):
+        return LinearSDE()
+
+
+def test_a_new_form_is_its_diffusion_coefficient():
+    x, v, xi = _inputs(11)
+    for i in (0, 5, 24):
+        res = LinearSDE(0.5).step(x, v, GRID, i, noise=xi)
+        sig, nxt = float(GRID[i]), float(GRID[i + 1])
+        g = 0.5 * sig
+        mean = x.double() + (nxt - sig) * (v.double() + g**2 / (2 * sig) * (x.double() + (1 - sig) * v.double()))
+        torch.testing.assert_close(res.mean.double(), mean, rtol=1e-5, atol=1e-5)
+        assert float(res.std) == pytest.approx(g * math.sqrt(sig - nxt), rel=1e-6)
+    assert isinstance(LinearSDE(), SDESampler)
+    assert repr(LinearSDE(0.2)) == "LinearSDE(noise_level=0.2, reduction='mean')"
+    with pytest.raises(TypeError, match="abstract"):
+        SDESampler(0.5)  # a form defines std and mean

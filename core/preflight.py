@@ -1,0 +1,73 @@
+"""Every check a run can make before any model loads, in one place.
+
+A mistake found here costs a second; found after loading FLUX and the reward models, minutes. The
+trainer calls ``check_config`` first, ``check_plans`` once its cheap components (samplers, schedule)
+exist, then ``records.check_writable`` on the run directory, all before it builds the backbone or any
+reward; each raises ``ValueError`` naming the binding and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mixgrpo.core.config import TrainConfig
+from mixgrpo.core.interfaces import Sampler, check_objective_factory
+from mixgrpo.core.plugins import PluginManager
+
+
+def check_config(config: TrainConfig, pm: PluginManager, num_processes: int) -> None:
+    """The config's own ranges and component names (``TrainConfig.validate``), the objective's
+    constructor contract (it takes the reward ``weights``), and the batch layout over
+    ``num_processes``; first of all, before any component is built."""
+    config.validate(pm)
+    check_objective_factory(pm.get("objective", config.objective).factory, config.objective)
+    check_batch_layout(config, num_processes)
+
+
+def check_batch_layout(c: TrainConfig, world: int) -> None:
+    """Whole groups on every process, and minibatches that split each process's samples evenly."""
+    if c.prompts_per_iteration % world:
+        n = c.prompts_per_iteration
+        near = [k for k in (n // world * world, (n // world + 1) * world) if k > 0]
+        raise ValueError(f"TrainConfig.prompts_per_iteration = {n} is not divisible by the number of processes "
+                         f"({world}), so the processes cannot each hold whole groups: set it to a multiple of "
+                         f"{world} (" + " or ".join(f'--gin "TrainConfig.prompts_per_iteration = {k}"' for k in near)
+                         + f"), or launch a number of processes that divides {n}")
+    local = c.prompts_per_iteration // world * c.group_size
+    if local % c.num_minibatches:
+        raise ValueError(f"num_minibatches={c.num_minibatches} must divide the {local} samples each process holds "
+                         f"per iteration ({c.prompts_per_iteration} prompts x group_size {c.group_size} over "
+                         f"{world} process(es)), so that every optimizer step averages the same number of samples")
+
+
+def check_plans(c: TrainConfig, pm: PluginManager, schedule: Any, sde_sampler: Any, setup: Any) -> None:
+    """Plan the first and last iterations (plans are pure and cheap): a window that does not fit the
+    grid, a trained step that is not an SDE step, or a Flash grid that cannot be built; and, for an
+    SDE sampler that cannot take the step into σ = 0 (CPS), every iteration, since a random window
+    may reach the end at any (windowed plans are O(1))."""
+    samples = c.prompts_per_iteration * c.group_size
+    for k in sorted({0, c.iterations - 1}):
+        plan = schedule.plan(k, c.num_steps, samples, seed=c.seed)
+        outside = set(plan.all_train_steps()) - set(plan.sde_steps)
+        if outside:
+            raise ValueError(f"schedule {c.schedule!r} trains steps {sorted(outside)} at iteration {k + 1}, which "
+                             "are not SDE steps: a log-prob exists only on SDE steps")
+        setup.sigmas(plan)
+    if sde_sampler.supports_final_step:
+        return
+    for k in range(c.iterations):
+        plan = schedule.plan(k, c.num_steps, samples, seed=c.seed)
+        last = setup.sigmas(plan).numel() - 2  # the step into σ = 0 (of a Flash grid too)
+        if last in plan.sde_steps and last < plan.num_steps:
+            takes = sorted(n for n, e in pm.registry["sampler"].items() if _takes_final_sde_step(e.factory))
+            raise ValueError(
+                f"TrainConfig.sde_sampler = {c.sde_sampler!r} ({type(sde_sampler).__name__}) cannot take the grid's "
+                f"last step, into σ = 0, as an SDE step (its std is 0 there, so the step has no log-prob), but "
+                f"TrainConfig.schedule = {c.schedule!r} makes step {last}, the last of {last + 1}, an SDE step at "
+                f"iteration {k + 1}. Use an SDE sampler that takes the last step ({', '.join(takes)}), or a windowed "
+                f"schedule ('fixed', 'progressive', 'decay') whose window ends before step {last} at every iteration")
+
+
+def _takes_final_sde_step(factory: Any) -> bool:
+    return (isinstance(factory, type) and issubclass(factory, Sampler) and factory.stochastic
+            and factory.supports_final_step)
