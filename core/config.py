@@ -253,11 +253,10 @@ def _configurable_names(pm: PluginManager) -> dict[str, Any]:
 
 
 def _extra_configurables() -> dict[str, Any]:
-    """Configurables outside the registries: comparisons, and whatever gin configurables the loaded
-    plugins define (the shapes world's ``PretrainConfig``), found in gin's own registry."""
-    from mixgrpo.core.compare import CompareConfig
-
-    extra: dict[str, Any] = {"CompareConfig": CompareConfig}
+    """Configurables outside the registries, found in gin's own registry: whatever the loaded
+    plugins define (the shapes world's ``PretrainConfig``) and the commands' (``CompareConfig``,
+    registered when ``mixgrpo.commands`` loads; the engine does not import the commands)."""
+    extra: dict[str, Any] = {}
     for selector, configurable in gin.config._REGISTRY.items():
         if selector.startswith("mixgrpo."):
             extra.setdefault(selector.rsplit(".", 1)[-1], configurable.wrapped)

@@ -9,10 +9,20 @@ from typing import TYPE_CHECKING, Any
 
 from mixgrpo.core import metrics as m
 from mixgrpo.core import records, scoring
+from mixgrpo.core.grids import save_sample_grid, scored_captions
 from mixgrpo.core.rollout import sample_ode
 
 if TYPE_CHECKING:
     from mixgrpo.core.trainer import Trainer
+
+
+def base(trainer: Trainer, row: dict[str, Any]) -> None:
+    """The base model's evaluation into ``row`` and its grid (iteration 0), when the run evaluates
+    or draws grids at all (``Trainer.base_evaluation`` may replace it, e.g. by a shared cache)."""
+    if trainer.config.eval_every:
+        record(trainer, 0, row)
+    if trainer.config.sample_every:
+        draw_grid(trainer, 0)
 
 
 def when_due(trainer: Trainer, iteration: int, row: dict[str, Any], last: bool) -> None:
@@ -57,8 +67,6 @@ def draw_grid(trainer: Trainer, iteration: int) -> None:
     main = trainer.accelerator.is_main_process
     if not main and not trainer.parallel.sharded:
         return
-    from mixgrpo.core.report import save_sample_grid, scored_captions
-
     c = trainer.config
     trainer.backbone.module.eval()
     prompts = trainer.prompt_set("eval", c.sample_prompts, c.seed)

@@ -7,6 +7,7 @@ documented list (docs/run-directory.md); ``<name>`` stands for a reward's regist
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -88,3 +89,10 @@ NAMES = (
     RATIO_MEAN, CLIPFRAC, APPROX_KL, ONPOLICY_RATIO_DEV, GRAD_NORM, SKIPPED_STEPS, LOSS_POLICY, LOSS_KL,
     WINDOW_START, WINDOW_SIZE, NFE_ROLLOUT, NFE_TRAIN, ROLLOUT_S, REWARD_S, TRAIN_S, ITERATION_S, PEAK_MEM_GB,
 )
+
+
+def format_value(value: float, digits: int = 3) -> str:
+    """A score on its own: ``digits`` significant digits (``0.457``, ``1.23e-05``), ``n/a`` if not finite."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}g}"

@@ -24,6 +24,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +32,16 @@ import attrs
 import torch
 from accelerate import Accelerator
 
-from mixgrpo.core import base_eval, evaluation, preflight, records, scoring
 from mixgrpo.core import checkpoint as ckpt
+from mixgrpo.core import evaluation, preflight, records, scoring
 from mixgrpo.core import metrics as m
 from mixgrpo.core.advantages import local_rows
 from mixgrpo.core.config import TrainConfig
 from mixgrpo.core.ema import EMA
+from mixgrpo.core.metrics import format_value
 from mixgrpo.core.parallel import Parallel, make_accelerator, peak_mem_gb
 from mixgrpo.core.plugins import PluginManager, get_plugin_manager, make_sampler
 from mixgrpo.core.progress import progress_bar
-from mixgrpo.core.report import format_value
 from mixgrpo.core.rollout import SamplingSetup, keyed_generator, rollout
 from mixgrpo.core.scoring import ChunkScorer, RewardFailure, RewardWatch
 from mixgrpo.core.signals import stop_on_signals
@@ -60,7 +61,8 @@ class Trainer:
         self.accelerator = accelerator or make_accelerator(self.out, c.tensorboard)
         preflight.check_config(c, self.pm, self.accelerator.num_processes)
         self.parallel = Parallel(self.accelerator, c.parallelism)
-        self.base_cache: Path | None = None  # a folder of shared base evaluations (mixgrpo compare sets it)
+        #: the iteration-0 evaluation (``evaluation.base``; ``mixgrpo compare`` shares one between runs)
+        self.base_evaluation: Callable[[Trainer, dict[str, Any]], None] = evaluation.base
         #: the experiment file and command-line bindings (``mixgrpo train`` sets it; recorded for --resume)
         self.launch: dict[str, Any] | None = None
         # the cheap components first, and every check that needs no model: a mistake stops the run
@@ -120,7 +122,7 @@ class Trainer:
         history: list[dict[str, float]] = []
         if self.start_iteration == 0 and (c.eval_every or c.sample_every):
             base_row: dict[str, Any] = {m.ITERATION: 0}
-            base_eval.evaluate_base(self, base_row, self.base_cache)  # shared with identical runs
+            self.base_evaluation(self, base_row)
             self._log(base_row)
         bar = progress_bar(range(self.start_iteration, c.iterations), desc=f"{c.objective}", unit="it",
                            disable=not (c.progress and acc.is_main_process), initial=self.start_iteration,
@@ -151,11 +153,6 @@ class Trainer:
                     break
         for tracker in acc.trackers:
             tracker.finish()  # flush and close the TensorBoard writer
-        if acc.is_main_process and not self.stopped:
-            from mixgrpo.core.model_card import write_model_card
-
-            # README.md: what was trained and how it scores, to publish as is
-            write_model_card(self.out, c, self.backbone, self.prompt_set("eval", 1, c.seed)[0])
         return history
 
     def iteration(self, k: int) -> dict[str, float]:

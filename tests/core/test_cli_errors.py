@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mixgrpo.core.cli import main
+from mixgrpo.commands.cli import main
 
 from .conftest import ROOT, TOY
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from mixgrpo.core.compare import run_compare
-from mixgrpo.core.compare_report import predicted_ratios, summarize
-from mixgrpo.core.report import read_metrics
+from mixgrpo.commands.compare import run_compare
+from mixgrpo.commands.compare_report import predicted_ratios, summarize
+from mixgrpo.commands.report import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 EXP = ROOT / "experiments"
@@ -169,7 +169,7 @@ def test_rerun_keeps_finished_runs(comparison, capsys):
 
 def test_cli_variant_bindings_sweep_one_component(comparison, tmp_path):
     tmp, _ = comparison
-    cmd = [sys.executable, "-m", "mixgrpo.core.cli", "compare", str(tmp / "compare.gin"), "--output", str(tmp_path),
+    cmd = [sys.executable, "-m", "mixgrpo", "compare", str(tmp / "compare.gin"), "--output", str(tmp_path),
            "--variant", f"euler={EXP / 'methods/mixgrpo_flash.gin'}",
            "--variant", "w3=TrainConfig.schedule = 'fixed';FixedWindow.window_size = 3",
            "--gin", "TrainConfig.iterations = 1", "--gin", "CompareConfig.seeds = (0,)"]
@@ -211,7 +211,7 @@ def test_bad_worker_count_is_a_clear_error(comparison):
 def test_eval_scores_are_per_image_and_pair_base_with_final(comparison):
     import numpy as np
 
-    from mixgrpo.core.compare_report import paired_gain
+    from mixgrpo.commands.compare_report import paired_gain
 
     tmp, report = comparison
     text = report.read_text()
@@ -239,7 +239,7 @@ def test_eval_scores_are_per_image_and_pair_base_with_final(comparison):
 
 
 def test_paired_gain_takes_the_repeat_of_a_resumed_run_and_skips_failed_images(tmp_path):
-    from mixgrpo.core.compare_report import paired_gain
+    from mixgrpo.commands.compare_report import paired_gain
 
     lines = [{"iteration": 0, "r": [0.1, 0.2, 0.3, float("nan")]},
              {"iteration": 5, "r": [9.0, 9.0, 9.0, 9.0]},  # superseded by the resumed run's repeat
@@ -256,8 +256,8 @@ def test_paired_gain_takes_the_repeat_of_a_resumed_run_and_skips_failed_images(t
 
 
 def test_labels_that_differ_only_in_symbols_get_their_own_folders_or_a_clear_error(comparison, tmp_path):
+    from mixgrpo.commands.report import slug
     from mixgrpo.core.config import ConfigError
-    from mixgrpo.core.report import slug
 
     assert slug("MixGRPO-Flash*") != slug("MixGRPO-Flash")  # once both wrote into one folder
     assert slug("MixGRPO w=1") == "MixGRPO_w_1" and slug("***") == "variant"
@@ -271,7 +271,7 @@ def test_labels_that_differ_only_in_symbols_get_their_own_folders_or_a_clear_err
 def test_the_base_model_is_evaluated_once_per_identical_setting(tmp_path, monkeypatch):
     """Three variants × two seeds share two base evaluations (one per training seed, which picks the
     evaluation prompts); each run's iteration-0 row and grid equal a run that evaluates for itself."""
-    from mixgrpo.core import base_eval
+    from mixgrpo.commands import base_eval
     from mixgrpo.core.trainer import Trainer
 
     (tmp_path / "world.gin").write_text(WORLD)
@@ -285,10 +285,12 @@ def test_the_base_model_is_evaluated_once_per_identical_setting(tmp_path, monkey
         "}\n"
         "CompareConfig.seeds = (0, 1)\n"
         f"CompareConfig.output_dir = '{tmp_path / 'out'}'\n")
+    from mixgrpo.core import evaluation
+
     calls = []
-    evaluate = Trainer.evaluate
-    monkeypatch.setattr(Trainer, "evaluate", lambda self, *a, **k: calls.append(self.config.seed) or evaluate(
-        self, *a, **k))
+    evaluate = evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda trainer, *a, **k: calls.append(trainer.config.seed) or evaluate(
+        trainer, *a, **k))
     run_compare(tmp_path / "compare.gin")
     # base: once per seed; then iterations 1 and 2 of each of the 6 runs
     assert sorted(calls).count(0) == 1 + 3 * 2 and sorted(calls).count(1) == 1 + 3 * 2

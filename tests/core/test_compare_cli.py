@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mixgrpo.commands.cli import main
+from mixgrpo.commands.compare import _variant_arg
+from mixgrpo.commands.compare_report import format_at, format_estimate, summarize, write_report
 from mixgrpo.core import metrics
-from mixgrpo.core.cli import main
-from mixgrpo.core.compare import _variant_arg
-from mixgrpo.core.compare_report import format_at, format_estimate, summarize, write_report
 
 from .test_compare import EXP, ROOT, WORLD, printed_close, table_cells
 
@@ -51,7 +51,7 @@ def compare_file(tmp: Path, *lines: str, seeds: str = "(0, 1)", variants: str | 
 def test_a_plain_experiment_file_is_refused_with_the_fix_and_no_traceback(tmp_path):
     """The README's toy smoke run given to compare: exit 2, one paragraph naming CompareConfig, the
     example compare file and `mixgrpo train`; nothing written."""
-    cmd = [sys.executable, "-m", "mixgrpo.core.cli", "compare", "experiments/runs/toy_smoke.gin",
+    cmd = [sys.executable, "-m", "mixgrpo", "compare", "experiments/runs/toy_smoke.gin",
            "--output", str(tmp_path / "x")]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2, (done.stdout, done.stderr)

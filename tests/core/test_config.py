@@ -86,7 +86,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_cli_reports_unknown_sampler_and_exits_nonzero(tmp_path):
     f = tmp_path / "bad.gin"
     f.write_text(f"include '{ROOT / 'experiments/runs/toy_smoke.gin'}'\nTrainConfig.sde_sampler = 'sde.flw'\n")
-    out = subprocess.run([sys.executable, "-m", "mixgrpo.core.cli", "train", str(f), "--output", str(tmp_path / "r")],
+    out = subprocess.run([sys.executable, "-m", "mixgrpo", "train", str(f), "--output", str(tmp_path / "r")],
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "unknown sampler 'sde.flw'; known samplers:" in out.stderr
@@ -94,7 +94,7 @@ def test_cli_reports_unknown_sampler_and_exits_nonzero(tmp_path):
 
 
 def test_cli_plugins_lists_names_by_kind():
-    cmd = [sys.executable, "-m", "mixgrpo.core.cli", "plugins"]
+    cmd = [sys.executable, "-m", "mixgrpo", "plugins"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     sections: dict[str, list[str]] = {}
     for line in out.stdout.splitlines():

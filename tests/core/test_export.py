@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mixgrpo.core.cli import main
+from mixgrpo.commands.cli import main
+from mixgrpo.commands.export import EXPORT_INFO, open_model
 from mixgrpo.core.config import load_config
-from mixgrpo.core.export import EXPORT_INFO, open_model
 from mixgrpo.core.rollout import SamplingSetup, keyed_normal, sample_ode
 from mixgrpo.core.trainer import Trainer
 from mixgrpo.plugins.backbones.diffusers_export import LORA_WEIGHTS, lora_layers

@@ -27,7 +27,7 @@ KILLS = 6
 def command(out: Path, *extra: str) -> list[str]:
     bindings = [*TOY, f"TrainConfig.iterations = {ITERATIONS}", "TrainConfig.checkpoint_every = 1",
                 "TrainConfig.tensorboard = False"]
-    return [sys.executable, "-m", "mixgrpo.core.cli", "train", str(ROOT / "experiments" / "methods" / "mixgrpo.gin"),
+    return [sys.executable, "-m", "mixgrpo", "train", str(ROOT / "experiments" / "methods" / "mixgrpo.gin"),
             *sum((["--gin", b] for b in bindings), []), "--output", str(out), *extra]
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mixgrpo.core.cli import main
-from mixgrpo.core.report import format_estimate, read_metrics
+from mixgrpo.commands.cli import main
+from mixgrpo.commands.report import format_estimate, read_metrics
 
 from .test_side_by_side import ROOT, TOY
 
@@ -17,7 +17,7 @@ from .test_side_by_side import ROOT, TOY
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("card") / "toy_card"
     grids = []
-    import mixgrpo.core.report as report
+    import mixgrpo.core.evaluation as report  # the training run's grids are drawn by the engine
 
     original = report.save_sample_grid
 

@@ -32,7 +32,7 @@ def _fake_install(tmp_path: Path) -> dict:
 
 def test_template_plugin_appears_in_mixgrpo_plugins(tmp_path):
     env = _fake_install(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "mixgrpo.core.cli", "plugins", "--json"], env=env,
+    out = subprocess.run([sys.executable, "-m", "mixgrpo", "plugins", "--json"], env=env,
                          capture_output=True, text=True, check=True)
     data = json.loads(out.stdout)
     assert data["failures"] == []

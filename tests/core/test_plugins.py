@@ -138,7 +138,7 @@ def test_core_depends_on_no_plugin():
 
 
 def test_plugins_add_commands(capsys):
-    from mixgrpo.core.cli import build_parser
+    from mixgrpo.commands.cli import build_parser
 
     parser = build_parser()
     args = parser.parse_args(["pretrain", "experiments/shapes/pretrain.gin"])

@@ -4,7 +4,7 @@ snapshots in the layouts the real ones have (diffusers' ``save_pretrained`` pipe
 reward checkpoints), a few ``--gin`` size overrides are appended, and the real CLI trains in a subprocess.
 
 What is not as written: the launcher. ``accelerate launch --config_file <yaml>`` asks for 8 GPUs; here the
-CLI arguments after ``-m mixgrpo.core.cli`` run in one CPU process (the launch configs themselves are
+CLI arguments after ``-m mixgrpo`` run in one CPU process (the launch configs themselves are
 checked to exist and to name the parallelism the README says; FSDP and DDP on two processes are tested in
 test_fsdp.py and test_distributed.py). HPS-v2.1 needs open_clip and torchvision: the subprocess makes the
 CPU torchvision of ``make test`` importable first (tests/plugins/reward_refs.py), as a GPU machine's
@@ -34,7 +34,7 @@ SIZES = ["TrainConfig.iterations = 2", "TrainConfig.num_steps = 4", "TrainConfig
          "TrainConfig.eval_num_steps = 4", "TrainConfig.sample_every = 0", "TrainConfig.checkpoint_every = 1",
          "TrainConfig.progress = False", "TrainConfig.tensorboard = False"]
 RUN_CLI = ("import sys; sys.path.insert(0, {root!r}); from tests.plugins.reward_refs import load_torchvision; "
-           "load_torchvision(); from mixgrpo.core.cli import main; sys.exit(main(sys.argv[1:]))")
+           "load_torchvision(); from mixgrpo.commands.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 def readme_command(config: str) -> tuple[list[str], list[str]]:
@@ -44,7 +44,7 @@ def readme_command(config: str) -> tuple[list[str], list[str]]:
     found = [c for c in commands if c.startswith("accelerate launch") and f" {config} " in c]
     assert len(found) == 1, f"README.md has {len(found)} commands training {config}"
     words = shlex.split(found[0])
-    cut = words.index("mixgrpo.core.cli") + 1
+    cut = words.index("-m") + 2  # the launcher ends with the module it runs
     return words[:cut], words[cut:]
 
 
@@ -64,7 +64,7 @@ def substitute(args: list[str], paths: dict[str, Path]) -> list[str]:
 
 
 def check_launcher(launcher: list[str], distributed_type: str) -> None:
-    assert launcher[:3] == ["accelerate", "launch", "--config_file"] and launcher[-2:] == ["-m", "mixgrpo.core.cli"]
+    assert launcher[:3] == ["accelerate", "launch", "--config_file"] and launcher[-2:] == ["-m", "mixgrpo"]
     config = yaml.safe_load((ROOT / launcher[3]).read_text())
     assert config["distributed_type"] == distributed_type
 

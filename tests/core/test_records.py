@@ -80,7 +80,7 @@ def test_no_iteration_is_recorded_twice_after_a_stop_between_checkpoints(toy_con
 
 
 def test_resume_past_the_end_says_why_nothing_trains(toy_config, tmp_path, capsys):
-    from mixgrpo.core.cli import main
+    from mixgrpo.commands.cli import main
     from tests.core.conftest import ROOT, TOY
 
     args = ["train", str(ROOT / "experiments" / "methods" / "mixgrpo.gin"), "--output", str(tmp_path / "run"),
@@ -177,7 +177,7 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused(toy_config, tmp_path):
 
 
 def test_a_checkpoint_of_the_older_format_is_refused_with_a_message(toy_config, tmp_path, capsys):
-    from mixgrpo.core.cli import main
+    from mixgrpo.commands.cli import main
     from tests.core.conftest import ROOT, TOY
 
     old = tmp_path / "run" / "checkpoints" / "iter_000001"  # what accelerate's save_state wrote before

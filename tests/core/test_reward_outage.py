@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mixgrpo.core.cli import main
+from mixgrpo.commands.cli import main
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.plugins import get_plugin_manager
 from mixgrpo.core.records import read_rows

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from mixgrpo.commands.sample import GRID, MANIFEST, image_name, parse_seeds, run_sample
 from mixgrpo.core.config import load_config
 from mixgrpo.core.rollout import sample_ode
-from mixgrpo.core.sample import GRID, MANIFEST, image_name, parse_seeds, run_sample
 from mixgrpo.core.trainer import Trainer
 from mixgrpo.plugins.backbones.sd3 import SD3Backbone
 

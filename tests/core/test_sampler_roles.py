@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mixgrpo.core import base_eval
-from mixgrpo.core.cli import main
+from mixgrpo.commands import base_eval
+from mixgrpo.commands.cli import main
+from mixgrpo.commands.sample import image_name, run_sample
 from mixgrpo.core.config import ConfigError, load_config, parse_gin
 from mixgrpo.core.plugins import SAMPLER_ROLES, make_sampler
 from mixgrpo.core.rollout import SamplingSetup, sample_ode
-from mixgrpo.core.sample import image_name, run_sample
 from mixgrpo.core.trainer import Trainer
 from mixgrpo.plugins.samplers.dpm_solver import DPMSolverPP
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mixgrpo.core.cli import main
-from mixgrpo.core.export import open_model
-from mixgrpo.core.report import read_metrics
+from mixgrpo.commands.cli import main
+from mixgrpo.commands.export import open_model
+from mixgrpo.commands.report import read_metrics
+from mixgrpo.commands.side_by_side import RESULTS
 from mixgrpo.core.rollout import sample_ode
-from mixgrpo.core.side_by_side import RESULTS
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY = [

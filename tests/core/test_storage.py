@@ -21,7 +21,7 @@ from .conftest import ROOT, TOY
 
 def train(out: Path, *extra: str) -> str:
     bindings = [*TOY, "TrainConfig.checkpoint_every = 1", "TrainConfig.tensorboard = False"]
-    args = [sys.executable, "-m", "mixgrpo.core.cli", "train", str(ROOT / "experiments" / "methods" / "mixgrpo.gin"),
+    args = [sys.executable, "-m", "mixgrpo", "train", str(ROOT / "experiments" / "methods" / "mixgrpo.gin"),
             *sum((["--gin", b] for b in bindings), []), "--output", str(out), *extra]
     return shlex.join(args)
 

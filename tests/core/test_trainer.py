@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from mixgrpo.commands.report import read_metrics
 from mixgrpo.core import metrics as m
-from mixgrpo.core.report import read_metrics
 from mixgrpo.core.trainer import Trainer
 
 from .conftest import METHODS

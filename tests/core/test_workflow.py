@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from mixgrpo.commands.cli import build_parser, main
 from mixgrpo.core import records
-from mixgrpo.core.cli import build_parser, main
 from mixgrpo.core.records import read_rows
 
 from .conftest import ROOT
@@ -134,7 +134,7 @@ def _card_commands(card: Path) -> list[str]:
 def test_every_run_keeps_its_weights_and_the_model_card_commands_run_as_written(tmp_path):
     run = tmp_path / "first"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cli = [sys.executable, "-m", "mixgrpo.core.cli"]
+    cli = [sys.executable, "-m", "mixgrpo"]
     done = subprocess.run([*cli, "train", SMOKE, "--output", str(run)], env=env, capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -157,7 +157,7 @@ def test_progress_in_a_log_file_is_lines_not_carriage_returns(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     log = tmp_path / "train.log"
     with open(log, "w") as f:
-        done = subprocess.run([sys.executable, "-m", "mixgrpo.core.cli", "train", SMOKE, "--output",
+        done = subprocess.run([sys.executable, "-m", "mixgrpo", "train", SMOKE, "--output",
                                str(tmp_path / "run")], env=env, stdout=subprocess.DEVNULL, stderr=f, timeout=300)
     text = log.read_text()
     assert done.returncode == 0, text[-3000:]

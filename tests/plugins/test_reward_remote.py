@@ -13,7 +13,7 @@ import pytest
 import requests
 import torch
 
-from mixgrpo.core.cli import main
+from mixgrpo.commands.cli import main
 from mixgrpo.core.interfaces import Reward, RewardUnavailable
 from mixgrpo.core.scoring import call_reward
 from mixgrpo.plugins.rewards.models import PickScoreReward
@@ -270,7 +270,7 @@ def test_serve_reward_command(pickscore, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mixgrpo.core.cli", "serve-reward", "pickscore", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "mixgrpo", "serve-reward", "pickscore", "--port", str(port),
                              "--gin", f"PickScoreReward.path = '{folder}'", "--gin", "PickScoreReward.device = 'cpu'"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out: list[str] = []

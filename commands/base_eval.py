@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mixgrpo.core import records
+from mixgrpo.core import evaluation, records
 
 if TYPE_CHECKING:
     from mixgrpo.core.trainer import Trainer
@@ -49,6 +50,11 @@ def signature(trainer: Trainer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def shared(cache: Path) -> Callable[[Trainer, dict[str, Any]], None]:
+    """A ``Trainer.base_evaluation`` that shares the base model's evaluation through ``cache``."""
+    return lambda trainer, metrics: evaluate_base(trainer, metrics, cache)
+
+
 def evaluate_base(trainer: Trainer, metrics: dict[str, Any], cache: Path | None) -> None:
     """The iteration-0 evaluation and grid of ``trainer``'s run: copied from ``cache`` when it holds
     this signature's, else computed (and stored there for the next run)."""
@@ -67,10 +73,7 @@ def evaluate_base(trainer: Trainer, metrics: dict[str, Any], cache: Path | None)
                 (trainer.out / "samples").mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(folder / GRID, trainer.out / "samples" / "iter_000000.png")
         return
-    if evaluate:
-        trainer.record_evaluation(0, metrics)
-    if sample:
-        trainer.draw_grid(0)
+    evaluation.base(trainer, metrics)
     if folder is None or not trainer.accelerator.is_main_process:
         return
     tmp = folder.with_name(folder.name + ".tmp")

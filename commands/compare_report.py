@@ -26,10 +26,10 @@ import matplotlib
 matplotlib.use("Agg")
 import json  # noqa: E402
 
+from mixgrpo.commands.compare_plots import plot_curves  # noqa: E402
+from mixgrpo.commands.report import EVAL_SCORES, slug  # noqa: E402
 from mixgrpo.core import metrics  # noqa: E402
-from mixgrpo.core.compare_plots import plot_curves  # noqa: E402
 from mixgrpo.core.records import ITERATION_GLOB  # noqa: E402
-from mixgrpo.core.report import EVAL_SCORES, slug  # noqa: E402
 
 RESULTS = "results.json"
 TIMINGS = (("iteration_s", metrics.ITERATION_S), ("rollout_s", metrics.ROLLOUT_S), ("train_s", metrics.TRAIN_S),
@@ -409,7 +409,7 @@ def write_report(out: Path, runs: dict[str, list[Path]], metric: str | None = No
     if not metric or not any(r["curves"] for r in table.values()):
         lines += ["", "No run holds a held-out evaluation (`TrainConfig.eval_every = 0`): rewards are n/a."]
     if side_by_side is not None:
-        from mixgrpo.core.side_by_side import grid_section
+        from mixgrpo.commands.side_by_side import grid_section
 
         lines += ["", "## Side by side", "",
                   "Rows: the base model and each variant's final checkpoint (its first training seed); columns: "

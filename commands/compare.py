@@ -34,11 +34,12 @@ from typing import Any
 import attrs
 import gin
 
+from mixgrpo.commands import base_eval, model_card
+from mixgrpo.commands.report import slug
 from mixgrpo.core import records
 from mixgrpo.core.config import ConfigError, TrainConfig, parse_gin
 from mixgrpo.core.gin_files import _search_paths
 from mixgrpo.core.plugins import get_plugin_manager
-from mixgrpo.core.report import slug
 
 DONE = "done.json"
 BASE_CACHE = "base_eval"
@@ -165,14 +166,14 @@ def _run_one(files: Sequence[Path], bindings: Sequence[str], seed: int, run_dir:
     config = _train_config(files, [*bindings, *(["TrainConfig.progress = False"] if threads else [])],
                            seed, run_dir, pm)
     trainer = Trainer(config, pm)
-    trainer.base_cache = base_cache
+    if base_cache is not None:  # the base model's evaluation, shared by the runs that would compute it alike
+        trainer.base_evaluation = base_eval.shared(base_cache)
     if base_only:  # the shared base evaluation alone, into the cache, before the runs start
-        from mixgrpo.core.base_eval import evaluate_base
-
         run_dir.mkdir(parents=True, exist_ok=True)
-        evaluate_base(trainer, {}, base_cache)
+        base_eval.evaluate_base(trainer, {}, base_cache)
         return time.perf_counter() - started
     trainer.train("overwrite")  # an unfinished run restarts cleanly
+    model_card.write_for(trainer)
     seconds = time.perf_counter() - started
     (run_dir / DONE).write_text(json.dumps({"seconds": seconds}))
     return seconds
@@ -296,8 +297,8 @@ def run_compare(config_file: str | Path, bindings: Sequence[str] = (), output: s
             _run_one(*job, base_cache=cache)
     else:
         _run_parallel(jobs, cfg.workers, cache)
-    from mixgrpo.core.compare_report import write_report
-    from mixgrpo.core.side_by_side import compare_runs_side_by_side
+    from mixgrpo.commands.compare_report import write_report
+    from mixgrpo.commands.side_by_side import compare_runs_side_by_side
 
     side = compare_runs_side_by_side(out, runs)  # None when the runs kept no checkpoint
     if side is None:

@@ -133,6 +133,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                   f"{resume_hint}", file=sys.stderr)
         trainer.close()
         return 1
+    from mixgrpo.commands import model_card
+
+    model_card.write_for(trainer)  # README.md: what was trained and how it scores, to publish as is
     if trainer.accelerator.is_main_process:
         last = history[-1] if history else {}
         trained = {metrics.reward(name, "mean") for name in config.rewards}
@@ -144,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"  nothing to train: the checkpoint is at iteration {trainer.start_iteration} and "
                   f"TrainConfig.iterations = {config.iterations}; raise it to continue the run, e.g. "
                   f"{resume_hint} --gin \"TrainConfig.iterations = {trainer.start_iteration + config.iterations}\"")
-        from mixgrpo.core.report import format_value, summary_lines
+        from mixgrpo.commands.report import format_value, summary_lines
 
         for k, v in last.items():
             if k in trained:  # the trained rewards; held-out numbers follow with their SEs
@@ -160,7 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mixgrpo.core.side_by_side import run_eval, table_lines
+    from mixgrpo.commands.side_by_side import run_eval, table_lines
 
     out, data = run_eval(args.config, args.checkpoint, args.out, force=args.force, prompts=args.prompts,
                          seeds=args.seeds, bindings=list(args.gin or []), output=args.output)
@@ -170,10 +173,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from mixgrpo.core.compare import run_compare
+    from mixgrpo.commands.compare import run_compare
 
     if args.checkpoint:  # checkpoints that exist: evaluated and drawn side by side, nothing trained
-        from mixgrpo.core.side_by_side import run_eval, table_lines
+        from mixgrpo.commands.side_by_side import run_eval, table_lines
 
         if not args.output:
             raise ValueError("compare --checkpoint writes its report into --output DIR: name the folder")
@@ -188,7 +191,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mixgrpo.core.export import export_run
+    from mixgrpo.commands.export import export_run
 
     info = export_run(args.run_dir, args.to, checkpoint=args.checkpoint, force=args.force,
                       max_shard_size=args.max_shard_size, bindings=list(args.gin or []))
@@ -198,7 +201,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from mixgrpo.core.sample import run_sample
+    from mixgrpo.commands.sample import run_sample
 
     manifest = run_sample(args.source, args.prompts, args.out, checkpoint=args.checkpoint, seeds=args.seeds,
                           steps=args.steps, solver=args.solver, guidance=args.guidance, shift=args.shift,
@@ -304,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import mixgrpo.commands.compare  # noqa: F401  (registers CompareConfig: any gin file parsed here may bind it)
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     from mixgrpo.core.records import StorageError

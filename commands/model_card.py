@@ -14,10 +14,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mixgrpo.commands.report import format_difference, format_estimate, held_out_summary, read_metrics
 from mixgrpo.core import metrics
 from mixgrpo.core.interfaces import Backbone, ModelFacts
 from mixgrpo.core.records import METRICS
-from mixgrpo.core.report import format_difference, format_estimate, held_out_summary, read_metrics
 
 CARD = "README.md"
 CURVE = "reward_curve.png"
@@ -173,3 +173,12 @@ def write_model_card(run_dir: Path, config: Any, backbone: Backbone, prompt: str
     tmp.write_text(model_card(run_dir, config, backbone, prompt))
     tmp.replace(path)
     return path
+
+
+def write_for(trainer: Any) -> Path | None:
+    """The model card of the run ``trainer`` has just trained (the main process writes it; a run
+    stopped by a signal gets none until it finishes)."""
+    if not trainer.accelerator.is_main_process or trainer.stopped:
+        return None
+    c = trainer.config
+    return write_model_card(trainer.out, c, trainer.backbone, trainer.prompt_set("eval", 1, c.seed)[0])

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mixgrpo.core.export import ExportError, check_output_dir, open_model
+from mixgrpo.commands.export import ExportError, check_output_dir, open_model
 from mixgrpo.core.interfaces import Backbone, Sampler
 from mixgrpo.core.plugins import make_sampler
 from mixgrpo.core.rollout import SamplingSetup, sample_ode
@@ -168,7 +168,7 @@ def run_sample(source: str | os.PathLike, prompts: str | Sequence[str], out: str
                 grid_captions.append(f"{prompt_list[n]} (seed {s})")
         bar.update(len(chunk))
     bar.close()
-    from mixgrpo.core.report import save_sample_grid  # matplotlib loads only here
+    from mixgrpo.commands.report import save_sample_grid  # matplotlib loads only here
 
     columns = len(seed_list) if 1 < len(seed_list) <= 8 else 4
     save_sample_grid(torch.stack(grid_images), grid_captions, out / GRID, columns=columns)

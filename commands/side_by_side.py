@@ -25,9 +25,7 @@ import attrs
 import torch
 from tqdm.auto import tqdm
 
-from mixgrpo.core import checkpoint as ckpt
-from mixgrpo.core import metrics
-from mixgrpo.core.export import (
+from mixgrpo.commands.export import (
     BASE,
     CHECKPOINTS,
     RUN_CONFIG,
@@ -36,7 +34,9 @@ from mixgrpo.core.export import (
     load_checkpoint_weights,
     resolve_checkpoint,
 )
-from mixgrpo.core.report import format_difference, format_estimate, format_value
+from mixgrpo.commands.report import format_difference, format_estimate, format_value
+from mixgrpo.core import checkpoint as ckpt
+from mixgrpo.core import metrics
 
 RESULTS = "results.json"
 REPORT = "report.md"
@@ -182,7 +182,7 @@ def evaluate_entries(trainer: Any, entries: Sequence[Entry], prompts: Sequence[s
     """Every entry's held-out evaluation (``trainer.evaluate``, the numbers training reports; skipped
     without ``evaluate``) and its grid images, prompt-major, with their scores. The base model comes
     first, before any checkpoint overwrites the weights; results are in the order of ``entries``."""
-    from mixgrpo.core.sample import sample_images
+    from mixgrpo.commands.sample import sample_images
     from mixgrpo.core.scoring import call_reward
 
     c = trainer.config
@@ -299,7 +299,7 @@ def grid_prompts_and_seeds(trainer: Any, prompts: str | Sequence[str] | None,
                            seeds: str | Sequence[int] | None) -> tuple[list[str], list[int]]:
     """Grid prompts (default: the first of the run's sample-grid prompts) and seeds (default: the
     run's seed and the next ones)."""
-    from mixgrpo.core.sample import parse_seeds, read_prompts
+    from mixgrpo.commands.sample import parse_seeds, read_prompts
 
     c = trainer.config
     if prompts is None:
@@ -329,8 +329,8 @@ def run_eval(source: str | os.PathLike, checkpoints: Sequence[str] | None = None
         prompts, seeds: the grid's prompts (a file, a prompt, or a list) and seeds.
         labels: row labels replacing those of ``checkpoints``; evaluate: False draws the grids only.
     """
+    from mixgrpo.commands.export import check_output_dir
     from mixgrpo.core.config import load_config
-    from mixgrpo.core.export import check_output_dir
     from mixgrpo.core.trainer import Trainer
 
     src = Path(source)
