@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mixgrpo.core import metrics
 from mixgrpo.core.plugins import KINDS, UnknownComponentError, get_plugin_manager
@@ -214,50 +215,49 @@ CHECKPOINT_SPECS = ("base, latest, an iteration (40), a name (iter_000040), a ch
                     "directory (its latest checkpoint); LABEL= names the row")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixgrpo", description=_plain(__doc__))
-    sub = parser.add_subparsers(dest="command", required=True)
+GIN_HELP = "extra gin binding, e.g. --gin \"TrainConfig.iterations = 10\" (repeatable)"
+CHECKPOINT_HELP = ("latest (default), base (the base model), an iteration (40), a name (iter_000040) "
+                   "or a checkpoint folder")
 
-    p = sub.add_parser("plugins", help="list every registered component by kind, and load failures")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_plugins)
 
-    def with_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("config", help="experiment .gin file")
-        p.add_argument("--gin", action="append", metavar="BINDING",
-                       help="extra gin binding, e.g. --gin \"TrainConfig.iterations = 10\" (repeatable)")
+def _with_grid(p: argparse.ArgumentParser) -> None:
+    """The options of the side-by-side grids of ``compare --checkpoint`` and ``eval``."""
+    p.add_argument("--prompts", metavar="FILE|TEXT", help="prompts of the side-by-side grids (default: the "
+                                                          "first 4 of the run's sample-grid prompts)")
+    p.add_argument("--seeds", help="seeds (grid columns), e.g. 0-3 (default: the config's seed and the next 3)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty report folder")
 
-    def with_grid(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--prompts", metavar="FILE|TEXT", help="prompts of the side-by-side grids (default: the "
-                                                              "first 4 of the run's sample-grid prompts)")
-        p.add_argument("--seeds", help="seeds (grid columns), e.g. 0-3 (default: the config's seed and the next 3)")
-        p.add_argument("--force", action="store_true", help="write into a non-empty report folder")
 
+def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train one experiment, or continue a run (mixgrpo train RUN_DIR --resume)")
     p.add_argument("config", help="experiment .gin file; with --resume also a run directory (its own settings)")
     p.add_argument("--gin", action="append", metavar="BINDING",
-                   help="extra gin binding, e.g. --gin \"TrainConfig.iterations = 10\" (repeatable); on --resume, "
-                        "applied on top of the run's settings")
+                   help=f"{GIN_HELP}; on --resume, applied on top of the run's settings")
     p.add_argument("--output", help="run directory (overrides TrainConfig.output_dir)")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
                        help="continue the run from its latest checkpoint, with its own settings and the --gin "
                             "bindings given now")
     start.add_argument("--overwrite", action="store_true",
-                   help="start over in a run directory that holds a run (deletes its records and checkpoints)")
+                       help="start over in a run directory that holds a run (deletes its records and checkpoints)")
     p.set_defaults(func=cmd_train)
 
+
+def _add_compare(sub: Any) -> None:
     p = sub.add_parser("compare", help="train several variants on the same prompts, seeds and budget; write report.md")
-    with_config(p)
+    p.add_argument("config", help="comparison .gin file (binds CompareConfig.base and CompareConfig.variants)")
+    p.add_argument("--gin", action="append", metavar="BINDING", help=GIN_HELP)
     p.add_argument("--output", help="comparison directory")
     p.add_argument("--variant", action="append", metavar="NAME=FILE.gin|BINDING[;BINDING]",
                    help="a variant (repeatable); overrides the variants the config lists")
     p.add_argument("--checkpoint", action="append", metavar="[LABEL=]CHECKPOINT",
                    help="compare existing checkpoints instead of training (repeatable; CONFIG is then a run "
                         "directory or gin file whose evaluation settings apply): " + CHECKPOINT_SPECS)
-    with_grid(p)
+    _with_grid(p)
     p.set_defaults(func=cmd_compare)
 
+
+def _add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="score checkpoints on held-out prompts with every configured reward; write a "
                                     "report with a side-by-side grid per prompt (default into RUN/eval)")
     p.add_argument("config", help="run directory, or experiment .gin file (its output_dir is the run)")
@@ -266,26 +266,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", action="append", metavar="[LABEL=]CHECKPOINT",
                    help="repeatable; default the latest (the base model without one): " + CHECKPOINT_SPECS)
     p.add_argument("--out", metavar="DIR", help="report folder (default RUN/eval; missing or empty, unless --force)")
-    with_grid(p)
+    _with_grid(p)
     p.set_defaults(func=cmd_eval)
 
-    checkpoint_help = ("latest (default), base (the base model), an iteration (40), a name (iter_000040) "
-                       "or a checkpoint folder")
+
+def _add_export(sub: Any) -> None:
     p = sub.add_parser("export", help="write a run's checkpoint for diffusers: a LoRA adapter for "
                                       "load_lora_weights, or a transformer folder for from_pretrained")
     p.add_argument("run_dir", help="run directory (holds config.gin and checkpoints/)")
     p.add_argument("--to", required=True, metavar="DIR", help="output folder (missing or empty, unless --force)")
-    p.add_argument("--checkpoint", help=checkpoint_help.replace("base (the base model), ", ""))
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP.replace("base (the base model), ", ""))
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard of a full export (5GB)")
     p.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     p.add_argument("--gin", action="append", metavar="BINDING", help="extra gin binding (repeatable)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_sample(sub: Any) -> None:
     p = sub.add_parser("sample", help="draw images of a run (or a config's base model) for a list of prompts")
     p.add_argument("source", help="run directory, or experiment .gin file (its base model)")
     p.add_argument("--prompts", required=True, metavar="FILE|TEXT", help="a text file, one prompt a line, or a prompt")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (missing or empty, unless --force)")
-    p.add_argument("--checkpoint", help=checkpoint_help)
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--seeds", help="e.g. 0,1,2 or 0-3 (default: the config's seed, that of the run's grids)")
     p.add_argument("--steps", type=int, help="ODE steps (default: TrainConfig.num_steps)")
     p.add_argument("--solver", help="ODE solver (default: TrainConfig.eval_solver)")
@@ -297,9 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gin", action="append", metavar="BINDING", help="extra gin binding (repeatable)")
     p.set_defaults(func=cmd_sample)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mixgrpo`` parser: the built-in commands, then each command a plugin registers (a plugin
+    cannot replace a built-in one)."""
+    parser = argparse.ArgumentParser(prog="mixgrpo", description=_plain(__doc__))
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plugins", help="list every registered component by kind, and load failures")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plugins)
+    for add in (_add_train, _add_compare, _add_eval, _add_export, _add_sample):
+        add(sub)
     for name, (help_text, configure, run, _plugin) in sorted(get_plugin_manager().commands().items()):
         if name in sub.choices:
-            continue  # a plugin cannot replace a built-in command
+            continue
         p = sub.add_parser(name, help=_plain(help_text))
         configure(p)
         p.set_defaults(func=run)

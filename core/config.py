@@ -268,6 +268,9 @@ def explain_gin_error(exc: Exception, pm: PluginManager) -> str:
     msg = str(exc)
     names = _configurable_names(pm)
     missing = re.search(r"No configurable matching '([^']+)'", msg)
+    if missing and missing.group(1).split(".")[-1] == "CompareConfig":
+        return (f"{msg}\nCompareConfig configures a comparison: run it with `mixgrpo compare FILE.gin` (from "
+                "Python, import mixgrpo.commands.compare first); `mixgrpo train` trains one experiment")
     if missing:
         wanted = missing.group(1).split(".")[-1]
         close = difflib.get_close_matches(wanted, list(names), n=1)

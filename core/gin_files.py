@@ -6,11 +6,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import gin
+
+from mixgrpo.core.progress import quiet
 
 _INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""", re.MULTILINE)
 
@@ -70,16 +71,7 @@ def _harden_gin_readers() -> None:
             readers[i] = (reader, _tolerant(exists))
 
 
-@contextlib.contextmanager
-def _quiet_search_misses() -> Iterator[None]:
+def _quiet_search_misses() -> contextlib.AbstractContextManager:
     """gin logs an ERROR for every search path an ``include`` is not found in before the one it
     is found in; those misses are expected, and a file found nowhere still raises."""
-    def drop(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Path not found")
-
-    root = logging.getLogger()
-    root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
+    return quiet(logging.getLogger(), "Path not found")

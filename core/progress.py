@@ -1,4 +1,5 @@
-"""Progress bars that suit where they are shown.
+"""What a run shows while it works: progress bars that suit where they are shown, and expected log
+records kept out of the way (``quiet``).
 
 On a terminal (or in a notebook) a bar is tqdm's, redrawn in place. When stderr is a file or a pipe
 (a cluster job's log, ``mixgrpo train ... 2> log``) a redrawn bar fills the log with
@@ -8,7 +9,10 @@ carriage-return frames, so the bar writes a whole line instead: when it starts, 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -60,3 +64,18 @@ def progress_bar(*args: Any, **kwargs: Any) -> tqdm:
     if _is_terminal(stream) or "ipykernel" in sys.modules:
         return tqdm(*args, **kwargs)
     return LineProgress(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def quiet(logger: logging.Logger, prefix: str) -> Iterator[None]:
+    """Drop the records of ``logger`` whose message starts with ``prefix`` (and no other) while
+    inside: messages a library logs for something expected (gin's search misses, diffusers' dtype
+    casts), which would otherwise bury the ones that matter."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(prefix)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)

@@ -10,6 +10,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import gin  # noqa: E402
 import pytest  # noqa: E402
 
+# the commands layer's gin configurable (CompareConfig), as the command line registers it when it
+# starts: the tests parse compare files with the engine's parse_gin directly
+import mixgrpo.commands.compare  # noqa: E402,F401
+
 
 @pytest.fixture(autouse=True)
 def _fresh_gin_config():

@@ -9,6 +9,8 @@ import logging
 import torch
 from torch import nn
 
+from mixgrpo.core.progress import quiet
+
 
 def _backend_problem(name: str, device: torch.device) -> str | None:
     """Why diffusers' attention backend ``name`` cannot run here (None when it can)."""
@@ -71,7 +73,7 @@ def set_attention_backend(transformer: nn.Module, name: str) -> None:
     before = registry._active_backend
     try:
         diffusers_log = logging.getLogger("diffusers.models.modeling_utils")
-        with _quiet(diffusers_log, "Attention backends are an experimental feature"):
+        with quiet(diffusers_log, "Attention backends are an experimental feature"):
             transformer.set_attention_backend(name)
     finally:
         registry.set_active_backend(before)
@@ -85,19 +87,3 @@ def set_attention_backend(transformer: nn.Module, name: str) -> None:
     raise ValueError(f"{type(transformer).__name__}'s attention processors ({', '.join(kinds)}) call PyTorch SDPA "
                      f"directly and do not dispatch to diffusers' attention backends: attention_backend={name!r} "
                      "would change nothing. Use None (PyTorch SDPA) or 'xformers' (diffusers' xformers processors).")
-
-
-class _quiet:
-    """Drop the records of ``logger`` whose message starts with ``prefix`` (and no other) while active."""
-
-    def __init__(self, logger: logging.Logger, prefix: str) -> None:
-        self.logger, self.prefix = logger, prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
-
-    def __enter__(self) -> None:
-        self.logger.addFilter(self)
-
-    def __exit__(self, *exc: object) -> None:
-        self.logger.removeFilter(self)

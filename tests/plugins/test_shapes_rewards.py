@@ -3,7 +3,6 @@
 import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,19 +17,7 @@ from mixgrpo.plugins.rewards.shapes import (
 from mixgrpo.plugins.world import shapes as S
 from mixgrpo.testing.rewards import RewardContract
 
-
-def _blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of [B, 3, H, W] with reflect padding (σ = 0: unchanged)."""
-    if sigma == 0:
-        return images
-    r = int(np.ceil(3 * sigma))
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1.0) / sigma) ** 2)
-    k = k / k.sum()
-    b, c, h, w = images.shape
-    x = images.reshape(b * c, 1, h, w)
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
-    return x.reshape(b, c, h, w)
+from .images import blur
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +122,7 @@ def test_preference_corrupted_images_score_lower(truth):
 def test_preference_strictly_decreases_with_blur_and_noise(truth):
     reward = PreferenceReward()
     _, prompts, images = (part[:96] for part in truth)
-    blurred = torch.stack([reward(_blur(images, s), prompts) for s in (0.0, 0.4, 0.7, 1.0, 1.5, 2.0)])
+    blurred = torch.stack([reward(blur(images, s), prompts) for s in (0.0, 0.4, 0.7, 1.0, 1.5, 2.0)])
     assert (blurred.diff(dim=0) < 0).all()
     eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
     noisy = torch.stack([reward((images + s * eps).clamp(0, 1), prompts) for s in (0.0, 0.02, 0.05, 0.1, 0.2)])
@@ -148,7 +135,7 @@ def test_preference_is_smooth():
     has a finite, non-zero gradient with respect to the pixels."""
     reward = PreferenceReward()
     prompts = ["a red circle left of a blue triangle", "two green squares"]
-    images = _blur(S.render_batch(prompts, seed=0), 0.5)
+    images = blur(S.render_batch(prompts, seed=0), 0.5)
     delta = 1e-3 * torch.randn(images.shape, generator=torch.Generator().manual_seed(2))
     a, b = reward(images, prompts), reward((images + delta).clamp(0, 1), prompts)
     assert ((a - b).abs() > 0).all() and ((a - b).abs() < 1e-2).all()
@@ -226,7 +213,7 @@ def test_registered_as_plugins(name, cls):
 class _ShapesInputs:
     def make_inputs(self):
         prompts = S.sample_prompts("eval", 6, seed=0)
-        images = _blur(S.render_batch(prompts, seed=1), 0.6)
+        images = blur(S.render_batch(prompts, seed=1), 0.6)
         noise = 0.05 * torch.randn(images.shape, generator=torch.Generator().manual_seed(2))
         return (images + noise).clamp(0, 1), prompts
 

@@ -5,23 +5,12 @@ from collections import deque
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mixgrpo.plugins.world import shapes as S
 
+from .images import blur
+
 ALL_SCENES = [s for level in S.LEVELS for split in S.SPLITS for s in S.scenes(level, split)]
-
-
-def _blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of [B, 3, H, W] with reflect padding."""
-    r = int(np.ceil(3 * sigma))
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1.0) / sigma) ** 2)
-    k = k / k.sum()
-    b, c, h, w = images.shape
-    x = images.reshape(b * c, 1, h, w)
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
-    return x.reshape(b, c, h, w)
 
 
 # -- grammar ----------------------------------------------------------------------------------
@@ -212,12 +201,11 @@ def _wanted(spec):
     return sorted((o.colour, o.kind) for o in spec.objects for _ in range(o.count))
 
 
-@pytest.mark.parametrize("blur", [0.0, 0.7])
-def test_detector_recovers_rendered_scenes(blur):
+@pytest.mark.parametrize("sigma", [0.0, 0.7])
+def test_detector_recovers_rendered_scenes(sigma):
     specs = S.sample_specs(21, 400)
     images = S.render_batch(specs, seed=22)
-    if blur:
-        images = _blur(images, blur)
+    images = blur(images, sigma)
     found = S.detect_batch(images)
     assert [_found(d) for d in found] == [_wanted(s) for s in specs]
 
