@@ -313,7 +313,7 @@ def _run_parallel(jobs: list, workers: int, cache: Path) -> None:
     import multiprocessing
     import os
 
-    from tqdm.auto import tqdm
+    from mixgrpo.core.progress import progress_bar
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     print(f"[compare] {len(jobs)} runs in {workers} processes of {threads} thread(s) each")
@@ -325,7 +325,7 @@ def _run_parallel(jobs: list, workers: int, cache: Path) -> None:
         print(f"[compare] base model evaluated once for all runs in {seconds:.0f} s")
         futures = {pool.submit(_run_one, *job, threads=threads, base_cache=cache): (label, seed)
                    for label, seed, job in jobs}
-        with tqdm(total=len(jobs), desc="compare", unit="run") as bar:
+        with progress_bar(total=len(jobs), desc="compare", unit="run") as bar:
             for future in concurrent.futures.as_completed(futures):
                 label, seed = futures[future]
                 bar.write(f"[compare] {label} seed {seed}: done in {future.result():.0f} s")

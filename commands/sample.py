@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from mixgrpo.commands.export import ExportError, check_output_dir, open_model
 from mixgrpo.core.interfaces import Backbone, Sampler
 from mixgrpo.core.plugins import make_sampler
+from mixgrpo.core.progress import progress_bar
 from mixgrpo.core.rollout import SamplingSetup, sample_ode
 
 MANIFEST = "samples.json"
@@ -154,7 +154,7 @@ def run_sample(source: str | os.PathLike, prompts: str | Sequence[str], out: str
     grid_images: list[torch.Tensor] = []
     grid_captions: list[str] = []
     entries = []
-    bar = tqdm(total=len(pairs), desc="sampling", unit="img", disable=not progress)
+    bar = progress_bar(total=len(pairs), desc="sampling", unit="img", disable=not progress)
     for start in range(0, len(pairs), batch):
         chunk = pairs[start:start + batch]
         images = sample_images(backbone, [prompt_list[n] for n, _ in chunk], [n for n, _ in chunk],

@@ -23,7 +23,6 @@ from typing import Any
 
 import attrs
 import torch
-from tqdm.auto import tqdm
 
 from mixgrpo.commands.export import (
     BASE,
@@ -37,6 +36,7 @@ from mixgrpo.commands.export import (
 from mixgrpo.commands.report import format_difference, format_estimate, format_value
 from mixgrpo.core import checkpoint as ckpt
 from mixgrpo.core import metrics
+from mixgrpo.core.progress import progress_bar
 
 RESULTS = "results.json"
 REPORT = "report.md"
@@ -190,7 +190,7 @@ def evaluate_entries(trainer: Any, entries: Sequence[Entry], prompts: Sequence[s
     order = sorted(range(len(entries)), key=lambda k: entries[k].checkpoint is not None)
     pairs = [(n, s) for n in range(len(prompts)) for s in seeds]
     results: dict[int, dict[str, Any]] = {}
-    bar = tqdm(order, desc="checkpoints", unit="ckpt", disable=not progress)
+    bar = progress_bar(order, desc="checkpoints", unit="ckpt", disable=not progress)
     for k in bar:
         entry = entries[k]
         bar.set_postfix_str(entry.label)
