@@ -49,9 +49,10 @@ class TrainConfig:
     """Everything a run needs besides the components' own settings (bound on their classes).
 
     Components (registered names; see ``mixgrpo plugins``):
-        backbone, sde_sampler, pre_solver (ODE before the window), post_solver (ODE after it, e.g.
-        ``dpmsolver++`` for Flash), eval_solver (the ODE solver of held-out evaluation and sample
-        grids: the same for every method, so that base models compare equal), schedule, objective,
+        backbone (required: no model is a sensible default), sde_sampler, pre_solver (ODE before the
+        window), post_solver (ODE after it, e.g. ``dpmsolver++`` for Flash), eval_solver (the ODE
+        solver of held-out evaluation and sample grids: the same for every method, so that base
+        models compare equal), schedule, objective,
         prompt_set; rewards: {name: weight} trained on; eval_rewards: names scored on held-out
         prompts but never trained on. The four samplers are built in the gin scopes of their roles,
         ``sde``, ``pre``, ``post`` and ``eval``: ``post/DPMSolverPP.order = 1`` configures the
@@ -94,7 +95,7 @@ class TrainConfig:
         accelerate's tracker, when the ``tensorboard`` package is installed).
     """
 
-    backbone: str = "toy"
+    backbone: str = ""  # required: every experiment names its model (an include of experiments/backbones/)
     sde_sampler: str = "sde.flow"
     pre_solver: str = "euler"
     post_solver: str = "euler"
@@ -165,6 +166,11 @@ class TrainConfig:
         return pairs
 
     def validate(self, pm: PluginManager) -> None:
+        if not self.backbone:
+            raise ConfigError(f"TrainConfig.backbone is not set: name the model to train, one of "
+                              f"{', '.join(sorted(pm.registry['backbone']))} (`mixgrpo plugins` lists them), e.g. "
+                              f"include 'backbones/flux.gin' in the experiment file or --gin \"TrainConfig.backbone "
+                              f"= 'flux'\"")
         for kind, name in self.components():
             pm.get(kind, name)  # raises UnknownComponentError listing the known names
         positive = ("num_steps", "group_size", "prompts_per_iteration", "rollout_batch_size",

@@ -196,3 +196,12 @@ def test_line_progress_writes_whole_lines(interval, tmp_path):
     lines = path.read_text().splitlines()
     assert "\r" not in path.read_text()
     assert lines[0].startswith("work:   0%") and lines[-1].startswith("work: 100%") and "3/3" in lines[-1]
+
+
+def test_an_experiment_without_a_backbone_is_refused_naming_the_choices(tmp_path, capsys):
+    """No model is a sensible default: a method preset alone names no backbone."""
+    out = tmp_path / "run"
+    assert main(["train", str(ROOT / "experiments" / "methods" / "mixgrpo.gin"), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "TrainConfig.backbone is not set" in err and "flux" in err and "include 'backbones/flux.gin'" in err
+    assert not out.exists()
