@@ -67,8 +67,7 @@ def evaluate_base(trainer: Trainer, metrics: dict[str, Any], cache: Path | None)
         if trainer.accelerator.is_main_process:
             trainer.out.mkdir(parents=True, exist_ok=True)
             if evaluate:
-                with open(trainer.out / records.EVAL_SCORES, "a") as f:
-                    f.write(json.dumps({"iteration": 0, **stored["scores"]}) + "\n")
+                records.append_row(trainer.out, records.EVAL_SCORES, {"iteration": 0, **stored["scores"]})
             if sample:
                 (trainer.out / "samples").mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(folder / GRID, trainer.out / "samples" / "iter_000000.png")

@@ -89,21 +89,20 @@ def _train_setup(args: argparse.Namespace):
         records.check_resume(run_dir)  # a changed experiment is refused before any model loads
         return config, pm, {**before, "gin": _layered(before["gin"], given)}
     # an experiment file: with the bindings the run was started with, then those given now
+    config = pm = None
     if args.output:
         out = Path(args.output)
-    else:
+    else:  # the run directory is the file's output_dir
         config, pm = _load(args)
         out = Path(config.output_dir)
     records.require_run(out)
     before = records.read_launch(out)
-    if before is None:  # a run from before launches were recorded: the file and today's bindings
-        config, pm = _load(args)
-        records.check_resume(Path(config.output_dir))
-        return config, pm, {"config": str(source), "gin": given, "output": args.output}
-    output = [f"TrainConfig.output_dir = {args.output!r}"] if args.output else []
-    config, pm = load_config(source, [*before["gin"], *given, *output])
+    earlier = before["gin"] if before is not None else []  # none recorded: a run from before launch.json
+    if earlier or config is None:
+        output = [f"TrainConfig.output_dir = {args.output!r}"] if args.output else []
+        config, pm = load_config(source, [*earlier, *given, *output])
     records.check_resume(Path(config.output_dir))
-    return config, pm, {"config": str(source), "gin": _layered(before["gin"], given), "output": args.output}
+    return config, pm, {"config": str(source), "gin": _layered(earlier, given), "output": args.output}
 
 
 def _layered(before: list[str], given: list[str]) -> list[str]:

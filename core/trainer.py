@@ -330,14 +330,8 @@ class Trainer:
         return c.ratio_tolerance if c.ratio_tolerance is not None else self.objective.clip_range / 10
 
     # == 6. log: held-out evaluation, sample grids, metrics rows ===================================
-    def record_evaluation(self, iteration: int, metrics: dict[str, Any]) -> None:
-        evaluation.record(self, iteration, metrics)
-
     def evaluate(self, scores: dict[str, list[float]] | None = None) -> dict[str, float]:
         return evaluation.evaluate(self, scores)
-
-    def draw_grid(self, iteration: int) -> None:
-        evaluation.draw_grid(self, iteration)
 
     def evaluation_weights(self) -> contextlib.AbstractContextManager:
         return evaluation.weights(self)
