@@ -22,15 +22,10 @@ from mixgrpo.core.records import METRICS
 CARD = "README.md"
 CURVE = "reward_curve.png"
 
-METHODS = {"flowgrpo": "FlowGRPO", "dancegrpo": "DanceGRPO", "mixgrpo": "MixGRPO"}
-
-
 def method_name(config: Any) -> str:
-    """The method a config trains, as the papers name it."""
-    name = METHODS.get(config.objective, config.objective)
-    if config.objective == "mixgrpo" and config.compression is not None:
-        name += "-Flash*" if config.schedule == "fixed" else "-Flash"
-    return name
+    """The method a config trains, as the papers name it: the preset's ``TrainConfig.method``, else the
+    objective's registered name."""
+    return config.method or config.objective
 
 
 def plot_curve(run_dir: Path, path: Path) -> bool:

@@ -57,6 +57,8 @@ class TrainConfig:
         prompts but never trained on. The four samplers are built in the gin scopes of their roles,
         ``sde``, ``pre``, ``post`` and ``eval``: ``post/DPMSolverPP.order = 1`` configures the
         post-window solver alone, an unscoped ``DPMSolverPP.order = 1`` every role that uses it.
+        method: the method's name as the papers write it (``MixGRPO-Flash``), for model cards and
+        reports; each preset in experiments/methods/ sets it; empty: the objective's name.
     Sampling:
         num_steps (T), shift (s), grid (``static``|``dynamic``|``diffusers``), mu (the dynamic grid's
         shift: FLUX's ``flux_mu`` of the image tokens, 0.80 at 720×720), compression (Flash ratio r
@@ -102,6 +104,7 @@ class TrainConfig:
     eval_solver: str = "euler"
     schedule: str = "progressive"
     objective: str = "mixgrpo"
+    method: str = ""
     prompt_set: str = "shapes"
     rewards: dict[str, float] = attrs.field(factory=lambda: {"shapes.composition": 1.0})
     eval_rewards: tuple[str, ...] = ()

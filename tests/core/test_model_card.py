@@ -124,3 +124,22 @@ def test_metrics_hold_only_documented_names(tmp_path, method):
     assert {"eval/<name>/sem", "policy/skipped_steps", "perf/nfe_train", "iteration"} <= names
     documented = (ROOT / "docs" / "run-directory.md").read_text()
     assert all(f"`{name}`" in documented for name in METRIC_NAMES)
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "experiments" / "methods").glob("*.gin")), ids=lambda p: p.stem)
+def test_every_method_preset_names_its_method_for_the_model_card(preset):
+    """The card's method is the preset's ``TrainConfig.method``: no name is derived from component names."""
+    import gin
+
+    from mixgrpo.commands.model_card import method_name
+    from mixgrpo.core.config import TrainConfig, parse_gin
+
+    text = preset.read_text()
+    stated = re.findall(r"^TrainConfig\.method = '([^']+)'", text, flags=re.M)
+    assert len(stated) == 1, f"{preset.name} must bind TrainConfig.method once"
+    gin.clear_config()
+    try:
+        parse_gin([str(preset)], ["TrainConfig.backbone = 'toy'"])
+        assert method_name(TrainConfig()) == stated[0]
+    finally:
+        gin.clear_config()
