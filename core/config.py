@@ -92,9 +92,12 @@ class TrainConfig:
         0 keeps all, the latest is never deleted), max_failed_iterations (stop after this many
         consecutive iterations in which a trained reward scored no sample),
         ratio_tolerance (warn when the on-policy ratio deviates from 1 by more; None: a tenth of the
-        objective's clip range), progress (bars),
-        tensorboard (also log metrics to TensorBoard in ``output_dir/tensorboard`` through
-        accelerate's tracker, when the ``tensorboard`` package is installed).
+        objective's clip range), progress (bars).
+    Trackers (``mixgrpo.core.trackers``, docs/run-directory.md):
+        trackers (any of ``'tensorboard'``, ``'wandb'``, ``'trackio'``, e.g. ``['tensorboard',
+        'wandb']``; each an extra, ``pip install 'mixgrpo[wandb]'``; None: TensorBoard when it is
+        installed; ``[]``: none), tracker_project (the wandb and trackio project), tensorboard
+        (deprecated: True adds TensorBoard to the trackers, False removes it).
     """
 
     backbone: str = ""  # required: every experiment names its model (an include of experiments/backbones/)
@@ -146,7 +149,9 @@ class TrainConfig:
     max_failed_iterations: int = 3
     ratio_tolerance: float | None = None
     progress: bool = True
-    tensorboard: bool = True
+    trackers: tuple[str, ...] | None = None
+    tracker_project: str = "mixgrpo"
+    tensorboard: bool | None = None  # deprecated: TrainConfig.trackers
 
     def samplers(self) -> dict[str, str]:
         """``{role: sampler name}`` for the roles of ``SAMPLER_ROLES`` (each built in its gin scope)."""

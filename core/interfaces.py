@@ -290,7 +290,8 @@ class Reward(ABC):
 
 
 class PolicyObjective(ABC):
-    """Rewards → advantages; per-transition log-probs → the clipped policy loss.
+    """Rewards → advantages; per-transition log-probs → the clipped policy loss. (An objective that
+    trains on the rollout's final samples instead, with no log-probs, is a ``MatchingObjective``.)
 
     Constructor contract: every objective's constructor takes the keyword ``weights``, a mapping
     ``{reward name: weight}`` or None (equal weights), and keeps it as ``self.weights``; ``advantages``
@@ -337,6 +338,68 @@ class PolicyObjective(ABC):
         ``index`` (both the SDE sampler's results for the same ``x`` and ``prev_sample``). Called
         only when ``uses_reference``; an objective that sets ``kl_beta > 0`` must implement it."""
         raise NotImplementedError(f"{type(self).__name__} sets kl_beta > 0 but does not implement kl()")
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether training runs the frozen reference model (for the KL term): ``kl_beta > 0``."""
+        return self.kl_beta > 0
+
+
+
+class MatchingObjective(ABC):
+    """A forward-process objective (DiffusionNFT, AWM): no log-probs and no SDE. The rollout walks the
+    grid with ODE solvers only and records the final latents ``x0``; the trainer re-noises them at σ
+    this objective draws, ``x_σ = (1−σ)·x0 + σ·ε``, and trains the velocity with the objective's
+    reward-weighted flow-matching loss (docs/algorithms.md, "Forward-process objectives").
+
+    Per iteration, for the N samples: ``draw_sigmas`` gives ``[K, N]`` σ values, the trainer draws the
+    noise ε, computes the rollout policy's velocity ``v_old`` at every ``(x_σ, σ)`` before the first
+    update (no grad), then, per minibatch, the current velocity ``v_new`` (with grad) and ``loss``.
+    The first minibatch runs before any update, so ``v_new == v_old`` there: its ``ratio`` statistic
+    must be 1, the same on-policy check as the GRPO objectives'.
+
+    Constructor contract: as ``PolicyObjective``'s (the keyword ``weights``). The trainer refuses,
+    before any model loads, a schedule that makes any step an SDE step (the objective would ignore
+    it) and shared initial noise within a group (an ODE walk from one noise gives one image G times).
+    """
+
+    clip_range: float = 1e-4
+    kl_beta: float = 0.0
+    weights: Mapping[str, float] | None = None
+
+    @abstractmethod
+    def advantages(self, rewards: dict[str, torch.Tensor], group_ids: torch.Tensor) -> torch.Tensor:
+        """One advantage per sample ``[N]`` from named rewards ``{name: [N]}`` and group ids ``[N]``."""
+
+    @abstractmethod
+    def draw_sigmas(self, grid: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``[K, N]`` fp32 noise levels in (0, 1] at which the N samples are trained this iteration
+        (K draws each), from the rollout's σ grid ``grid`` ``[S+1]`` (descending, ending at 0)."""
+
+    @abstractmethod
+    def loss(
+        self,
+        v_new: torch.Tensor,
+        v_old: torch.Tensor,
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        sigma: torch.Tensor,
+        advantages: torch.Tensor,
+        v_ref: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-sample losses ``[B]`` (with grad) and per-sample statistics, at one σ draw.
+
+        Args:
+            v_new: ``[B, *latent]`` the current velocity at ``x_σ`` (with grad).
+            v_old: ``[B, *latent]`` the rollout policy's velocity at the same input (no grad).
+            x0: ``[B, *latent]`` the rollout's final latents; noise: ``[B, *latent]`` the ε of ``x_σ``.
+            sigma: ``[B]`` the noise levels; advantages: ``[B]``.
+            v_ref: ``[B, *latent]`` the frozen reference's velocity when ``uses_reference``, else None.
+        Returns:
+            ``(terms, stats)`` as ``PolicyObjective.loss``: the trainer sums the terms and divides by
+            the number of (sample, σ draw) pairs of the optimizer step; ``stats`` maps ``ratio``,
+            ``clipped``, ``approx_kl``, ``policy`` and ``kl`` to detached ``[B]`` tensors.
+        """
 
     @property
     def uses_reference(self) -> bool:

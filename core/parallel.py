@@ -166,15 +166,17 @@ class Parallel:
         return acc.gather(tensor.to(acc.device)).cpu()
 
 
-def make_accelerator(out: Any, tensorboard: bool) -> Accelerator:
-    """One process on CPU or GPU by default (``accelerate launch`` for more), with TensorBoard
-    tracking in ``out/tensorboard`` when asked for and installed."""
-    from accelerate import Accelerator
-    from accelerate.tracking import is_tensorboard_available
+def make_accelerator(out: Any, trackers: Sequence[str] = ()) -> Accelerator:
+    """One process on CPU or GPU by default (``accelerate launch`` for more), logging to ``trackers``
+    (names as ``mixgrpo.core.trackers.TRACKERS`` spells them; checked by the preflight): TensorBoard
+    writes under ``out/tensorboard``."""
+    from pathlib import Path
 
-    tracked = tensorboard and is_tensorboard_available()
-    return Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard" if tracked else None,
-                       project_dir=str(out))
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    project = ProjectConfiguration(project_dir=str(out), logging_dir=str(Path(out) / "tensorboard"))
+    return Accelerator(cpu=not torch.cuda.is_available(), log_with=list(trackers) or None, project_config=project)
 
 
 def peak_mem_gb() -> float:

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from mixgrpo.core import trackers
 from mixgrpo.core.config import TrainConfig
-from mixgrpo.core.interfaces import Sampler, check_objective_factory
+from mixgrpo.core.interfaces import MatchingObjective, Sampler, check_objective_factory
 from mixgrpo.core.plugins import PluginManager
 
 
 def check_config(config: TrainConfig, pm: PluginManager, num_processes: int) -> None:
     """The config's own ranges and component names (``TrainConfig.validate``), the objective's
-    constructor contract (it takes the reward ``weights``), and the batch layout over
-    ``num_processes``; first of all, before any component is built."""
+    constructor contract (it takes the reward ``weights``), the batch layout over
+    ``num_processes``, and the trackers' packages; first of all, before any component is built."""
     config.validate(pm)
+    trackers.check(config)  # a tracker that is not installed: the extra to install
     check_objective_factory(pm.get("objective", config.objective).factory, config.objective)
     check_batch_layout(config, num_processes)
 
@@ -40,11 +42,13 @@ def check_batch_layout(c: TrainConfig, world: int) -> None:
                          f"{world} process(es)), so that every optimizer step averages the same number of samples")
 
 
-def check_plans(c: TrainConfig, pm: PluginManager, schedule: Any, sde_sampler: Any, setup: Any) -> None:
+def check_plans(c: TrainConfig, pm: PluginManager, schedule: Any, sde_sampler: Any, setup: Any,
+                objective: Any = None) -> None:
     """Plan the first and last iterations (plans are pure and cheap): a window that does not fit the
-    grid, a trained step that is not an SDE step, or a Flash grid that cannot be built; and, for an
-    SDE sampler that cannot take the step into σ = 0 (CPS), every iteration, since a random window
-    may reach the end at any (windowed plans are O(1))."""
+    grid, a trained step that is not an SDE step, a Flash grid that cannot be built, or a plan the
+    objective cannot use (``check_objective_plan``); and, for an SDE sampler that cannot take the step
+    into σ = 0 (CPS), every iteration, since a random window may reach the end at any (windowed plans
+    are O(1))."""
     samples = c.prompts_per_iteration * c.group_size
     for k in sorted({0, c.iterations - 1}):
         plan = schedule.plan(k, c.num_steps, samples, seed=c.seed)
@@ -52,6 +56,8 @@ def check_plans(c: TrainConfig, pm: PluginManager, schedule: Any, sde_sampler: A
         if outside:
             raise ValueError(f"schedule {c.schedule!r} trains steps {sorted(outside)} at iteration {k + 1}, which "
                              "are not SDE steps: a log-prob exists only on SDE steps")
+        if objective is not None:
+            check_objective_plan(c, pm, objective, plan, k)
         setup.sigmas(plan)
     if sde_sampler.supports_final_step:
         return
@@ -71,3 +77,27 @@ def check_plans(c: TrainConfig, pm: PluginManager, schedule: Any, sde_sampler: A
 def _takes_final_sde_step(factory: Any) -> bool:
     return (isinstance(factory, type) and issubclass(factory, Sampler) and factory.stochastic
             and factory.supports_final_step)
+
+
+def check_objective_plan(c: TrainConfig, pm: PluginManager, objective: Any, plan: Any, k: int) -> None:
+    """A forward-process objective (``MatchingObjective``) trains on final samples: an SDE step would be
+    sampled for nothing, and an ODE walk from a group's shared noise gives one image G times. A GRPO
+    objective trains on SDE transitions: a plan without any trains nothing."""
+    name = f"TrainConfig.objective = {c.objective!r} ({type(objective).__name__})"
+    if isinstance(objective, MatchingObjective):
+        if plan.sde_steps:
+            raise ValueError(f"{name} is a forward-process objective: it trains on the rollout's final samples and "
+                             f"ignores SDE steps, but TrainConfig.schedule = {c.schedule!r} makes steps "
+                             f"{list(plan.sde_steps)} SDE steps at iteration {k + 1}. Use --gin "
+                             "\"TrainConfig.schedule = 'ode'\" (every step with the ODE solvers), as "
+                             "experiments/methods/diffusionnft.gin does")
+        if c.shared_noise:
+            raise ValueError(f"{name} samples with the ODE only, so a group that shares its initial noise holds "
+                             f"{c.group_size} copies of one image and no reward varies within it: set "
+                             "--gin \"TrainConfig.shared_noise = False\"")
+    elif not plan.all_train_steps():
+        matching = sorted(n for n, e in pm.registry["objective"].items()
+                          if isinstance(e.factory, type) and issubclass(e.factory, MatchingObjective))
+        raise ValueError(f"{name} trains SDE transitions, but TrainConfig.schedule = {c.schedule!r} trains no step at "
+                         f"iteration {k + 1}: choose a schedule with an SDE window, or a forward-process objective "
+                         f"({', '.join(matching) or 'none registered'}) for an ODE-only rollout")

@@ -38,8 +38,9 @@ RESUMES = "resumes.jsonl"
 METRICS = "metrics.jsonl"
 EVAL_SCORES = "eval_scores.jsonl"
 #: what a run directory holds (``--overwrite`` removes exactly these)
-RUN_FILES = ("config.gin", BINDINGS, LAUNCH, RESUMES, METRICS, EVAL_SCORES, "README.md", "reward_curve.png")
-RUN_FOLDERS = ("checkpoints", "samples", "tensorboard", "eval")
+RUN_FILES = ("config.gin", BINDINGS, LAUNCH, RESUMES, METRICS, EVAL_SCORES, "README.md", "reward_curve.png",
+             "trackers.json")
+RUN_FOLDERS = ("checkpoints", "samples", "tensorboard", "wandb", "eval")
 
 #: how an iteration names its checkpoint folder and its sample grid (``iter_000040``), and the pattern
 #: that finds them
@@ -54,8 +55,9 @@ def iteration_name(iteration: int) -> str:
 #: TrainConfig fields a resume may change: they do not change what an iteration computes (share_prefix:
 #: beyond float rounding)
 RESUMABLE_FIELDS = ("iterations", "eval_every", "sample_every", "checkpoint_every", "keep_last", "progress",
-                    "tensorboard", "learning_rate", "weight_decay", "max_grad_norm", "max_failed_iterations",
-                    "output_dir", "ratio_tolerance", "overlap_rewards", "share_prefix")
+                    "tensorboard", "trackers", "tracker_project", "method", "learning_rate", "weight_decay",
+                    "max_grad_norm", "max_failed_iterations", "output_dir", "ratio_tolerance", "overlap_rewards",
+                    "share_prefix")
 
 
 #: a binding whose name holds one of these may change on resume: where files live, which device runs a

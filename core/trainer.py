@@ -6,7 +6,7 @@
         3. reward      each chunk's images scored as soon as they are decoded         (the rewards)
         4. advantages  per group, over every process's samples                        (the objective)
         5. optimize    minibatches of (sample, trained step) pairs, one step each     (the objective)
-        6. log         one row in metrics.jsonl (and TensorBoard); evaluation and grids when due
+        6. log         one row in metrics.jsonl (and the trackers); evaluation and grids when due
         7. checkpoint  when due, after the last iteration, and when SIGTERM or Ctrl-C asks the run to stop
 
 What differs between FlowGRPO, DanceGRPO and MixGRPO lives in the plugins a gin recipe selects,
@@ -33,11 +33,12 @@ import torch
 from accelerate import Accelerator
 
 from mixgrpo.core import checkpoint as ckpt
-from mixgrpo.core import evaluation, preflight, records, scoring
+from mixgrpo.core import evaluation, matching, preflight, records, scoring, trackers
 from mixgrpo.core import metrics as m
 from mixgrpo.core.advantages import local_rows
 from mixgrpo.core.config import TrainConfig
 from mixgrpo.core.ema import EMA
+from mixgrpo.core.interfaces import MatchingObjective
 from mixgrpo.core.metrics import format_value
 from mixgrpo.core.parallel import Parallel, make_accelerator, peak_mem_gb
 from mixgrpo.core.plugins import PluginManager, get_plugin_manager, make_sampler
@@ -58,7 +59,7 @@ class Trainer:
         self.config = c = config
         self.pm = pm or get_plugin_manager()
         self.out = Path(c.output_dir)
-        self.accelerator = accelerator or make_accelerator(self.out, c.tensorboard)
+        self.accelerator = accelerator or make_accelerator(self.out, trackers.selected(c))
         preflight.check_config(c, self.pm, self.accelerator.num_processes)
         self.parallel = Parallel(self.accelerator, c.parallelism)
         #: the iteration-0 evaluation (``evaluation.base``; ``mixgrpo compare`` shares one between runs)
@@ -80,7 +81,7 @@ class Trainer:
                                    share_prefix=c.share_prefix)
         # evaluation and sample grids: the ODE on their own grid (FlowGRPO evaluates SD3.5 at 40 steps)
         self.eval_setup = attrs.evolve(self.setup, num_steps=c.eval_num_steps or c.num_steps, compression=None)
-        preflight.check_plans(c, self.pm, self.schedule, self.sde_sampler, self.setup)
+        preflight.check_plans(c, self.pm, self.schedule, self.sde_sampler, self.setup, self.objective)
         records.check_writable(self.out)
         # then the models
         self.backbone = self.pm.create("backbone", c.backbone)
@@ -118,7 +119,7 @@ class Trainer:
         c, acc = self.config, self.accelerator
         self.stopped = None
         self.start_iteration = records.open_run(self.out, start, acc, self._restore, self.launch)
-        self._start_trackers()
+        self.trackers = trackers.start(acc, self.out, self.start_iteration, c)  # a resume: the same tracker run
         history: list[dict[str, float]] = []
         if self.start_iteration == 0 and (c.eval_every or c.sample_every):
             base_row: dict[str, Any] = {m.ITERATION: 0}
@@ -151,8 +152,7 @@ class Trainer:
                     why = stop[0] if stop else "a stop signal to another process"
                     self.stopped = f"stopped by {why} after iteration {n} (checkpoint saved)"
                     break
-        for tracker in acc.trackers:
-            tracker.finish()  # flush and close the TensorBoard writer
+        self.trackers.finish()  # flush and close the tracker runs
         return history
 
     def iteration(self, k: int) -> dict[str, float]:
@@ -248,6 +248,8 @@ class Trainer:
         never reaches the weights or the optimizer state) and is counted in ``policy/skipped_steps``.
         """
         c, acc, objective = self.config, self.accelerator, self.objective
+        if isinstance(objective, MatchingObjective):  # trains on final samples, not on transitions
+            return matching.optimize(self, traj, advantages, iteration)
         n = len(traj)
         mask = traj.plan.train_mask(n)
         order = torch.randperm(n, generator=keyed_generator(c.seed, iteration, "minibatches"))
@@ -276,24 +278,36 @@ class Trainer:
                 evaluations += len(traj.model_rows(step, rows)[0])
                 if mb_index == 0:
                     first_dev = max(first_dev, float((stats["ratio"] - 1).abs().max()))
-            grad_norm = self.parallel.clip_grad_norm(params, c.max_grad_norm)
-            if not (math.isfinite(grad_norm) and self.parallel.all_processes(loss_finite)):
-                self.optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                log.warning("iteration %d, minibatch %d: non-finite %s; the optimizer step is skipped",
-                            iteration + 1, mb_index + 1, "loss" if not loss_finite else f"gradient norm ({grad_norm})")
-                continue
-            grad_norms.append(grad_norm)
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.step(params)
+            grad_norm = self.update(params, loss_finite, iteration, mb_index)
+            skipped += grad_norm is None
+            grad_norms += [grad_norm] if grad_norm is not None else []
+        calls = self.backbone.calls_per_velocity * (2 if objective.uses_reference else 1)
+        return self.policy_metrics({k: v / max(items, 1) for k, v in sums.items()}, first_dev, grad_norms,
+                                   skipped, nfe_train=calls * evaluations / max(n, 1))
+
+    def update(self, params: list[torch.Tensor], loss_finite: bool, iteration: int, mb_index: int) -> float | None:
+        """One optimizer step on the accumulated gradients (clipped; the EMA follows); returns the
+        gradient norm, or None when the loss or the norm is not finite on any process: then the
+        gradients are dropped and no step is taken."""
+        grad_norm = self.parallel.clip_grad_norm(params, self.config.max_grad_norm)
+        if not (math.isfinite(grad_norm) and self.parallel.all_processes(loss_finite)):
+            self.optimizer.zero_grad(set_to_none=True)
+            log.warning("iteration %d, minibatch %d: non-finite %s; the optimizer step is skipped",
+                        iteration + 1, mb_index + 1, "loss" if not loss_finite else f"gradient norm ({grad_norm})")
+            return None
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.step(params)
+        return grad_norm
+
+    def policy_metrics(self, means: dict[str, float], first_dev: float, grad_norms: list[float], skipped: int,
+                       nfe_train: float) -> dict[str, float]:
+        """The ``policy/*`` row of an iteration, after warning when the first minibatch was off-policy."""
         if first_dev > self.ratio_tolerance:
             log.warning("on-policy ratio deviates from 1 by %.2e before the first update (tolerance %.0e, a tenth "
                         "of the clip range by default): rollout and training compute different log-probs",
                         first_dev, self.ratio_tolerance)
-        calls = self.backbone.calls_per_velocity * (2 if objective.uses_reference else 1)
-        return m.policy_row({k: v / max(items, 1) for k, v in sums.items()}, first_dev, grad_norms, skipped,
-                            nfe_train=calls * evaluations / max(n, 1))
+        return m.policy_row(means, first_dev, grad_norms, skipped, nfe_train=nfe_train)
 
     def _log_prob(self, traj: Trajectories, step: int, rows: torch.Tensor) -> tuple[Any, Any]:
         """Log-probs of the stored transitions at ``step`` under the current weights (with grad),
@@ -337,10 +351,7 @@ class Trainer:
         return evaluation.weights(self)
 
     def _log(self, metrics: dict[str, Any]) -> None:
-        if self.accelerator.trackers:
-            self.accelerator.log({k: float(records.jsonable(v)) for k, v in metrics.items()
-                                  if k != m.ITERATION and records.jsonable(v) is not None},
-                                 step=int(metrics[m.ITERATION]))
+        self.trackers.log(metrics)  # its numbers, and the grid drawn for its iteration
         if self.accelerator.is_main_process:
             records.append_row(self.out, records.METRICS, metrics)
 
@@ -372,13 +383,6 @@ class Trainer:
         stopped = RewardFailure(f"{failure}. The run stopped; {where}")
         stopped.__cause__ = failure.__cause__
         return stopped
-
-    def _start_trackers(self) -> None:
-        """TensorBoard in ``output_dir/tensorboard``; on resume it purges its events from the first
-        iteration this run will log again, so no step is recorded twice."""
-        if self.accelerator.log_with:
-            kwargs = {"purge_step": self.start_iteration + 1} if self.start_iteration else {}
-            self.accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": kwargs})
 
     def close(self) -> None:
         """End of the process's work: every rank reaches here, then the process group is torn down

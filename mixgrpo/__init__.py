@@ -6,6 +6,7 @@ Plugin authors need only this module: ``from mixgrpo import hookimpl`` and the i
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import (
     Backbone,
+    MatchingObjective,
     PolicyObjective,
     Reward,
     Sampler,
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Backbone",
     "Conditioning",
+    "MatchingObjective",
     "PolicyObjective",
     "Reward",
     "Sampler",

@@ -18,6 +18,7 @@ from typing import Any
 
 _WHERE = {
     "BackboneContract": "mixgrpo.testing.backbones",
+    "MatchingObjectiveContract": "mixgrpo.testing.matching",
     "ObjectiveContract": "mixgrpo.testing.objectives",
     "RewardContract": "mixgrpo.testing.rewards",
     "SamplerContract": "mixgrpo.testing.samplers",

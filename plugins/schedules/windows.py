@@ -80,6 +80,18 @@ def _positions(start: int, stride: int, last: int, count: int) -> int:
     return min(start + count * stride, last)
 
 
+# -- forward-process objectives ----------------------------------------------------------------------
+@attrs.frozen
+class ODEOnly(WindowSchedule):
+    """No SDE step and no trained transition: every step is walked by the ODE solvers (the
+    ``post_solver`` role, since there is no window). The rollout of forward-process objectives
+    (DiffusionNFT, AWM), which train on the final samples alone; a GRPO objective refuses it."""
+
+    def plan(self, iteration: int, num_steps: int, num_samples: int = 1, seed: int = 0) -> StepPlan:
+        _check_call(iteration, num_steps, num_samples)
+        return StepPlan(num_steps=num_steps, sde_steps=(), train_steps=())
+
+
 # -- FlowGRPO and DanceGRPO --------------------------------------------------------------------------
 @attrs.frozen
 class AllSteps(WindowSchedule):
@@ -304,3 +316,4 @@ def register_schedules(register):
     register("progressive", ProgressiveWindow)
     register("random", RandomWindow)
     register("decay", DecayWindow)
+    register("ode", ODEOnly)

@@ -24,8 +24,8 @@ def train(capsys, config: str, *bindings: str, output=None) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("binding, expected", [
-    ("TrainConfig.objective = 'mixgrp'", "unknown objective 'mixgrp'; known objectives: dancegrpo, flowgrpo, mixgrpo. "
-                                         "Did you mean 'mixgrpo'?"),
+    ("TrainConfig.objective = 'mixgrp'", "unknown objective 'mixgrp'; known objectives: awm, dancegrpo, diffusionnft, "
+                                         "flowgrpo, mixgrpo. Did you mean 'mixgrpo'?"),
     ("TrainConfig.sde_sampler = 'sde.flw'", "Did you mean 'sde.flow'?"),
 ])
 def test_unknown_plugin_names_the_closest(capsys, binding, expected):

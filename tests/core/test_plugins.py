@@ -15,9 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 BUILTIN = {
     "backbone": {"toy", "flux", "sd3"},
     "sampler": {"euler", "dpmsolver++", "sde.flow", "sde.dance", "sde.cps"},
-    "schedule": {"all", "random_subset", "fixed", "progressive", "random", "decay"},
-    "reward": {"shapes.composition", "shapes.preference", "clip_score", "pickscore", "hpsv2", "imagereward"},
-    "objective": {"flowgrpo", "dancegrpo", "mixgrpo"},
+    "schedule": {"all", "random_subset", "fixed", "progressive", "random", "decay", "ode"},
+    "reward": {"shapes.composition", "shapes.preference", "clip_score", "pickscore", "hpsv2", "imagereward",
+               "aesthetic", "jpeg_compressibility", "jpeg_incompressibility", "vlm_judge", "ocr", "geneval"},
+    "objective": {"flowgrpo", "dancegrpo", "mixgrpo", "diffusionnft", "awm"},
     "prompt_set": {"shapes", "file"},
 }
 
