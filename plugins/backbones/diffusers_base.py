@@ -66,6 +66,12 @@ def component(root: Path, name: str, what: str, required: bool = True) -> Path |
     return None
 
 
+#: the backbone that loads each diffusers transformer class (the hint of ``check_model_class``)
+FAMILIES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3",
+            "QwenImageTransformer2DModel": "qwenimage", "Flux2Transformer2DModel": "flux2",
+            "ZImageTransformer2DModel": "zimage"}
+
+
 def check_model_class(folder: Path, expected: str, backbone: str) -> None:
     """A clear error when ``folder`` holds another model family than the backbone loads (diffusers
     would otherwise load what it can and initialise the rest at random)."""
@@ -75,7 +81,7 @@ def check_model_class(folder: Path, expected: str, backbone: str) -> None:
                                 "folder again)")
     found = json.loads(config.read_text()).get("_class_name")
     if found and found != expected:
-        hint = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}.get(found)
+        hint = FAMILIES.get(found)
         fix = f"use TrainConfig.backbone = '{hint}'" if hint else f"the {backbone!r} backbone needs a {expected}"
         raise ValueError(f"{folder} holds a {found}, but the {backbone!r} backbone loads a {expected}: {fix}")
 

@@ -25,6 +25,7 @@ from mixgrpo.core.advantages import AGGREGATES, STD_MODES, group_advantages
 from mixgrpo.core.interfaces import PolicyObjective
 from mixgrpo.core.types import StepResult
 from mixgrpo.core.validators import finite_non_negative, one_of, positive
+from mixgrpo.plugins.objectives.guard import StepMoments, guard_log_ratio
 
 
 # -- the fields of ClippedGRPO, with their checks, for subclasses that change a default ----------------
@@ -65,6 +66,12 @@ def kl_beta_field(default: float) -> Any:
 
 def kl_include_dt_field(default: bool) -> Any:
     return attrs.field(default=default, converter=bool)
+
+
+def guard_field(default: bool) -> Any:
+    # left out of the repr so that the records' reprs read as before the option existed
+    # (tests/plugins/test_objectives.py pins them); equality still compares it
+    return attrs.field(default=default, converter=bool, repr=False)
 
 
 def _real_number(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -157,6 +164,9 @@ class ClippedGRPO(PolicyObjective):
             Weight β of the KL to the frozen reference (0: no reference model is run).
         kl_include_dt (`bool`, defaults to False):
             False: FlowGRPO's KL ``‖Δμ‖²/(2g²)``; True: the exact step KL ``‖Δμ‖²/(2g²Δ)``.
+        guard (`bool`, defaults to False):
+            GRPO-Guard (``guard.py``): the ratio is ``exp(s·Δlogp + mean(Δμ²)/(2s))`` instead of
+            ``exp(Δlogp)``; ``loss`` then needs the step moments (``moments=``).
     """
 
     std: str = std_field("group")
@@ -168,6 +178,12 @@ class ClippedGRPO(PolicyObjective):
     clip_range: float = clip_range_field(1e-4)
     kl_beta: float = kl_beta_field(0.0)
     kl_include_dt: bool = kl_include_dt_field(False)
+    guard: bool = guard_field(False)
+
+    @property
+    def uses_step_moments(self) -> bool:
+        """Whether ``loss`` needs the step means and std of each transition (GRPO-Guard)."""
+        return self.guard
 
     # -- advantages ------------------------------------------------------------------------------
     def advantages(self, rewards: dict[str, torch.Tensor], group_ids: torch.Tensor) -> torch.Tensor:
@@ -182,12 +198,15 @@ class ClippedGRPO(PolicyObjective):
         log_prob_old: torch.Tensor,
         advantages: torch.Tensor,
         kl: torch.Tensor | None = None,
+        moments: StepMoments | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-transition terms ``[M]`` (with grad) and detached ``[M]`` statistics.
 
-        Statistics: ``ratio`` r; ``clipped`` 1.0 where |r − 1| > ε; ``approx_kl``
-        ½·(logp_new − logp_old)², the usual low-variance estimate of the KL between the rollout
-        and the current policy; ``policy`` the clipped policy term; ``kl`` the KL (zeros without).
+        ``moments`` (the step means and std, ``guard.StepMoments``) is required with ``guard`` and
+        ignored without. Statistics: ``ratio`` r (the guarded ratio with ``guard``); ``clipped`` 1.0
+        where |r − 1| > ε; ``approx_kl`` ½·(logp_new − logp_old)², the usual low-variance estimate of
+        the KL between the rollout and the current policy; ``policy`` the clipped policy term;
+        ``kl`` the KL (zeros without).
         """
         if log_prob_new.shape != log_prob_old.shape or log_prob_new.shape != advantages.shape:
             raise ValueError(
@@ -199,7 +218,7 @@ class ClippedGRPO(PolicyObjective):
         if kl is not None and kl.shape != log_prob_new.shape:
             raise ValueError(f"kl has shape {tuple(kl.shape)}, expected {tuple(log_prob_new.shape)}")
         log_ratio = log_prob_new - log_prob_old.detach()
-        ratio = torch.exp(log_ratio)
+        ratio = torch.exp(self._regulated(log_prob_new, log_prob_old, moments) if self.guard else log_ratio)
         adv = advantages.detach().to(ratio.dtype)
         eps = self.clip_range
         unclipped = -adv * ratio
@@ -214,6 +233,16 @@ class ClippedGRPO(PolicyObjective):
             "kl": kl.detach() if kl is not None else torch.zeros_like(policy.detach()),
         }
         return terms, stats
+
+    def _regulated(self, log_prob_new: torch.Tensor, log_prob_old: torch.Tensor,
+                   moments: StepMoments | None) -> torch.Tensor:
+        """GRPO-Guard's log-ratio ``[M]``; refuses a call without the moments it needs."""
+        if moments is None:
+            raise ValueError(
+                "guard=True needs the step moments: call loss(..., moments=StepMoments(mean_new, mean_old, std)) "
+                "with the SDE sampler's means of the current and the rollout policy and its std; or set guard=False"
+            )
+        return guard_log_ratio(log_prob_new, log_prob_old, moments)
 
     # -- KL to the reference ---------------------------------------------------------------------
     def kl(self, policy: StepResult, reference: StepResult, sigmas: torch.Tensor, index: int) -> torch.Tensor:

@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 GIN_FILES = sorted((ROOT / "experiments").rglob("*.gin"))
 # Macros that real experiments require (local weight folders); bound to dummies to parse.
 DUMMY_MACROS = ["FLUX_PATH = '/nonexistent/flux'", "SD3_PATH = '/nonexistent/sd3'",
+                "FLUX2_PATH = '/nonexistent/flux2'", "QWENIMAGE_PATH = '/nonexistent/qwen'",
+                "SD35_LARGE_PATH = '/nonexistent/sd35l'", "ZIMAGE_PATH = '/nonexistent/zimage'",
                 "PROMPTS_TRAIN = '/nonexistent/train.txt'", "PROMPTS_TEST = '/nonexistent/test.txt'"]
 
 
@@ -26,7 +28,7 @@ def test_there_are_gin_files_for_every_method():
 def test_every_shipped_gin_file_parses(path):
     head = path.read_text().lstrip().splitlines()[0]
     assert head.startswith("#"), f"{path.name} must open with a comment on where its numbers come from"
-    parse_gin([path], DUMMY_MACROS)
+    parse_gin([path], [*DUMMY_MACROS, "PICKSCORE_PATH = '/nonexistent/pickscore'"])
     if "TrainConfig" in gin.config_str() or path.parent.name != "methods":
         cfg = TrainConfig()
         assert cfg.num_steps >= 1
