@@ -1,10 +1,12 @@
-"""The comparison's reward curves: held-out reward against iterations, wall-clock and NFE."""
+"""The comparison's curves: held-out reward against iterations, wall-clock and NFE; and the signs of
+reward hacking, the held-out diversity and drift from the base of every run beside its reward."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 from statistics import mean, stdev
+from typing import Any
 
 import matplotlib
 
@@ -56,3 +58,54 @@ def plot_curves(table: dict[str, dict], metric: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+HACKING_FIGURE = "hacking_curves.png"
+
+
+def plot_measures(curves: dict[str, list[dict[str, Any]]], path: Path) -> bool:
+    """Per run (``{label: metrics rows}``), the held-out diversity (± SE) and the drift from the base
+    against iterations, one panel each; False when no run recorded either."""
+    from mixgrpo.commands.report import MEASURES
+
+    panels = [(label, mean, sem) for label, mean, sem in MEASURES
+              if any(mean in r for rows in curves.values() for r in rows)]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
+    for ax, (ylabel, mean_key, sem_key) in zip(axes[0], panels):
+        for i, (label, rows) in enumerate(curves.items()):
+            points = [(r["iteration"], r[mean_key], (r.get(sem_key) if sem_key else 0.0) or 0.0) for r in rows
+                      if isinstance(r.get(mean_key), (int, float)) and math.isfinite(r[mean_key])]
+            if points:
+                xs, ys, es = zip(*points)
+                ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2, color=f"C{i % 10}", label=label)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(f"held-out {ylabel}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def hacking_section(runs: dict[str, list[Path]], out: Path) -> list[str]:
+    """The report's "Reward hacking" section: for every run, each sign of reward hacking in words
+    (``hacking.hacking_signals``: a trained reward rose while a held-out reward or the diversity fell
+    by more than its SE, base → latest evaluation), or that there is none; and the figure of the
+    held-out diversity and drift from the base of every run (``out/hacking_curves.png``)."""
+    from mixgrpo.commands.report import read_metrics, run_signals
+
+    curves = {(label if len(dirs) == 1 else f"{label} · {d.name}"): read_metrics(d / "metrics.jsonl")
+              for label, dirs in runs.items() for d in dirs if (d / "metrics.jsonl").is_file()}
+    signals = {label: run_signals(rows) for label, rows in curves.items()}
+    lines = ["", "## Reward hacking", "",
+             "A run shows a sign of reward hacking when, between the base and the latest evaluation, a trained "
+             "reward rose while a held-out reward it was not trained on, or the within-prompt diversity of its "
+             "images, fell by more than the standard error of that change.", ""]
+    for label, found in signals.items():
+        lines += [f"- **{label}**: possible reward hacking: {s}" for s in found] or [f"- **{label}**: no sign"]
+    if plot_measures(curves, out / HACKING_FIGURE):
+        lines += ["", f"![held-out diversity and drift from the base]({HACKING_FIGURE})"]
+    return lines

@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import json  # noqa: E402
 
-from mixgrpo.commands.compare_plots import plot_curves  # noqa: E402
+from mixgrpo.commands.compare_plots import hacking_section, plot_curves  # noqa: E402
 from mixgrpo.commands.report import EVAL_SCORES, slug  # noqa: E402
 from mixgrpo.core import metrics  # noqa: E402
 from mixgrpo.core.records import ITERATION_GLOB  # noqa: E402
@@ -249,8 +249,6 @@ def predicted_ratios(table: dict[str, dict], reference: str) -> dict[str, tuple[
     return out
 
 
-# -- the figure -----------------------------------------------------------------------------------
-
 # -- report.md and results.json -------------------------------------------------------------------
 
 def _number(value: float | None, spec: str) -> str:
@@ -431,7 +429,8 @@ def write_report(out: Path, runs: dict[str, list[Path]], metric: str | None = No
                   "each variant's NFE. Measured: the ratio of mean iteration times.", "",
                   "| variant | predicted ratio | measured ratio |", "|---|---|---|"]
         lines += [f"| {label} | {p:.2f} | {m:.2f} |" for label, (p, m) in ratios.items()]
-    lines += ["", "## Reward curves", "", "![held-out reward](reward_curves.png)", "", "## Samples (final)", ""]
+    lines += ["", "## Reward curves", "", "![held-out reward](reward_curves.png)", *hacking_section(runs, out)]
+    lines += ["", "## Samples (final)", ""]
     for label, dirs in runs.items():
         grids = next((g for d in dirs if (g := sorted((d / "samples").glob(f"{ITERATION_GLOB}.png")))), [])
         if grids:

@@ -14,7 +14,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mixgrpo.commands.report import format_difference, format_estimate, held_out_summary, read_metrics
+from mixgrpo.commands.report import (
+    MEASURES,
+    format_difference,
+    format_estimate,
+    held_out_summary,
+    measure_lines,
+    read_metrics,
+    run_signals,
+)
 from mixgrpo.core import metrics
 from mixgrpo.core.interfaces import Backbone, ModelFacts
 from mixgrpo.core.records import METRICS
@@ -28,27 +36,37 @@ def method_name(config: Any) -> str:
     return config.method or config.objective
 
 
-def plot_curve(run_dir: Path, path: Path) -> bool:
-    """Held-out reward against iteration, one panel per reward (mean ± SE); False without evaluations."""
+def _panels(rows: list[dict], trained: Any) -> list[tuple[str, str, str | None]]:
+    """(label, mean key, SE key) of each curve the card plots: the trained rewards first, then the
+    held-out ones, the diversity and the drift from the base, those the run recorded."""
+    names = sorted(metrics.evaluated_rewards(rows), key=lambda n: n not in trained)
+    panels = [(f"held-out {n}" + (" (trained)" if n in trained else " (not trained)"), metrics.evaluation(n, "mean"),
+               metrics.evaluation(n, "sem")) for n in names]
+    return panels + [(label, mean, sem) for label, mean, sem in MEASURES if any(mean in r for r in rows)]
+
+
+def plot_curve(run_dir: Path, path: Path, trained: Any = ()) -> bool:
+    """Held-out rewards against iteration, one panel each (mean ± SE; the ``trained`` ones first), and
+    beside them the within-prompt diversity and the drift from the base; False without evaluations."""
     rows = read_metrics(run_dir / METRICS) if (run_dir / METRICS).is_file() else []
-    names = metrics.evaluated_rewards(rows)
-    if not names:
+    panels = _panels(rows, trained) if metrics.evaluated_rewards(rows) else []
+    if not panels:
         return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.4), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        mean, sem = metrics.evaluation(name, "mean"), metrics.evaluation(name, "sem")
-        points = [(r[metrics.ITERATION], r[mean], r.get(sem) or 0.0) for r in rows if r.get(mean) is not None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    for ax, (label, mean, sem) in zip(axes[0], panels):
+        points = [(r[metrics.ITERATION], r[mean], (r.get(sem) if sem else 0.0) or 0.0) for r in rows
+                  if r.get(mean) is not None]
         xs, ys, es = zip(*points)
         ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=3)
         ax.set_xlabel("iteration")
-        ax.set_ylabel(f"held-out {name}")
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    fig.suptitle("held-out reward (mean ± SE over evaluation prompts and seeds)", fontsize=10)
+    fig.suptitle("held-out evaluation (mean ± SE over evaluation prompts and seeds)", fontsize=10)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -132,6 +150,7 @@ def model_card(run_dir: Path, config: Any, backbone: Backbone, prompt: str = "a 
                    f"{format_difference(gain, math.hypot(b['sem'] or 0.0, f['sem'] or 0.0))} | " if gain is not None
                    else "n/a | n/a | ")
                 + (f"{format_difference(p['mean'], p['sem'])} |" if p else "n/a |"))
+        lines += hacking_lines(rows)
         if (run_dir / CURVE).is_file():
             lines += ["", f"![held-out reward]({CURVE})"]
     else:
@@ -158,11 +177,24 @@ def model_card(run_dir: Path, config: Any, backbone: Backbone, prompt: str = "a 
     return "\n".join(lines)
 
 
+def hacking_lines(rows: list[dict]) -> list[str]:
+    """The card's words on reward hacking: the diversity and the drift from the base, then each sign
+    (``hacking.hacking_signals``), or that there was none."""
+    measures, signals = measure_lines(rows), run_signals(rows)
+    lines = ["", "### Reward hacking", "", "Held-out " + "; ".join(measures) + "." if measures else
+             "The run recorded no diversity or drift from the base."]
+    if signals:
+        return [*lines, "", "**Possible reward hacking**: a trained reward rose while a held-out reward or the "
+                "diversity of the images fell by more than its standard error:", "", *[f"- {s}" for s in signals]]
+    return [*lines, "", "No sign of reward hacking: no trained reward rose while a held-out reward or the "
+            "within-prompt diversity fell by more than its standard error (base → latest evaluation)."]
+
+
 def write_model_card(run_dir: Path, config: Any, backbone: Backbone, prompt: str = "a red circle") -> Path:
     """Write ``README.md`` (and ``reward_curve.png``) into the run directory; returns the card's path.
     ``prompt`` is the example prompt of the usage snippet."""
     run_dir = Path(run_dir)
-    plot_curve(run_dir, run_dir / CURVE)
+    plot_curve(run_dir, run_dir / CURVE, trained=config.rewards)
     path = run_dir / CARD
     tmp = path.with_suffix(".tmp")
     tmp.write_text(model_card(run_dir, config, backbone, prompt))

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 
 #: per-image held-out scores of every evaluation of a run: one JSON line per evaluation,
 #: ``{"iteration": k, "<reward name>": [score per image, ...]}``
-from mixgrpo.core import metrics  # noqa: E402
+from mixgrpo.core import hacking, metrics  # noqa: E402
 from mixgrpo.core.grids import save_sample_grid, scored_captions  # noqa: E402,F401 (re-exported)
 from mixgrpo.core.metrics import format_value  # noqa: E402,F401 (re-exported)
 from mixgrpo.core.records import EVAL_SCORES, METRICS  # noqa: E402,F401 (re-exported)
@@ -60,7 +60,7 @@ def held_out_summary(run_dir: Path) -> list[dict[str, Any]]:
     (mean final − base per image and its SE), read from the run's records."""
     from mixgrpo.commands.compare_report import paired_gain
 
-    rows = read_metrics(run_dir / METRICS) if (run_dir / METRICS).is_file() else []
+    rows = run_rows(run_dir)
     names = metrics.evaluated_rewards(rows)
     evaluated = [r for r in rows if any(r.get(metrics.evaluation(n, "mean")) is not None for n in names)]
     if not evaluated:
@@ -83,8 +83,40 @@ def _point(row: dict[str, Any], name: str) -> dict[str, Any]:
             "sem": row.get(metrics.evaluation(name, "sem"))}
 
 
+#: the held-out measures of the model beside its rewards: (label, mean key, SE key or None)
+MEASURES = (("within-prompt diversity", metrics.DIVERSITY_MEAN, metrics.DIVERSITY_SEM),
+            ("drift from the base (kl_base)", metrics.KL_BASE_MEAN, None))
+
+
+def run_rows(run_dir: Path) -> list[dict]:
+    """The run's ``metrics.jsonl`` rows, none when it has none."""
+    return read_metrics(run_dir / METRICS) if (run_dir / METRICS).is_file() else []
+
+
+def run_signals(rows: list[dict]) -> list[str]:
+    """``hacking.hacking_signals`` of a run's rows, its trained and held-out rewards read from them."""
+    return hacking.hacking_signals(rows, *hacking.roles(rows))
+
+
+def measure_lines(rows: list[dict]) -> list[str]:
+    """Each held-out measure of ``MEASURES`` the run recorded: its first and latest value (± SE)."""
+    lines = []
+    for label, mean, sem in MEASURES:
+        points = [r for r in rows if isinstance(r.get(mean), (int, float)) and math.isfinite(r[mean])]
+        if not points:
+            continue
+        b, f = points[0], points[-1]
+        text = f"{label}: {format_estimate(b[mean], b.get(sem))} at iteration {b[metrics.ITERATION]}"
+        if len(points) > 1:
+            text += f" → {format_estimate(f[mean], f.get(sem))} at iteration {f[metrics.ITERATION]}"
+        lines.append(text)
+    return lines
+
+
 def summary_lines(run_dir: Path) -> list[str]:
-    """The end of a run in a few lines: each reward's held-out base and final value with their SEs."""
+    """The end of a run in a few lines: each reward's held-out base and final value with their SEs,
+    the diversity and the drift from the base, and every sign of reward hacking in words."""
+    rows = run_rows(run_dir)
     lines = []
     for s in held_out_summary(run_dir):
         b, f = s["base"], s["final"]
@@ -95,4 +127,5 @@ def summary_lines(run_dir: Path) -> list[str]:
                 p = s["paired_gain"]
                 line += f" (paired gain {format_difference(p['mean'], p['sem'])})"
         lines.append(line)
-    return lines
+    lines += [f"  held-out {line}" for line in measure_lines(rows)]
+    return lines + [f"  possible reward hacking: {signal}" for signal in run_signals(rows)]

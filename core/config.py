@@ -93,6 +93,15 @@ class TrainConfig:
         consecutive iterations in which a trained reward scored no sample),
         ratio_tolerance (warn when the on-policy ratio deviates from 1 by more; None: a tenth of the
         objective's clip range), progress (bars).
+    Reward hacking (``mixgrpo.core.hacking``, docs/rewards.md): every held-out evaluation also reports
+        the within-prompt diversity of its images (``eval/diversity/{mean,sem}``) and the velocity
+        drift from the base model (``eval/kl_base/mean``). eval_diversity: the image embedding the
+        diversity is measured in, ``'pixels'`` (8×8 downsampled pixels, no model), ``'clip'`` (the
+        image embedding of the local CLIP folder eval_clip_path) or ``'none'``; kl_base_copy: keep a
+        frozen copy of a full fine-tune's base weights for ``eval/kl_base`` when the objective keeps
+        none (LoRA and a KL term have one already; costs one copy of the network); stop_on_hacking:
+        stop the run, with a checkpoint, at an evaluation where a trained reward rose while a
+        held-out reward or the diversity fell by more than its standard error.
     Trackers (``mixgrpo.core.trackers``, docs/run-directory.md):
         trackers (any of ``'tensorboard'``, ``'wandb'``, ``'trackio'``, e.g. ``['tensorboard',
         'wandb']``; each an extra, ``pip install 'mixgrpo[wandb]'``; None: TensorBoard when it is
@@ -142,6 +151,10 @@ class TrainConfig:
     eval_prompts: int = 16
     eval_seeds: int = 2
     eval_num_steps: int | None = None
+    eval_diversity: str = "pixels"
+    eval_clip_path: str = ""
+    kl_base_copy: bool = False
+    stop_on_hacking: bool = False
     sample_every: int = 0
     sample_prompts: int = 8
     checkpoint_every: int = 0

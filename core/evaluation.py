@@ -5,15 +5,19 @@ images pair up across iterations and runs."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import TYPE_CHECKING, Any
 
+from mixgrpo.core import hacking, records, scoring
 from mixgrpo.core import metrics as m
-from mixgrpo.core import records, scoring
 from mixgrpo.core.grids import save_sample_grid, scored_captions
 from mixgrpo.core.rollout import sample_ode
 
 if TYPE_CHECKING:
     from mixgrpo.core.trainer import Trainer
+
+log = logging.getLogger(__name__)
+_told: set[str] = set()  # the runs already told that eval/kl_base is not available (said once per run)
 
 
 def base(trainer: Trainer, row: dict[str, Any]) -> None:
@@ -46,7 +50,9 @@ def record(trainer: Trainer, iteration: int, metrics: dict[str, Any]) -> None:
 
 
 def evaluate(trainer: Trainer, scores: dict[str, list[float]] | None = None) -> dict[str, float]:
-    """Held-out rewards with deterministic ODE sampling: ``eval/<name>/mean`` and ``/sem``.
+    """Held-out rewards with deterministic ODE sampling: ``eval/<name>/mean`` and ``/sem``, then the
+    within-prompt diversity ``eval/diversity/{mean,sem}`` and, where the base model is at hand, the
+    drift from it ``eval/kl_base/mean`` (``mixgrpo.core.hacking``).
 
     The same prompts and seeds every time; ``scores`` (optional) receives the per-image scores."""
     c = trainer.config
@@ -55,10 +61,53 @@ def evaluate(trainer: Trainer, scores: dict[str, list[float]] | None = None) -> 
     all_prompts = [p for _ in seeds for p in prompts]
     all_seeds = [s for s in seeds for _ in prompts]
     show = c.progress and trainer.accelerator.is_main_process
-    images = sample_ode(trainer.backbone, all_prompts, all_seeds, setup=trainer.eval_setup,
+    drift = drift_probe(trainer)
+    images = sample_ode(drift or trainer.backbone, all_prompts, all_seeds, setup=trainer.eval_setup,
                         solver=trainer.eval_solver, batch_size=c.rollout_batch_size,
                         progress=f"held-out evaluation, {len(all_prompts)} images" if show else None)
-    return scoring.evaluate({**trainer.rewards, **trainer.eval_only_rewards}, images, all_prompts, scores)
+    out = scoring.evaluate({**trainer.rewards, **trainer.eval_only_rewards}, images, all_prompts, scores)
+    out.update(hacking.diversity_metrics(images, len(seeds), c.eval_diversity, c.eval_clip_path))
+    if drift is not None:
+        out[m.KL_BASE_MEAN] = drift.mean()
+    return out
+
+
+def freeze_base(trainer: Trainer) -> None:
+    """Keep the base weights for ``Backbone.reference()`` when the objective's KL term or
+    ``TrainConfig.kl_base_copy`` asks for them (the trainer calls it before any resume or update)."""
+    if trainer.objective.uses_reference or trainer.config.kl_base_copy:
+        trainer.backbone.freeze_reference()
+
+
+def drift_probe(trainer: Trainer) -> hacking.VelocityDrift | None:
+    """The backbone that measures ``eval/kl_base`` on the evaluation's trajectories, or None (said once
+    per run) when the base model is not at hand: a full fine-tune whose objective keeps no copy."""
+    backbone, c = trainer.backbone, trainer.config
+    if not hacking.base_available(trainer.objective.uses_reference, backbone.lora_rank, c.kl_base_copy):
+        if str(trainer.out) not in _told:
+            _told.add(str(trainer.out))
+            log.info("eval/kl_base is not reported: full fine-tuning keeps no copy of the base weights "
+                     "(TrainConfig.kl_base_copy = True keeps one)")
+        return None
+    sigmas = trainer.eval_setup.sigmas(None)
+    return hacking.VelocityDrift(backbone, [float(sigmas[i]) for i in hacking.probed_steps(sigmas.numel() - 1)])
+
+
+def hacking_stop(trainer: Trainer, row: dict[str, Any]) -> list[str]:
+    """After an evaluation (``row`` holds one): warn of every hacking signal of the run so far
+    (``hacking.hacking_signals`` on ``metrics.jsonl``, read by the main process), and return the
+    reason to stop, ``[why]``, when ``TrainConfig.stop_on_hacking`` is set; else ``[]``."""
+    if not trainer.accelerator.is_main_process or not any(key.startswith("eval/") for key in row):
+        return []
+    rewards = {**trainer.rewards, **trainer.eval_only_rewards}
+    lower = {name for name, reward in rewards.items() if not scoring.higher_is_better(reward)}
+    signals = hacking.hacking_signals(records.read_rows(trainer.out / records.METRICS), trainer.rewards,
+                                      trainer.eval_only_rewards, lower_is_better=lower)
+    for signal in signals:
+        log.warning("possible reward hacking at iteration %s: %s", row[m.ITERATION], signal)
+    if signals and trainer.config.stop_on_hacking:
+        return [f"possible reward hacking (TrainConfig.stop_on_hacking): {signals[0]}"]
+    return []
 
 
 def draw_grid(trainer: Trainer, iteration: int) -> None:

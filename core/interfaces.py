@@ -283,6 +283,9 @@ class Reward(ABC):
     #: the direction training pushes the score; the core reads it directly, so a subclass that does
     #: not set it is trained upwards
     higher_is_better: bool = True
+    #: True: an editing reward, called ``reward(images, prompts, sources=...)`` with each prompt's source
+    #: image (``EditPrompt.image``) ``[B, 3, H, W]`` in [0, 1] at the images' size; False: as ever
+    uses_source_images: bool = False
 
     @abstractmethod
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -324,7 +327,7 @@ class PolicyObjective(ABC):
         Args:
             log_prob_new: ``[M]`` recomputed log-probs (with grad).
             log_prob_old: ``[M]`` rollout log-probs (no grad).
-            advantages: ``[M]`` the sample's advantage, repeated for each of its trained steps.
+            advantages: ``[M]`` each transition's advantage (``step_advantages``: by default the sample's).
             kl: ``[M]`` KL to the frozen reference, or ``None`` when ``kl_beta == 0``.
         Returns:
             ``(terms, stats)``: ``terms`` ``[M]`` with grad; the trainer sums them and divides by
@@ -333,6 +336,10 @@ class PolicyObjective(ABC):
             ``approx_kl``, ``policy`` and ``kl`` to detached ``[M]`` tensors the trainer averages.
         """
 
+    def step_advantages(self, rewards: dict, group_ids: torch.Tensor, edge_ids: torch.Tensor) -> torch.Tensor:
+        """``[N, K]`` per (sample, stored SDE step); rows with equal ``edge_ids`` ``[N, K]`` share a transition."""
+        return self.advantages(rewards, group_ids)[:, None].repeat(1, edge_ids.shape[1])  # default: per sample
+
     def kl(self, policy: StepResult, reference: StepResult, sigmas: torch.Tensor, index: int) -> torch.Tensor:
         """The KL term ``[B]`` between the policy's and the frozen reference's Gaussians of step
         ``index`` (both the SDE sampler's results for the same ``x`` and ``prev_sample``). Called
@@ -340,10 +347,15 @@ class PolicyObjective(ABC):
         raise NotImplementedError(f"{type(self).__name__} sets kl_beta > 0 but does not implement kl()")
 
     @property
+    def uses_step_moments(self) -> bool:
+        """Whether ``loss`` needs the step moments (GRPO-Guard): then the rollout keeps each SDE step's
+        mean and the trainer calls ``loss(..., moments=StepMoments(mean_new, mean_old, std))``."""
+        return False
+
+    @property
     def uses_reference(self) -> bool:
         """Whether training runs the frozen reference model (for the KL term): ``kl_beta > 0``."""
         return self.kl_beta > 0
-
 
 
 class MatchingObjective(ABC):

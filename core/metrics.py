@@ -38,9 +38,19 @@ def evaluation(name: str, stat: str) -> str:
 
 
 def evaluated_rewards(rows: Iterable[Mapping[str, Any]]) -> list[str]:
-    """The reward names with a held-out mean in ``rows``, in order of first appearance."""
-    return list(dict.fromkeys(key[len("eval/"):-len("/mean")] for row in rows for key in row
-                              if key.startswith("eval/") and key.endswith("/mean")))
+    """The reward names with a held-out mean in ``rows``, in order of first appearance (the model's
+    own measures of ``MODEL_MEASURES``, under ``eval/`` too, are no rewards)."""
+    return list(dict.fromkeys(name for row in rows for key in row
+                              if key.startswith("eval/") and key.endswith("/mean")
+                              and (name := key[len("eval/"):-len("/mean")]) not in MODEL_MEASURES))
+
+
+# -- held-out measures of the model itself, beside its rewards (reward hacking: core/hacking.py) ------
+DIVERSITY_MEAN = "eval/diversity/mean"  # mean pairwise distance of a prompt's images over the sampling seeds
+DIVERSITY_SEM = "eval/diversity/sem"  # ... its standard error over the held-out prompts
+KL_BASE_MEAN = "eval/kl_base/mean"  # mean (v_θ − v_base)² on the held-out trajectories: the drift from the base
+#: the ``eval/<x>/...`` names that are measures of the model, not rewards (no reward may be named so)
+MODEL_MEASURES = ("diversity", "kl_base")
 
 
 # -- the policy update ------------------------------------------------------------------------------
@@ -86,6 +96,7 @@ PEAK_MEM_GB = "perf/peak_mem_gb"
 #: every name ``metrics.jsonl`` may hold; nothing else is written there
 NAMES = (
     ITERATION, *(reward("<name>", s) for s in REWARD_STATS), *(evaluation("<name>", s) for s in EVAL_STATS),
+    DIVERSITY_MEAN, DIVERSITY_SEM, KL_BASE_MEAN,
     RATIO_MEAN, CLIPFRAC, APPROX_KL, ONPOLICY_RATIO_DEV, GRAD_NORM, SKIPPED_STEPS, LOSS_POLICY, LOSS_KL,
     WINDOW_START, WINDOW_SIZE, NFE_ROLLOUT, NFE_TRAIN, ROLLOUT_S, REWARD_S, TRAIN_S, ITERATION_S, PEAK_MEM_GB,
 )

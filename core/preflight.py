@@ -10,18 +10,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from mixgrpo.core import trackers
+from mixgrpo.core import hacking, trackers
 from mixgrpo.core.config import TrainConfig
-from mixgrpo.core.interfaces import MatchingObjective, Sampler, check_objective_factory
+from mixgrpo.core.interfaces import MatchingObjective, Reward, Sampler, check_objective_factory
 from mixgrpo.core.plugins import PluginManager
+from mixgrpo.core.types import EditPrompt
 
 
 def check_config(config: TrainConfig, pm: PluginManager, num_processes: int) -> None:
     """The config's own ranges and component names (``TrainConfig.validate``), the objective's
     constructor contract (it takes the reward ``weights``), the batch layout over
-    ``num_processes``, and the trackers' packages; first of all, before any component is built."""
+    ``num_processes``, the trackers' packages and the evaluation's diversity embedding; first of
+    all, before any component is built."""
     config.validate(pm)
     trackers.check(config)  # a tracker that is not installed: the extra to install
+    hacking.check_config(config)  # the diversity embedding and its CLIP folder
     check_objective_factory(pm.get("objective", config.objective).factory, config.objective)
     check_batch_layout(config, num_processes)
 
@@ -43,12 +46,14 @@ def check_batch_layout(c: TrainConfig, world: int) -> None:
 
 
 def check_plans(c: TrainConfig, pm: PluginManager, schedule: Any, sde_sampler: Any, setup: Any,
-                objective: Any = None) -> None:
+                objective: Any = None, prompt_set: Any = None) -> None:
     """Plan the first and last iterations (plans are pure and cheap): a window that does not fit the
     grid, a trained step that is not an SDE step, a Flash grid that cannot be built, or a plan the
     objective cannot use (``check_objective_plan``); and, for an SDE sampler that cannot take the step
     into σ = 0 (CPS), every iteration, since a random window may reach the end at any (windowed plans
     are O(1))."""
+    if prompt_set is not None:
+        check_sources(c, pm, prompt_set)
     samples = c.prompts_per_iteration * c.group_size
     for k in sorted({0, c.iterations - 1}):
         plan = schedule.plan(k, c.num_steps, samples, seed=c.seed)
@@ -58,6 +63,8 @@ def check_plans(c: TrainConfig, pm: PluginManager, schedule: Any, sde_sampler: A
                              "are not SDE steps: a log-prob exists only on SDE steps")
         if objective is not None:
             check_objective_plan(c, pm, objective, plan, k)
+        if plan.branch_steps:
+            check_tree(c, plan)
         setup.sigmas(plan)
     if sde_sampler.supports_final_step:
         return
@@ -72,6 +79,20 @@ def check_plans(c: TrainConfig, pm: PluginManager, schedule: Any, sde_sampler: A
                 f"TrainConfig.schedule = {c.schedule!r} makes step {last}, the last of {last + 1}, an SDE step at "
                 f"iteration {k + 1}. Use an SDE sampler that takes the last step ({', '.join(takes)}), or a windowed "
                 f"schedule ('fixed', 'progressive', 'decay') whose window ends before step {last} at every iteration")
+
+
+def check_tree(c: TrainConfig, plan: Any) -> None:
+    """A branching plan (BranchGRPO's tree, core/tree.py) grows each group from its one initial noise
+    into ``branch_factor ** len(branch_steps)`` leaves: exactly the group's samples."""
+    leaves = plan.branch_factor ** len(plan.branch_steps)
+    if c.group_size != leaves:
+        raise ValueError(
+            f"TrainConfig.schedule = {c.schedule!r} splits each group's tree in {plan.branch_factor} at steps "
+            f"{plan.branch_steps}, which makes {leaves} leaves, but TrainConfig.group_size = {c.group_size}: set "
+            f"TrainConfig.group_size = {leaves}, or change the schedule's branch_steps / branch_factor")
+    if not c.shared_noise:
+        raise ValueError(f"TrainConfig.schedule = {c.schedule!r} grows each group's tree from one initial noise: set "
+                         "TrainConfig.shared_noise = True")
 
 
 def _takes_final_sde_step(factory: Any) -> bool:
@@ -101,3 +122,23 @@ def check_objective_plan(c: TrainConfig, pm: PluginManager, objective: Any, plan
         raise ValueError(f"{name} trains SDE transitions, but TrainConfig.schedule = {c.schedule!r} trains no step at "
                          f"iteration {k + 1}: choose a schedule with an SDE window, or a forward-process objective "
                          f"({', '.join(matching) or 'none registered'}) for an ODE-only rollout")
+
+
+def check_sources(c: TrainConfig, pm: PluginManager, prompt_set: Any) -> None:
+    """A reward that scores against the source image (``Reward.uses_source_images``: an edit reward)
+    needs a prompt set whose items carry one (``EditPrompt``); found here, not after iterations of
+    rewards that could score nothing."""
+    asking = [name for name in dict.fromkeys([*c.rewards, *c.eval_rewards])
+              if _uses_sources(pm.get("reward", name).factory)]
+    if not asking:
+        return
+    first = prompt_set("eval", 1, c.seed)
+    if first and not isinstance(first[0], EditPrompt):
+        raise ValueError(f"reward(s) {', '.join(map(repr, asking))} score each image against its source image, but "
+                         f"TrainConfig.prompt_set = {c.prompt_set!r} gives plain text prompts: use a prompt set whose "
+                         "items carry a source image (EditPrompt items, e.g. a JSONL of image path + instruction; "
+                         "`mixgrpo plugins` lists the prompt sets), or drop those rewards")
+
+
+def _uses_sources(factory: Any) -> bool:
+    return isinstance(factory, type) and issubclass(factory, Reward) and factory.uses_source_images

@@ -127,6 +127,7 @@ def rollout(
     iteration: int,
     batch_size: int = 16,
     on_images: Callable[[torch.Tensor, slice], None] | None = None,
+    keep_means: bool = False,
 ) -> Trajectories:
     """Sample ``len(prompts)`` trajectories under ``plan``, ``batch_size`` samples at a time.
 
@@ -148,6 +149,8 @@ def rollout(
         batch_size: samples per model call (and per chunk).
         on_images: called with each chunk's images ``[B, 3, H, W]`` and its rows of the N samples,
             as soon as they are decoded.
+        keep_means: also store each SDE step's mean (``Trajectories.mean``), for an objective that
+            asks for the step moments.
     Returns:
         ``Trajectories`` with fp32 transitions of every SDE step.
     """
@@ -160,6 +163,12 @@ def rollout(
     sample_ids = torch.as_tensor(sample_ids, dtype=torch.long)
     if group_ids.shape != (n,) or sample_ids.shape != (n,):
         raise ValueError(f"group_ids and sample_ids must have shape [{n}]")
+    if plan.branch_steps:  # each group a tree of samples, every node walked once (BranchGRPO)
+        from mixgrpo.core.tree import tree_rollout  # tree.py builds on this module's helpers
+
+        return tree_rollout(backbone, prompts, group_ids, sample_ids, plan, setup=setup, sde_sampler=sde_sampler,
+                            pre_solver=pre_solver, post_solver=post_solver, seed=seed, iteration=iteration,
+                            batch_size=batch_size, on_images=on_images, keep_means=keep_means)
     cond = encode_unique(backbone, prompts)  # once per distinct prompt
     sigmas = setup.sigmas(plan)
     steps = tuple(i for i in sorted(set(plan.sde_steps)) if i < plan.num_steps)
@@ -175,12 +184,14 @@ def rollout(
         rows = slice(start, min(start + batch_size, n))
         begin = prefix.expand(group_ids[rows]) if prefix is not None else _ChunkStart(x_T[rows])
         part = _rollout_chunk(backbone, begin, cond.select(torch.arange(n)[rows]), sample_ids[rows],
-                              sigmas, solvers, sde_sampler, seed, iteration)
+                              sigmas, solvers, sde_sampler, seed, iteration, keep_means)
         images = backbone.decode(part.latents).float()
         if on_images is not None:
             on_images(images, rows)
-        parts.append((part.x, part.x_next, part.log_prob, part.latents, images))
-    xs, x_nexts, log_probs, latents, images = (torch.cat(column) for column in zip(*parts, strict=True))
+        parts.append((part.x, part.x_next, part.log_prob, part.latents, images, part.mean))
+    columns = list(zip(*parts, strict=True))
+    xs, x_nexts, log_probs, latents, images = (torch.cat(column) for column in columns[:5])
+    means = torch.cat(columns[5]) if keep_means else None
     calls = sigmas.numel() - 1
     if prefix is not None and n:  # the shared steps were paid once per group
         calls -= prefix.calls * (1 - prefix.groups / n)
@@ -200,6 +211,7 @@ def rollout(
         nfe=calls * backbone.calls_per_velocity,
         seed=seed,
         shared_step=prefix.step if prefix is not None and steps else None,
+        mean=means,
     )
 
 
@@ -307,16 +319,18 @@ class _Chunk:
     x_next: torch.Tensor
     log_prob: torch.Tensor
     latents: torch.Tensor
+    mean: torch.Tensor | None = None
 
 
 def _rollout_chunk(backbone: Backbone, begin: _ChunkStart, cond: Conditioning, sample_ids: torch.Tensor,
                    sigmas: torch.Tensor, solvers: list[Sampler | None], sde_sampler: Sampler, seed: int,
-                   iteration: int) -> _Chunk:
-    """One chunk down the grid from ``begin`` in one model call per step."""
+                   iteration: int, keep_means: bool = False) -> _Chunk:
+    """One chunk down the grid from ``begin`` in one model call per step (``keep_means``: also the
+    SDE steps' means)."""
     device, shape = backbone.device, backbone.latent_shape()
     x = begin.x.to(device)
     history = SolverHistory(list(begin.history))
-    xs, x_nexts, log_probs = [], [], []
+    xs, x_nexts, log_probs, means = [], [], [], []
     for i in range(begin.step, len(solvers)):
         solver = solvers[i]
         if i == begin.step and begin.v is not None:
@@ -330,6 +344,8 @@ def _rollout_chunk(backbone: Backbone, begin: _ChunkStart, cond: Conditioning, s
             xs.append(x.float().cpu())
             x_nexts.append(res.prev_sample.float().cpu())
             log_probs.append(res.log_prob.float().cpu())
+            if keep_means:
+                means.append(res.mean.float().cpu())
             _record(history, res, x, v, sigmas, i)
             x = res.prev_sample
         else:
@@ -337,8 +353,9 @@ def _rollout_chunk(backbone: Backbone, begin: _ChunkStart, cond: Conditioning, s
     b = x.shape[0]
     if not xs:
         empty = torch.zeros(b, 0, *shape)
-        return _Chunk(empty, empty, torch.zeros(b, 0), x.float())
-    return _Chunk(torch.stack(xs, 1), torch.stack(x_nexts, 1), torch.stack(log_probs, 1), x.float())
+        return _Chunk(empty, empty, torch.zeros(b, 0), x.float(), empty if keep_means else None)
+    return _Chunk(torch.stack(xs, 1), torch.stack(x_nexts, 1), torch.stack(log_probs, 1), x.float(),
+                  torch.stack(means, 1) if keep_means else None)
 
 
 @torch.no_grad()

@@ -5,6 +5,8 @@ interface). Whatever goes wrong in one is masked, loudly, and never scored as a 
 an exception or scores of the wrong number or dtype mask every sample of the call, NaN or ±Inf mask
 those samples. A masked sample is NaN here; the advantages leave it out of its group's statistics
 and give it advantage 0. The trainer gathers the scores over its processes and calls ``statistics``.
+A reward that declares ``uses_source_images`` (an editing reward) also receives ``sources=``: the
+source image each ``EditPrompt`` carries, read here at the images' size (``source_images``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from mixgrpo.core import metrics as m
 from mixgrpo.core.advantages import zero_std_fraction
 from mixgrpo.core.interfaces import Reward, RewardUnavailable
+from mixgrpo.core.types import EditPrompt
 
 log = logging.getLogger(__name__)
 _INTEGER = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -32,7 +35,7 @@ class RewardFailure(RuntimeError):
 
 
 __all__ = ["ChunkScorer", "RewardFailure", "RewardUnavailable", "RewardWatch", "call_reward", "evaluate", "score",
-           "statistics"]
+           "source_images", "statistics"]
 
 
 def higher_is_better(reward: Reward | Any) -> bool:
@@ -50,12 +53,36 @@ def _as_scores(raw: Any, name: str, count: int) -> torch.Tensor:
     return scores
 
 
+def source_images(prompts: Sequence[str], height: int, width: int, name: str = "reward") -> torch.Tensor:
+    """The source image of each prompt ``[N, 3, height, width]`` float32 in [0, 1] (``EditPrompt.pixels``);
+    a prompt that carries none is an error naming the fix."""
+    missing = [p for p in prompts if not isinstance(p, EditPrompt)]
+    if missing:
+        raise ValueError(f"reward {name!r} compares each image with its source image (uses_source_images), but "
+                         f"prompt {str(missing[0])!r} carries none: train it with an editing prompt set, whose "
+                         f"items are EditPrompt (an instruction with its image)")
+    if not prompts:
+        return torch.zeros(0, 3, height, width)
+    return torch.stack([p.pixels(height, width) for p in prompts])
+
+
+def _reward_inputs(reward: Reward, name: str, images: torch.Tensor, prompts: list[str]) -> dict[str, Any]:
+    """The keyword arguments of a reward call beyond (images, prompts): ``sources`` for a reward that
+    asks for them, on the images' device; nothing for any other, which keeps its two-argument call."""
+    if not (isinstance(reward, Reward) and reward.uses_source_images):
+        return {}
+    height, width = images.shape[-2:]
+    return {"sources": source_images(prompts, int(height), int(width), name).to(images.device)}
+
+
 def call_reward(reward: Reward, name: str, images: torch.Tensor, prompts: Sequence[str],
                 errors: dict[str, BaseException] | None = None) -> torch.Tensor:
     """Scores ``[N]`` float32 on the CPU, NaN where masked. ``errors`` receives the exception of a
-    call that scored no sample."""
+    call that scored no sample (a reward asking for source images whose prompts carry none included)."""
     try:
-        scores = _as_scores(reward(images, list(prompts)), name, len(prompts))
+        prompts = list(prompts)
+        scores = _as_scores(reward(images, prompts, **_reward_inputs(reward, name, images, prompts)), name,
+                            len(prompts))
     except Exception as exc:  # one failed reward call must neither kill the run nor score 0
         warnings.warn(f"reward {name!r} failed on {len(prompts)} samples ({type(exc).__name__}: {exc}); "
                       f"they are masked out of the group statistics", RuntimeWarning, stacklevel=2)

@@ -33,12 +33,12 @@ import torch
 from accelerate import Accelerator
 
 from mixgrpo.core import checkpoint as ckpt
-from mixgrpo.core import evaluation, matching, preflight, records, scoring, trackers
+from mixgrpo.core import evaluation, matching, preflight, records, scoring, trackers, tree
 from mixgrpo.core import metrics as m
 from mixgrpo.core.advantages import local_rows
 from mixgrpo.core.config import TrainConfig
 from mixgrpo.core.ema import EMA
-from mixgrpo.core.interfaces import MatchingObjective
+from mixgrpo.core.interfaces import MatchingObjective, PolicyObjective
 from mixgrpo.core.metrics import format_value
 from mixgrpo.core.parallel import Parallel, make_accelerator, peak_mem_gb
 from mixgrpo.core.plugins import PluginManager, get_plugin_manager, make_sampler
@@ -46,7 +46,7 @@ from mixgrpo.core.progress import progress_bar
 from mixgrpo.core.rollout import SamplingSetup, keyed_generator, rollout
 from mixgrpo.core.scoring import ChunkScorer, RewardFailure, RewardWatch
 from mixgrpo.core.signals import stop_on_signals
-from mixgrpo.core.types import StepPlan, Trajectories
+from mixgrpo.core.types import StepMoments, StepPlan, StepResult, Trajectories
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +75,23 @@ class Trainer:
         self.eval_solver = make_sampler(self.pm, "eval", c.eval_solver)
         self.schedule = self.pm.create("schedule", c.schedule)
         self.objective = self.pm.create("objective", c.objective, weights=dict(c.rewards))
+        # GRPO-Guard's loss takes the step moments: the rollout then keeps each SDE step's mean
+        self.wants_moments = isinstance(self.objective, PolicyObjective) and self.objective.uses_step_moments
         self.prompt_set = self.pm.create("prompt_set", c.prompt_set)
         self.setup = SamplingSetup(num_steps=c.num_steps, shift=c.shift, grid=c.grid, mu=c.mu,
                                    compression=c.compression, shared_noise=c.shared_noise,
                                    share_prefix=c.share_prefix)
         # evaluation and sample grids: the ODE on their own grid (FlowGRPO evaluates SD3.5 at 40 steps)
         self.eval_setup = attrs.evolve(self.setup, num_steps=c.eval_num_steps or c.num_steps, compression=None)
-        preflight.check_plans(c, self.pm, self.schedule, self.sde_sampler, self.setup, self.objective)
+        preflight.check_plans(c, self.pm, self.schedule, self.sde_sampler, self.setup, self.objective,
+                            self.prompt_set)
         records.check_writable(self.out)
         # then the models
         self.backbone = self.pm.create("backbone", c.backbone)
         self.rewards = {name: self.pm.create("reward", name) for name in c.rewards}
         self.eval_only_rewards = {name: self.pm.create("reward", name) for name in c.eval_rewards
                                   if name not in self.rewards}
-        if self.objective.uses_reference:
-            self.backbone.freeze_reference()  # the base weights, before any resume or update
+        evaluation.freeze_base(self)  # the base weights (KL term, eval/kl_base), before any resume or update
         self.parallel.shard(self.backbone)
         params = self.backbone.trainable_parameters()
         if not params:
@@ -136,6 +138,7 @@ class Trainer:
                 evaluation.when_due(self, n, row, last)  # 6. log: evaluation and grids first, then the row
                 self._log(row)
                 history.append(row)
+                stop.extend(evaluation.hacking_stop(self, row))  # stops as a signal does (stop_on_hacking)
                 if failure is not None:  # recorded first, then the run stops with the reward's error
                     raise self._stop_for_reward(failure, n - self.reward_watch.streak)
                 self.pm.on_iteration_end(trainer=self, iteration=n, metrics=row)
@@ -177,7 +180,8 @@ class Trainer:
             traj = rollout(self.backbone, prompts, group_ids, sample_ids, plan, setup=self.setup,
                            sde_sampler=self.sde_sampler, pre_solver=self.pre_solver,
                            post_solver=self.post_solver, seed=c.seed, iteration=k,
-                           batch_size=c.rollout_batch_size, on_images=scorer.submit)
+                           batch_size=c.rollout_batch_size, on_images=scorer.submit,
+                           keep_means=self.wants_moments)
             t1 = time.perf_counter()
             scores = scorer.wait()
         metrics = self.reward_statistics(scores, traj)
@@ -234,7 +238,7 @@ class Trainer:
         gather = self.parallel.gather
         everywhere = {name: gather(s) if scoring.higher_is_better(self.rewards[name]) else -gather(s)
                       for name, s in scores.items()}
-        adv = self.objective.advantages(everywhere, gather(traj.group_ids))
+        adv = tree.advantages(self.objective, everywhere, gather(traj.group_ids), gather(traj.edge_ids))
         return adv[local_rows(gather(traj.sample_ids), traj.sample_ids)]
 
     # == 5. optimize =================================================================================
@@ -266,9 +270,12 @@ class Trainer:
             for j, (step, rows) in enumerate(chunks):
                 last = j == len(chunks) - 1  # gradients are reduced across processes on the last one
                 with contextlib.nullcontext() if last else self.parallel.no_sync(self.backbone.module):
-                    log_prob, kl = self._log_prob(traj, step, rows)
-                    old = traj.log_prob[rows, traj.slot(step)].to(log_prob.device)
-                    terms, stats = objective.loss(log_prob, old, advantages[rows].to(log_prob.device), kl)
+                    res, kl = self._step_result(traj, step, rows)
+                    log_prob = res.log_prob
+                    old, adv = (t[rows, traj.slot(step)].to(log_prob.device) for t in (traj.log_prob, advantages))
+                    extra = {"moments": StepMoments(res.mean, traj.mean[rows, traj.slot(step)].to(log_prob.device),
+                                                    res.std)} if self.wants_moments else {}
+                    terms, stats = objective.loss(log_prob, old, adv, kl, **extra)
                     loss = terms.sum() / total
                     loss_finite &= bool(torch.isfinite(loss.detach()))
                     acc.backward(loss)
@@ -309,9 +316,9 @@ class Trainer:
                         first_dev, self.ratio_tolerance)
         return m.policy_row(means, first_dev, grad_norms, skipped, nfe_train=nfe_train)
 
-    def _log_prob(self, traj: Trajectories, step: int, rows: torch.Tensor) -> tuple[Any, Any]:
-        """Log-probs of the stored transitions at ``step`` under the current weights (with grad),
-        and the KL to the frozen reference when the objective uses one. At the step whose input a
+    def _step_result(self, traj: Trajectories, step: int, rows: torch.Tensor) -> tuple[StepResult, Any]:
+        """The SDE step of the stored transitions at ``step`` under the current weights (its log-probs
+        with grad), and the KL to the frozen reference when the objective uses one. At the step whose input a
         group shares (``traj.shared_step``) the model runs once per group: autograd sums the
         gradients of the group's rows through the expansion, as if each row had run it."""
         device = self.backbone.device
@@ -334,7 +341,7 @@ class Trainer:
                 v_ref = velocity()
             ref = self.sde_sampler.step(x, v_ref, traj.sigmas, step, prev_sample=x_next)
             kl = self.objective.kl(res, ref, traj.sigmas, step)
-        return res.log_prob, kl
+        return res, kl
 
     @property
     def ratio_tolerance(self) -> float:

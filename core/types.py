@@ -7,6 +7,7 @@ training recomputes log-probabilities (docs/algorithms.md §1).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,6 +60,23 @@ class Conditioning:
             mask=move(self.mask),
             extra={k: move(v) for k, v in self.extra.items()},
         )
+
+
+@attrs.frozen
+class StepMoments:
+    """The step Gaussians' moments an objective may ask for (``PolicyObjective.uses_step_moments``;
+    GRPO-Guard's regulated ratio), for M transitions.
+
+    Attributes:
+        mean_new: ``[M, ...]`` the current policy's step mean μ_new (with grad).
+        mean_old: ``[M, ...]`` the rollout policy's step mean μ_old (no grad).
+        std: the step std ``s = g·√Δ`` (``StepResult.std``): a float, or a tensor of M values or
+            broadcastable to ``[M, 1, ...]``; > 0.
+    """
+
+    mean_new: torch.Tensor
+    mean_old: torch.Tensor
+    std: torch.Tensor | float
 
 
 @attrs.define
@@ -118,6 +136,10 @@ class StepPlan:
             True, a tuple with one sorted tuple per sample (DanceGRPO's random subset).
         window: ``(start, size)`` of the sliding window, or ``None`` for schedules without one.
         per_sample: whether ``train_steps`` differs per sample.
+        branch_steps: sorted SDE steps at which every node of a group's tree splits into
+            ``branch_factor`` children (BranchGRPO, ``core/tree.py``); ``()``: no tree.
+        branch_factor: children per split (a group then holds ``branch_factor ** len(branch_steps)``
+            samples, the tree's leaves).
     """
 
     num_steps: int
@@ -125,11 +147,16 @@ class StepPlan:
     train_steps: tuple[int, ...] | tuple[tuple[int, ...], ...]
     window: tuple[int, int] | None = None
     per_sample: bool = False
+    branch_steps: tuple[int, ...] = ()
+    branch_factor: int = 1
 
     def __attrs_post_init__(self) -> None:
         sde = set(self.sde_steps)
         if any(not 0 <= i < self.num_steps for i in sde):
             raise ValueError(f"sde_steps {self.sde_steps} outside 0..{self.num_steps - 1}")
+        if self.branch_steps and (self.branch_factor < 2 or not set(self.branch_steps) <= sde):
+            raise ValueError(f"branch_steps {self.branch_steps} must be SDE steps (a split draws each child's noise; "
+                             f"sde_steps={self.sde_steps}) with branch_factor >= 2, got {self.branch_factor}")
         rows = self.train_steps if self.per_sample else (self.train_steps,)
         for row in rows:
             missing = set(row) - sde
@@ -186,6 +213,14 @@ class Trajectories:
         shared_step: the SDE step whose input ``x`` is the same for every sample of a group (the
             first SDE step when the rollout shared the group's prefix), else ``None``; training
             computes the model once per group there.
+        mean: ``[N, K, *latent]`` fp32, the rollout's step mean at each stored SDE step, when the
+            objective asked for it (``PolicyObjective.uses_step_moments``), else ``None``.
+        nodes: ``[N, K]`` long, a tree rollout's node of each row's input ``x`` at each stored step
+            (rows with equal ids share it: one model row in training), named by the sample id of the
+            node's first leaf; ``None`` without a tree (then ``shared_step`` says what is shared).
+        edges: ``[N, K]`` long, a tree rollout's transition ``x_i → x_{i+1}`` of each row (the child
+            node, named by its first leaf's sample id): rows with equal ids hold the same transition,
+            trained once, by that first leaf; ``None``: every row's transitions are its own.
     """
 
     prompts: list[str]
@@ -203,6 +238,9 @@ class Trajectories:
     nfe: float
     seed: int
     shared_step: int | None = None
+    mean: torch.Tensor | None = None
+    nodes: torch.Tensor | None = None
+    edges: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -214,26 +252,44 @@ class Trajectories:
         except ValueError:
             raise KeyError(f"step {step} was not an SDE step of this rollout ({self.sde_steps})") from None
 
+    def node_ids(self, step: int) -> torch.Tensor:
+        """``[N]``: rows with equal ids share their input ``x`` at ``step`` (a tree's node; at the
+        step a group shares, the group; elsewhere each sample its own)."""
+        if self.nodes is not None:
+            return self.nodes[:, self.slot(step)]
+        return self.group_ids if step == self.shared_step else self.sample_ids
+
+    @property
+    def edge_ids(self) -> torch.Tensor:
+        """``[N, K]``: rows with equal ids at a stored step hold the same transition (``edges``, or
+        each row its own: its sample id)."""
+        if self.edges is not None:
+            return self.edges
+        return self.sample_ids[:, None].repeat(1, len(self.sde_steps))
+
     def model_rows(self, step: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The samples the model runs on at ``step`` for the samples ``rows``, and the index that
         expands its output back to ``rows`` (``None``: one model row per sample). At the step a
-        group shares, one sample per group."""
-        if step != self.shared_step:
+        group shares, one sample per group; in a tree, one per node."""
+        if self.nodes is None and step != self.shared_step:
             return rows, None
-        _, first, expand = first_of_each(self.group_ids[rows])
+        _, first, expand = first_of_each(self.node_ids(step)[rows])
         return rows[first], expand
 
     def micro_batches(self, rows: torch.Tensor, mask: torch.Tensor, size: int) -> list[tuple[int, torch.Tensor]]:
         """``(step, sample rows)`` pairs for training ``rows`` (``mask[n, i]``: sample n trains step
         i): for each trained step, its samples in chunks of ``size``; at the step a group shares (one
-        model call per group), chunks of ``size`` whole groups."""
+        model call per group), chunks of ``size`` whole groups; in a tree, each transition once (by its
+        first leaf) in chunks of ``size`` whole nodes."""
         chunks = []
         for step in self.plan.all_train_steps():
             members = rows[mask[rows, step]]
-            if step != self.shared_step:
+            if self.edges is not None:  # a transition several leaves share is trained once, by its first leaf
+                members = members[self.edges[members, self.slot(step)] == self.sample_ids[members]]
+            if self.nodes is None and step != self.shared_step:
                 chunks += [(step, part) for part in members.split(size)]
                 continue
-            groups, _, which = first_of_each(self.group_ids[members])
+            groups, _, which = first_of_each(self.node_ids(step)[members])
             for part in torch.arange(len(groups)).split(size):
                 chunks.append((step, members[torch.isin(which, part)]))
         return chunks
@@ -248,3 +304,54 @@ def first_of_each(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     slot = {key: k for k, key in enumerate(first)}
     return (torch.tensor(list(first), dtype=torch.long), torch.tensor(list(first.values()), dtype=torch.long),
             torch.tensor([slot[key] for key in keys.tolist()], dtype=torch.long))
+
+
+class EditPrompt(str):
+    """An editing instruction (the string itself) carrying the path of its source image.
+
+    Prompt sets for image editing return these; everything that passes prompts around keeps working
+    because they are strings. Two items are equal only when both their text and their image are, and
+    never equal a plain ``str``, so that the rollout's cache of encoded prompts (``dict.fromkeys``)
+    keeps two edits of different images with the same instruction apart.
+
+    Attributes:
+        image: the source image's path, as given.
+    """
+
+    image: str
+
+    def __new__(cls, instruction: str, image: str | os.PathLike[str]) -> EditPrompt:
+        item = super().__new__(cls, instruction)
+        item.image = os.fspath(image)
+        return item
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, str):
+            return NotImplemented
+        return isinstance(other, EditPrompt) and str.__eq__(self, other) and self.image == other.image
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:
+        return hash((str(self), self.image))
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        # str's own pickling would drop the image (it rebuilds from the characters alone)
+        return (EditPrompt, (str(self), self.image))
+
+    def __repr__(self) -> str:
+        return f"EditPrompt({str(self)!r}, image={self.image!r})"
+
+    def pixels(self, height: int, width: int) -> torch.Tensor:
+        """The source image as RGB ``[3, height, width]`` float32 in [0, 1], resized with PIL's Lanczos
+        filter (what diffusers' ``VaeImageProcessor.resize`` does to a PIL image); 8-bit levels / 255."""
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(self.image) as image:
+            rgb = image.convert("RGB")
+        if rgb.size != (width, height):
+            rgb = rgb.resize((width, height), resample=Image.Resampling.LANCZOS)
+        return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()

@@ -13,13 +13,14 @@ from mixgrpo.core.interfaces import (
     TorchBackbone,
     WindowSchedule,
 )
-from mixgrpo.core.types import Conditioning, SolverHistory, StepPlan, StepResult, Trajectories
+from mixgrpo.core.types import Conditioning, EditPrompt, SolverHistory, StepPlan, StepResult, Trajectories
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Backbone",
     "Conditioning",
+    "EditPrompt",
     "MatchingObjective",
     "PolicyObjective",
     "Reward",

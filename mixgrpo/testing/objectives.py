@@ -10,7 +10,8 @@ Checked (docs/algorithms.md §7, §8):
 
 - ``advantages``: shape ``[N]``, float, finite; zero mean within each group (override
   ``zero_mean_groups = False`` for an objective with another baseline); independent of the order
-  of the samples;
+  of the samples; ``step_advantages`` ``[N, K]`` equals them on every step where each sample holds
+  its own transitions (no tree);
 - ``loss`` at ratio 1 (new log-probs equal the old ones): ``terms = −A (+ β·kl)`` and the gradient
   of ``sum(terms)`` w.r.t. the new log-probs is ``−A``; slightly off-policy inside the clip range
   it is ``−A·r``;
@@ -138,6 +139,17 @@ class ObjectiveContract:
         adv = objective.advantages(rewards, group_ids).double()
         for g in group_ids.unique():
             assert abs(float(adv[group_ids == g].mean())) < 1e-5
+
+    def test_step_advantages_without_a_tree_are_the_sample_advantages(self):
+        """Where every row holds its own transitions (``edge_ids`` = sample ids), ``step_advantages``
+        ``[N, K]`` is ``advantages`` on every step, what the trainer trains each transition with."""
+        objective = self.make_objective()
+        rewards, group_ids = self.batch(objective)
+        edge_ids = torch.arange(len(group_ids))[:, None].repeat(1, 3)
+        per_step = objective.step_advantages(rewards, group_ids, edge_ids)
+        assert per_step.shape == (len(group_ids), 3)
+        torch.testing.assert_close(per_step, objective.advantages(rewards, group_ids)[:, None].expand(-1, 3),
+                                   atol=1e-6, rtol=1e-6)
 
     def test_advantages_follow_their_samples(self):
         objective = self.make_objective()

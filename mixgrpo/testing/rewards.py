@@ -18,6 +18,11 @@ Only properties that hold for any correct reward are checked:
 
 Override ``make_inputs`` to score other images or prompts (e.g. prompts of your reward's domain),
 and ``atol`` / ``rtol`` where a model's batched kernels legitimately differ in the last bits.
+
+A reward that declares ``uses_source_images = True`` (an editing reward) is called by every check
+above with ``sources=`` as well (``make_sources``: the source images, permuted and split with the
+rest), and must reject source images whose number is not the batch size; one that does not declare
+it is called with images and prompts alone, exactly as the trainer calls it.
 """
 
 from __future__ import annotations
@@ -56,7 +61,19 @@ class RewardContract:
         images = torch.rand(len(DEFAULT_PROMPTS), 3, 32, 32, generator=gen)
         return images, list(DEFAULT_PROMPTS)
 
+    def make_sources(self, images: torch.Tensor) -> torch.Tensor:
+        """Source images ``[B, 3, H, W]`` float32 in [0, 1] for a reward with ``uses_source_images``
+        (one per image of ``make_inputs``). The default: seeded random images of the same shape."""
+        return torch.rand(images.shape, generator=torch.Generator().manual_seed(2))
+
     # -- helpers -------------------------------------------------------------------------------
+    def _call(self, reward: Reward, images: torch.Tensor, prompts: list[str],
+              sources: torch.Tensor | None = None) -> torch.Tensor:
+        """The reward called as the trainer calls it: with ``sources`` only when it asks for them."""
+        if not reward.uses_source_images:
+            return reward(images, prompts)
+        return reward(images, prompts, sources=self.make_sources(images) if sources is None else sources)
+
     def _inputs(self) -> tuple[torch.Tensor, list[str]]:
         images, prompts = self.make_inputs()
         assert images.ndim == 4 and images.shape[1] == 3 and len(prompts) == images.shape[0] >= 3, (
@@ -72,10 +89,11 @@ class RewardContract:
         assert isinstance(reward, Reward)
         assert isinstance(reward.name, str) and reward.name
         assert isinstance(reward.higher_is_better, bool)
+        assert isinstance(reward.uses_source_images, bool)
 
     def test_scores_shape_dtype_device_finite(self):
         reward, (images, prompts) = self.make_reward(), self._inputs()
-        scores = reward(images, prompts)
+        scores = self._call(reward, images, prompts)
         assert isinstance(scores, torch.Tensor)
         assert scores.shape == (images.shape[0],), f"expected [{images.shape[0]}], got {tuple(scores.shape)}"
         assert scores.dtype == torch.float32
@@ -84,30 +102,39 @@ class RewardContract:
 
     def test_deterministic(self):
         reward, (images, prompts) = self.make_reward(), self._inputs()
-        first = reward(images, prompts)
-        assert torch.equal(first, reward(images.clone(), list(prompts)))
+        first = self._call(reward, images, prompts)
+        assert torch.equal(first, self._call(reward, images.clone(), list(prompts)))
 
     def test_batch_order_equivariant(self):
         reward, (images, prompts) = self.make_reward(), self._inputs()
-        scores = reward(images, prompts)
+        sources = self.make_sources(images)
+        scores = self._call(reward, images, prompts, sources)
         perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(1))
         perm = perm.roll(1) if torch.equal(perm, torch.arange(len(perm))) else perm
-        permuted = reward(images[perm], [prompts[i] for i in perm.tolist()])
+        permuted = self._call(reward, images[perm], [prompts[i] for i in perm.tolist()], sources[perm])
         self._assert_close(permuted, scores[perm])
 
     def test_batch_size_independent(self):
         reward, (images, prompts) = self.make_reward(), self._inputs()
-        together = reward(images, prompts)
-        one_by_one = torch.cat([reward(images[i: i + 1], prompts[i: i + 1]) for i in range(images.shape[0])])
+        sources = self.make_sources(images)
+        together = self._call(reward, images, prompts, sources)
+        one_by_one = torch.cat([self._call(reward, images[i: i + 1], prompts[i: i + 1], sources[i: i + 1])
+                                for i in range(images.shape[0])])
         self._assert_close(one_by_one, together)
 
     def test_leaves_inputs_unchanged(self):
         reward, (images, prompts) = self.make_reward(), self._inputs()
         before, prompts_before = images.clone(), list(prompts)
-        reward(images, prompts)
+        sources = self.make_sources(images)
+        sources_before = sources.clone()
+        self._call(reward, images, prompts, sources)
         assert torch.equal(images, before) and prompts == prompts_before
+        assert torch.equal(sources, sources_before)
 
     def test_wrong_number_of_prompts_raises(self):
         reward, (images, prompts) = self.make_reward(), self._inputs()
         with pytest.raises(ValueError):
-            reward(images, prompts[:-1])
+            self._call(reward, images, prompts[:-1])
+        if reward.uses_source_images:  # and a number of source images that is not the batch size
+            with pytest.raises(ValueError):
+                reward(images, prompts, sources=self.make_sources(images)[:-1])

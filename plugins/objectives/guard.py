@@ -17,24 +17,11 @@ gradient is s times the plain one at the on-policy point (the per-step reweighti
 
 from __future__ import annotations
 
-import attrs
 import torch
 
+from mixgrpo.core.types import StepMoments
 
-@attrs.frozen
-class StepMoments:
-    """The step Gaussians' moments that the guard needs, for M transitions.
-
-    Attributes:
-        mean_new: ``[M, ...]`` the current policy's step mean μ_new (with grad).
-        mean_old: ``[M, ...]`` the rollout policy's step mean μ_old (no grad).
-        std: the step std ``s = g·√Δ`` (``StepResult.std``): a float, or a tensor of M values or
-            broadcastable to ``[M, 1, ...]``; > 0.
-    """
-
-    mean_new: torch.Tensor
-    mean_old: torch.Tensor
-    std: torch.Tensor | float
+__all__ = ["StepMoments", "guard_log_ratio"]
 
 
 def _per_transition_std(std: torch.Tensor | float, count: int, like: torch.Tensor) -> torch.Tensor:

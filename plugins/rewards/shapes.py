@@ -2,6 +2,8 @@
 
 - ``shapes.composition``: a programmatic GenEval-like checker with partial credit.
 - ``shapes.preference``: a smooth, preference-like score that varies continuously with the pixels.
+- ``shapes.brightness``: the mean brightness, whatever the prompt: a proxy made to be hacked (a
+  policy trained on it paints every image bright; ``experiments/shapes/hacking.gin``).
 
 Both score images ``[B, 3, H, W]`` in [0, 1] against prompts of the world's grammar and return
 ``[B]`` float32 on the images' device; a prompt outside the grammar scores NaN (never 0).
@@ -279,7 +281,28 @@ class PreferenceReward(_ParsingReward):
         return torch.where(valid, score, torch.full_like(score, math.nan)).float()
 
 
+# -- a reward made to be hacked ------------------------------------------------------------------
+class BrightnessReward(_ParsingReward):
+    """The mean brightness (max channel) of the image in [0, 1], blind to the prompt: the proxy a
+    policy games by painting everything bright, at the cost of the shapes the prompt asks for. Paired
+    with the held-out ``shapes.composition`` it shows what reward hacking looks like in the
+    evaluations (``mixgrpo.core.hacking``); it is no objective to train a model for."""
+
+    name = "shapes.brightness"
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] and ``B`` prompts → ``[B]`` float32 (NaN: unparseable
+        prompt or non-finite image)."""
+        _check_inputs(images, prompts)
+        valid = torch.tensor([s is not None for s in self._parse(prompts)], device=images.device)
+        x = images.float()
+        valid &= torch.isfinite(x).flatten(1).all(dim=1)
+        score = x.nan_to_num(0.0).clamp(0.0, 1.0).amax(dim=1).flatten(1).mean(dim=1)
+        return torch.where(valid, score, torch.full_like(score, math.nan))
+
+
 @hookimpl
 def register_rewards(register):
     register("shapes.composition", CompositionReward)
     register("shapes.preference", PreferenceReward)
+    register("shapes.brightness", BrightnessReward)

@@ -28,7 +28,9 @@ def test_there_are_gin_files_for_every_method():
 def test_every_shipped_gin_file_parses(path):
     head = path.read_text().lstrip().splitlines()[0]
     assert head.startswith("#"), f"{path.name} must open with a comment on where its numbers come from"
-    parse_gin([path], [*DUMMY_MACROS, "PICKSCORE_PATH = '/nonexistent/pickscore'"])
+    parse_gin([path], [*DUMMY_MACROS, "PICKSCORE_PATH = '/nonexistent/pickscore'",
+                       "KONTEXT_PATH = '/nonexistent/kontext'", "CLIP_PATH = '/nonexistent/clip'",
+                       "EDITS_TRAIN = '/nonexistent/train.jsonl'", "EDITS_TEST = '/nonexistent/test.jsonl'"])
     if "TrainConfig" in gin.config_str() or path.parent.name != "methods":
         cfg = TrainConfig()
         assert cfg.num_steps >= 1

@@ -61,11 +61,11 @@ ALLOWED: dict[tuple[str, str], str] = {
 #: as soon as its line is gone (``test_pending_entries_still_exist`` says which)
 PENDING: set[tuple[str, str]] = set()
 
-BACKBONE_NAMES = {"flux", "sd3", "toy", "qwenimage", "flux2", "zimage"}
+BACKBONE_NAMES = {"flux", "sd3", "toy", "qwenimage", "flux2", "zimage", "flux_kontext"}
 FORBIDDEN = re.compile(r"flux|sd3|stablediffusion|peft", re.IGNORECASE)  # in identifiers
 FORBIDDEN_IN_STRINGS = re.compile(
     r"\b(FluxPipeline|StableDiffusion3Pipeline|FluxTransformer2DModel|SD3Transformer2DModel|Flux2KleinPipeline|"
-    r"Flux2Transformer2DModel|QwenImagePipeline|QwenImageTransformer2DModel|ZImagePipeline|ZImageTransformer2DModel|"
+    r"Flux2Transformer2DModel|FluxKontextPipeline|QwenImagePipeline|QwenImageTransformer2DModel|ZImagePipeline|ZImageTransformer2DModel|"
     r"peft\w*)\b")
 #: identifiers matching FORBIDDEN that are allowed, with the reason
 ALLOWED_IDENTIFIERS = {

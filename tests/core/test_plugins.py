@@ -13,13 +13,14 @@ from mixgrpo.core.plugins import KINDS, PluginManager, UnknownComponentError
 ROOT = Path(__file__).resolve().parents[2]
 
 BUILTIN = {
-    "backbone": {"toy", "flux", "sd3"},
+    "backbone": {"toy", "flux", "sd3", "qwenimage", "flux2", "zimage", "flux_kontext"},
     "sampler": {"euler", "dpmsolver++", "sde.flow", "sde.dance", "sde.cps"},
-    "schedule": {"all", "random_subset", "fixed", "progressive", "random", "decay", "ode"},
+    "schedule": {"all", "random_subset", "fixed", "progressive", "random", "decay", "ode", "fast", "branching"},
     "reward": {"shapes.composition", "shapes.preference", "clip_score", "pickscore", "hpsv2", "imagereward",
-               "aesthetic", "jpeg_compressibility", "jpeg_incompressibility", "vlm_judge", "ocr", "geneval"},
-    "objective": {"flowgrpo", "dancegrpo", "mixgrpo", "diffusionnft", "awm"},
-    "prompt_set": {"shapes", "file"},
+               "aesthetic", "jpeg_compressibility", "jpeg_incompressibility", "vlm_judge", "ocr", "geneval",
+               "edit_clip", "shapes.brightness"},
+    "objective": {"flowgrpo", "dancegrpo", "mixgrpo", "diffusionnft", "awm", "branchgrpo"},
+    "prompt_set": {"shapes", "file", "edit"},
 }
 
 

@@ -85,7 +85,7 @@ def test_every_sde_sampler_takes_the_shared_step_as_its_own(make_trainer, sde):
     for name in ("x", "x_next", "log_prob", "latents"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6, msg=name)
     rows = torch.arange(9)
-    log_prob, _ = trainer._log_prob(got, 3, rows)
+    log_prob = trainer._step_result(got, 3, rows)[0].log_prob
     torch.testing.assert_close(log_prob.detach(), got.log_prob[:, 0], rtol=1e-6, atol=1e-4)
 
 
@@ -120,7 +120,7 @@ def test_a_group_with_two_prompts_is_refused(make_trainer):
 
 def _gradients(trainer, traj, rows, step):
     trainer.backbone.module.zero_grad(set_to_none=True)
-    log_prob, _ = trainer._log_prob(traj, step, rows)
+    log_prob = trainer._step_result(traj, step, rows)[0].log_prob
     weights = torch.linspace(-1.0, 2.0, len(rows))  # distinct per-row weights, as advantages are
     (log_prob * weights).sum().backward()
     params = [p for p in trainer.backbone.trainable_parameters() if p.grad is not None]

@@ -124,7 +124,37 @@ def test_the_preset_is_flowgrpo_with_the_guard(tmp_path):
     trainer = Trainer(cfg, pm)
     assert trainer.objective == FlowGRPO(kl_beta=0.04, guard=True, weights={"shapes.preference": 1.0})
     assert (cfg.method, cfg.schedule, cfg.sde_sampler, cfg.shared_noise) == ("GRPO-Guard", "all", "sde.flow", False)
-    # the trainer does not pass the step moments yet (see the report): the guarded loss refuses to
-    # train unguarded rather than fall back silently
-    with pytest.raises(ValueError, match="guard=True needs the step moments"):
-        trainer.iteration(0)
+    assert trainer.wants_moments
+    before = [p.detach().clone() for p in trainer.backbone.trainable_parameters()]
+    rows = [trainer.iteration(k) for k in range(2)]
+    # the rollout's stored means are the ones training recomputes: before the first update the
+    # guarded ratio, exp(s·Δlogp + mean(Δμ²)/(2s)), is 1 to float rounding
+    for row in rows:
+        assert row["policy/onpolicy_ratio_dev"] < 1e-5
+        assert row["perf/nfe_train"] == 2 * 3  # 3 trained steps of 4, each with the reference (KL 0.04)
+    after = trainer.backbone.trainable_parameters()
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_only_a_guarded_objective_makes_the_rollout_keep_the_step_means(tmp_path):
+    toy = ["TrainConfig.backbone = 'toy'", "TrainConfig.rewards = {'shapes.preference': 1.0}",
+           "TrainConfig.num_steps = 4", "TrainConfig.group_size = 2", "TrainConfig.prompts_per_iteration = 2",
+           "TrainConfig.progress = False", f"TrainConfig.output_dir = '{tmp_path}'"]
+    from mixgrpo.core.rollout import rollout
+
+    for guard in (True, False):
+        cfg, pm = load_config(ROOT / "experiments/methods/grpo_guard.gin", [*toy, f"FlowGRPO.guard = {guard}"])
+        trainer = Trainer(cfg, pm)
+        prompts, group_ids, sample_ids = trainer.local_batch(0)
+        traj = rollout(trainer.backbone, prompts, group_ids, sample_ids, trainer.plan(0, sample_ids),
+                       setup=trainer.setup, sde_sampler=trainer.sde_sampler, pre_solver=trainer.pre_solver,
+                       post_solver=trainer.post_solver, seed=0, iteration=0, keep_means=trainer.wants_moments)
+        if not guard:
+            assert traj.mean is None
+            continue
+        assert traj.mean.shape == traj.x.shape
+        # the stored mean is the SDE step's mean at the stored input, recomputed here
+        slot, step = 1, traj.sde_steps[1]
+        v = trainer.backbone.velocity(traj.x[:, slot], torch.full((len(traj),), float(traj.sigmas[step])), traj.cond)
+        res = trainer.sde_sampler.step(traj.x[:, slot], v, traj.sigmas, step, prev_sample=traj.x_next[:, slot])
+        torch.testing.assert_close(traj.mean[:, slot], res.mean.float(), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,1 @@
+"""AWM as a third-party mixgrpo plugin (see plugin.py)."""

@@ -1,0 +1,51 @@
+"""experiments/shapes/compare_families.gin: every variant of the second head-to-head is a complete,
+valid run on the shapes world, built exactly as `mixgrpo compare` builds it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gin
+import pytest
+
+from mixgrpo.commands.compare import _compare_config, _resolve, _split_variant, _train_config
+from mixgrpo.core.config import parse_gin
+from mixgrpo.core.gin_files import _search_paths
+from mixgrpo.core.interfaces import MatchingObjective, PolicyObjective
+from mixgrpo.core.plugins import get_plugin_manager
+from mixgrpo.core.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+FAMILIES = ROOT / "experiments" / "shapes" / "compare_families.gin"
+
+
+def _variants():
+    pm = get_plugin_manager()
+    gin.clear_config()
+    parse_gin([FAMILIES], [], pm)
+    cfg = _compare_config(FAMILIES, False)
+    search = _search_paths(FAMILIES)
+    base = _resolve(cfg.base, search)
+    return pm, cfg, base, {label: _split_variant(label, value, search) for label, value in cfg.variants.items()}
+
+
+def test_the_families_comparison_holds_every_family_on_one_budget():
+    _, cfg, _, plans = _variants()
+    assert {"DanceGRPO", "MixGRPO", "MixGRPO-Flash*", "Flow-GRPO-Fast", "GRPO-Guard", "BranchGRPO", "BranchGRPO-Mix",
+            "DiffusionNFT", "AWM"} <= set(plans)
+    assert cfg.metric == "shapes.composition" and cfg.seeds == (0,)
+
+
+@pytest.mark.parametrize("label", ["MixGRPO", "Flow-GRPO-Fast", "GRPO-Guard", "BranchGRPO", "BranchGRPO-Mix",
+                                   "DiffusionNFT", "AWM"])
+def test_each_variant_builds_with_the_shared_budget_and_no_reference_model(tmp_path, label):
+    pm, _, base, plans = _variants()
+    files, extra = plans[label]
+    config = _train_config([*files, base, FAMILIES], extra, 0, tmp_path / "run", pm)
+    assert (config.num_steps, config.prompts_per_iteration, config.group_size, config.iterations) == (10, 4, 8, 40)
+    assert config.learning_rate == 3e-5 and config.method == label
+    trainer = Trainer(config, pm)  # every check before any model loads, then the shipped model
+    assert not trainer.objective.uses_reference  # the comparison runs no reference model
+    kind = MatchingObjective if label in ("DiffusionNFT", "AWM") else PolicyObjective
+    assert isinstance(trainer.objective, kind)
+    gin.clear_config()

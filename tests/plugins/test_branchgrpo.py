@@ -1,0 +1,192 @@
+"""BranchGRPO: the branching schedule, the depth-wise advantages and the presets.
+
+The reference numbers (tests/plugins/data/branchgrpo_reference.json) come from the reference's own
+functions (Fredreic1849/BranchGRPO, fastvideo/train_branchgrpo_flux.py: ``parse_split_points``,
+``run_tree_sample_step`` with a stand-in transformer that counts its rows,
+``compute_node_rewards_from_leaves`` and ``compute_hierarchical_advantages_by_depth`` on fixed leaf
+rewards), run once outside this repository; the JSON names the commit.
+"""
+
+import json
+from pathlib import Path
+
+import gin
+import pytest
+import torch
+
+from mixgrpo.core.config import load_config
+from mixgrpo.core.plugins import PluginManager
+from mixgrpo.core.rollout import SamplingSetup, rollout
+from mixgrpo.core.trainer import Trainer
+from mixgrpo.core.tree import level_ids
+from mixgrpo.plugins.objectives import branchgrpo
+from mixgrpo.plugins.objectives.branchgrpo import BranchGRPO
+from mixgrpo.plugins.schedules import branching
+from mixgrpo.plugins.schedules.branching import Branching
+from mixgrpo.testing.objectives import ObjectiveContract
+
+ROOT = Path(__file__).resolve().parents[2]
+REFERENCE = json.loads((Path(__file__).parent / "data" / "branchgrpo_reference.json").read_text())
+CASES = REFERENCE["cases"]
+
+
+def plugin_manager():
+    """The built-ins plus the tree's schedule and objective (once pyproject registers them, as they are)."""
+    pm = PluginManager()
+    missing = [m for m, kind, name in ((branching, "schedule", "branching"), (branchgrpo, "objective", "branchgrpo"))
+               if name not in pm.names(kind)]
+    return PluginManager(plugins=missing) if missing else pm
+
+
+def _schedule(case):
+    window = case["mix_sde_window_size"] if case["mix_ode_sde_tree"] else None
+    return Branching(branch_steps=tuple(case["split_points"]), mix_window=window)
+
+
+def test_the_reference_data_names_its_source():
+    source = REFERENCE["source"]
+    assert source["repo"] == "Fredreic1849/BranchGRPO" and len(source["commit"]) == 40
+    assert source["path"] == "fastvideo/train_branchgrpo_flux.py"
+
+
+# -- the schedule, against the reference ----------------------------------------------------------
+def test_the_default_schedule_is_the_reference_script():
+    case = CASES["script_full"]
+    schedule = Branching()
+    assert schedule.branch_steps == tuple(case["split_points"]) == (0, 3, 6, 9)
+    assert schedule.leaves() == case["leaves"] == 16
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_sde_and_branch_steps_are_the_references(name):
+    case = CASES[name]
+    plan = _schedule(case).plan(0, case["num_steps"])
+    assert list(plan.sde_steps) == case["sde_steps"]
+    assert list(plan.train_steps) == case["sde_steps"]  # every SDE edge trains (no pruning)
+    assert list(plan.branch_steps) == case["split_points"] and plan.branch_factor == 2
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_tree_shares_what_the_references_tree_shares(name):
+    """Per leaf and step: the node of the input and of the transition, named by their first leaf."""
+    case = CASES[name]
+    plan = _schedule(case).plan(0, case["num_steps"])
+    n = case["leaves"]
+    groups, samples = torch.zeros(n, dtype=torch.long), torch.arange(n)
+    for i in range(case["num_steps"]):
+        before = sum(s < i for s in plan.branch_steps)
+        after = sum(s <= i for s in plan.branch_steps)
+        assert level_ids(plan, groups, samples, before).tolist() == [row[i] for row in case["inputs"]]
+        assert level_ids(plan, groups, samples, after).tolist() == [row[i] for row in case["edges"]]
+
+
+@pytest.mark.parametrize("name", ["script_full", "script_mix", "toy_mix"])
+def test_model_calls_per_step_are_the_references(name):
+    case = CASES[name]
+    config, pm = load_config(ROOT / "experiments" / "methods" / "branchgrpo.gin", [
+        "TrainConfig.backbone = 'toy'", f"TrainConfig.num_steps = {case['num_steps']}",
+        f"TrainConfig.group_size = {case['leaves']}", "TrainConfig.rewards = {'shapes.preference': 1.0}",
+        f"Branching.branch_steps = {tuple(case['split_points'])}", "TrainConfig.output_dir = '/nonexistent'"],
+        pm=plugin_manager())
+    backbone = pm.create("backbone", "toy")
+    rows = []
+    inner = backbone.velocity
+    backbone.velocity = lambda x, sigma, cond: rows.append(x.shape[0]) or inner(x, sigma, cond)
+    plan = _schedule(case).plan(0, case["num_steps"])
+    n = case["leaves"]
+    traj = rollout(backbone, ["a red circle"] * n, torch.zeros(n, dtype=torch.long), torch.arange(n), plan,
+                   setup=SamplingSetup(num_steps=case["num_steps"]), sde_sampler=pm.create("sampler", "sde.dance"),
+                   pre_solver=pm.create("sampler", "euler"), post_solver=pm.create("sampler", "euler"), seed=0,
+                   iteration=0, batch_size=n)
+    gin.clear_config()
+    assert rows == case["model_rows_per_step"]
+    assert traj.nfe == pytest.approx(sum(case["model_rows_per_step"]) / n)
+
+
+# -- the advantages, against the reference --------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_depth_wise_advantages_are_the_references(name):
+    case = CASES[name]
+    steps = case["sde_steps"]
+    edges = torch.tensor([[row[i] for i in steps] for row in case["edges"]])
+    rewards = torch.tensor(case["leaf_rewards"])
+    got = BranchGRPO().step_advantages({"reward": rewards}, torch.zeros(len(rewards), dtype=torch.long), edges)
+    want = torch.tensor([[row[i] for i in steps] for row in case["advantages"]])
+    assert got.shape == want.shape and want.abs().max() > 0.5
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_node_rewards_are_the_mean_of_their_leaves_and_trees_are_normalized_apart():
+    case = CASES["toy_full"]
+    rewards = torch.tensor(case["leaf_rewards"] * 2)
+    rewards[4:] = rewards[4:] * 10 + 3  # a second tree on another scale: normalized among its own nodes
+    groups = torch.tensor([0] * 4 + [1] * 4)
+    edges = torch.tensor([[0, 0, 2, 2, 4, 4, 6, 6], [0, 1, 2, 3, 4, 5, 6, 7]]).T
+    got = BranchGRPO().step_advantages({"reward": rewards}, groups, edges)
+    torch.testing.assert_close(got[:4], got[4:], rtol=1e-5, atol=1e-5)
+    # depth with two nodes: means 0.29 and 0.32 -> z-scores of two values, -1/sqrt(2) and +1/sqrt(2)
+    torch.testing.assert_close(got[:4, 0], torch.tensor([-1, -1, 1, 1]) / 2 ** 0.5, rtol=1e-5, atol=1e-5)
+    # leaves: the plain group advantages of every GRPO objective
+    torch.testing.assert_close(got[:, 1], BranchGRPO().advantages({"reward": rewards}, groups))
+    # a failed leaf (NaN) is left out of its node's mean; a node with none gets 0
+    rewards[0] = float("nan")
+    got = BranchGRPO().step_advantages({"reward": rewards}, groups, edges)
+    assert torch.isfinite(got).all() and got[0, 1] == 0
+
+
+# -- pruning ----------------------------------------------------------------------------------------
+def test_depth_pruning_leaves_edges_into_those_depths_untrained_and_slides_up():
+    schedule = Branching(prune_depths=(15, 16, 17, 18), prune_slide_every=30, prune_stop_depth=9)
+    trained = set(range(20))
+    assert set(schedule.plan(0, 20).train_steps) == trained - {14, 15, 16, 17}  # depth d: the edge of step d-1
+    assert schedule.pruned_depths(28) == (15, 16, 17, 18) and schedule.pruned_depths(29) == (14, 15, 16, 17)
+    assert schedule.pruned_depths(10_000) == (9, 10, 11, 12)  # the shallowest stops at depth 9
+    assert set(schedule.plan(0, 20).sde_steps) == trained
+
+
+def test_bad_schedule_arguments_are_refused():
+    with pytest.raises(ValueError, match=r"branch_steps must be non-empty, increasing integers >= 0, got \(3, 1\)"):
+        Branching(branch_steps=(3, 1))
+    with pytest.raises(ValueError, match="branch_factor must be an integer >= 2"):
+        Branching(branch_factor=1)
+    with pytest.raises(ValueError, match=r"Branching.mix_window = 30 exceeds TrainConfig.num_steps = 20"):
+        Branching(mix_window=30).plan(0, 20)
+
+
+# -- the objective's contract -----------------------------------------------------------------------
+class TestBranchGRPOContract(ObjectiveContract):
+    def make_objective(self):
+        return BranchGRPO()
+
+
+# -- the presets train ----------------------------------------------------------------------------
+TOY = ["include 'backbones/toy.gin'", "TrainConfig.num_steps = 8", "TrainConfig.group_size = 4",
+       "Branching.branch_steps = (1, 3)", "TrainConfig.prompts_per_iteration = 2",
+       "TrainConfig.rollout_batch_size = 8", "TrainConfig.micro_batch_size = 3", "TrainConfig.num_minibatches = 1",
+       "TrainConfig.iterations = 2", "TrainConfig.learning_rate = 1e-3",
+       "TrainConfig.rewards = {'shapes.preference': 1.0}", "TrainConfig.progress = False",
+       "TrainConfig.tensorboard = False"]
+
+
+@pytest.mark.parametrize(("preset", "method", "nfe_train"), [
+    # a tree split at steps 1 and 3 of 8: model rows per step 1, 1, 2, 2, 4, 4, 4, 4 = 22 for 4 leaves
+    ("branchgrpo", "BranchGRPO", 22 / 4),
+    # Mix: SDE (trained) steps 0..3 of the window of 4 (and the splits 1, 3): rows 1 + 1 + 2 + 2 = 6
+    ("branchgrpo_mix", "BranchGRPO-Mix", 6 / 4),
+])
+def test_presets_train_two_iterations_on_policy_with_hand_counted_nfe(tmp_path, preset, method, nfe_train):
+    config, pm = load_config(ROOT / "experiments" / "methods" / f"{preset}.gin",
+                             [*TOY, f"TrainConfig.output_dir = '{tmp_path}'"], pm=plugin_manager())
+    assert config.method == method
+    trainer = Trainer(config, pm)
+    before = [p.detach().clone() for p in trainer.backbone.trainable_parameters()]
+    rows = trainer.train()
+    gin.clear_config()
+    assert len(rows) == 2
+    for row in rows:
+        assert row["policy/onpolicy_ratio_dev"] < 1e-5
+        assert row["perf/nfe_rollout"] == pytest.approx(22 / 4)
+        assert row["perf/nfe_train"] == pytest.approx(nfe_train)
+        assert row["policy/skipped_steps"] == 0.0
+    after = trainer.backbone.trainable_parameters()
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
