@@ -26,8 +26,9 @@ ROW = "row.json"
 GRID = "grid.png"
 #: the TrainConfig fields the iteration-0 evaluation and grid depend on
 EVAL_FIELDS = ("backbone", "eval_solver", "prompt_set", "rewards", "eval_rewards", "num_steps", "eval_num_steps",
-               "shift", "grid", "mu", "seed", "eval_every", "eval_prompts", "eval_seeds", "sample_every",
-               "sample_prompts", "rollout_batch_size", "eval_diversity", "eval_clip_path", "kl_base_copy")
+               "shift", "grid", "mu", "shift_terminal", "seed", "eval_every", "eval_prompts", "eval_seeds",
+               "sample_every", "sample_prompts", "rollout_batch_size", "eval_diversity", "eval_clip_path",
+               "kl_base_copy")
 
 
 def signature(trainer: Trainer) -> str:

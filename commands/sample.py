@@ -145,7 +145,7 @@ def run_sample(source: str | os.PathLike, prompts: str | Sequence[str], out: str
     if guidance is not None:
         set_guidance(backbone, guidance)
     setup = SamplingSetup(num_steps=steps or c.num_steps, shift=c.shift if shift is None else shift, grid=c.grid,
-                          mu=c.mu, shared_noise=False)
+                          mu=c.mu, shift_terminal=c.shift_terminal, shared_noise=False)
     setup.sigmas(None)  # a bad grid fails before any image is drawn
     batch = batch_size or c.rollout_batch_size
     pairs = [(n, s) for n in range(len(prompt_list)) for s in seed_list]  # prompt-major: a prompt's seeds together

@@ -61,7 +61,8 @@ class TrainConfig:
         reports; each preset in experiments/methods/ sets it; empty: the objective's name.
     Sampling:
         num_steps (T), shift (s), grid (``static``|``dynamic``|``diffusers``), mu (the dynamic grid's
-        shift: FLUX's ``flux_mu`` of the image tokens, 0.80 at 720×720), compression (Flash ratio r
+        shift: FLUX's ``flux_mu`` of the image tokens, 0.80 at 720×720), shift_terminal (None, or
+        the last nonzero σ the grid is stretched to, as Qwen-Image's scheduler does: 0.02), compression (Flash ratio r
         for the post-window grid, or None), shared_noise (same x_T within a group), share_prefix
         (with shared noise, the model calls a group's samples share, the ODE steps before the first
         SDE step and that step's, run once per group in the rollout and in training; the same
@@ -125,6 +126,7 @@ class TrainConfig:
     shift: float = 3.0
     grid: str = "static"
     mu: float | None = None
+    shift_terminal: float | None = None
     compression: float | None = None
     shared_noise: bool = True
     share_prefix: bool = True

@@ -53,6 +53,7 @@ class SamplingSetup:
         shift: static shift s (3 for FLUX and SD3.5 training).
         grid: σ grid kind (``static`` | ``dynamic`` | ``diffusers``, see ``sigma_grid``).
         mu: dynamic-shift parameter for ``grid="dynamic"``.
+        shift_terminal: stretch the grid so its last nonzero σ is this value (``sigma_grid``), or None.
         compression: Flash ratio r for the post-window ODE steps, or ``None`` (no compression).
         shared_noise: give all samples of a group the same initial noise.
         share_prefix: with shared noise, walk the steps a group's samples share (the ODE steps
@@ -63,16 +64,18 @@ class SamplingSetup:
     shift: float = 3.0
     grid: str = "static"
     mu: float | None = None
+    shift_terminal: float | None = None
     compression: float | None = None
     shared_noise: bool = True
     share_prefix: bool = True
 
     def sigmas(self, plan: StepPlan | None = None) -> torch.Tensor:
         if self.compression is not None and plan is not None and plan.window is not None:
-            if self.grid != "static":
-                raise ValueError("Flash compression is defined on the static grid; set grid='static'")
+            if self.grid != "static" or self.shift_terminal is not None:
+                raise ValueError("Flash compression is defined on the static grid; set grid='static' and "
+                                 "shift_terminal=None")
             return compressed_grid(self.num_steps, self.shift, plan.window, self.compression)
-        return sigma_grid(self.num_steps, self.shift, kind=self.grid, mu=self.mu)
+        return sigma_grid(self.num_steps, self.shift, kind=self.grid, mu=self.mu, shift_terminal=self.shift_terminal)
 
 
 def initial_noise(shape: Sequence[int], group_ids: torch.Tensor, sample_ids: torch.Tensor,

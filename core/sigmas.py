@@ -26,7 +26,8 @@ def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096
     return base_shift + slope * (image_seq_len - base_seq_len)
 
 
-def sigma_grid(num_steps: int, shift: float = 3.0, *, kind: str = "static", mu: float | None = None) -> torch.Tensor:
+def sigma_grid(num_steps: int, shift: float = 3.0, *, kind: str = "static", mu: float | None = None,
+               shift_terminal: float | None = None) -> torch.Tensor:
     """The σ grid ``σ_0 = 1 > … > σ_T = 0`` of ``num_steps`` steps.
 
     Args:
@@ -37,6 +38,9 @@ def sigma_grid(num_steps: int, shift: float = 3.0, *, kind: str = "static", mu: 
             or ``"diffusers"`` (parity with ``FlowMatchEulerDiscreteScheduler.set_timesteps``, which
             shifts σ_min twice: FlowGRPO's SD3.5 10-step grid ends …, .278, .0089, 0).
         mu: the dynamic shift parameter (see ``flux_mu``).
+        shift_terminal: if set, the grid before its final 0 is stretched so that its last nonzero σ
+            is this value, ``σ' = 1 − (1 − σ)·(1 − shift_terminal)/(1 − σ_{T−1})`` (diffusers'
+            ``stretch_shift_to_terminal``; Qwen-Image's scheduler uses 0.02); in (0, 1).
     Returns:
         fp32 tensor ``[num_steps + 1]``.
     """
@@ -59,6 +63,12 @@ def sigma_grid(num_steps: int, shift: float = 3.0, *, kind: str = "static", mu: 
     else:
         raise ValueError(f"unknown grid kind {kind!r}; known kinds: {', '.join(GRID_KINDS)}")
     sig[-1] = 0.0
+    if shift_terminal is not None:
+        if not 0.0 < shift_terminal < 1.0:
+            raise ValueError(f"shift_terminal must be in (0, 1), got {shift_terminal}")
+        if num_steps < 2:
+            raise ValueError("shift_terminal needs a grid of at least 2 steps (a nonzero σ besides σ_0 to stretch)")
+        sig[:-1] = 1.0 - (1.0 - sig[:-1]) * (1.0 - shift_terminal) / (1.0 - sig[-2])
     return torch.tensor(sig, dtype=torch.float32)
 
 

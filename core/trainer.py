@@ -79,8 +79,8 @@ class Trainer:
         self.wants_moments = isinstance(self.objective, PolicyObjective) and self.objective.uses_step_moments
         self.prompt_set = self.pm.create("prompt_set", c.prompt_set)
         self.setup = SamplingSetup(num_steps=c.num_steps, shift=c.shift, grid=c.grid, mu=c.mu,
-                                   compression=c.compression, shared_noise=c.shared_noise,
-                                   share_prefix=c.share_prefix)
+                                   shift_terminal=c.shift_terminal, compression=c.compression,
+                                   shared_noise=c.shared_noise, share_prefix=c.share_prefix)
         # evaluation and sample grids: the ODE on their own grid (FlowGRPO evaluates SD3.5 at 40 steps)
         self.eval_setup = attrs.evolve(self.setup, num_steps=c.eval_num_steps or c.num_steps, compression=None)
         preflight.check_plans(c, self.pm, self.schedule, self.sde_sampler, self.setup, self.objective,

@@ -76,6 +76,20 @@ def test_dynamic_kind_matches_flux_scheduler(num_steps, seq_len):
     torch.testing.assert_close(ours, sched.sigmas.float(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(("num_steps", "mu"), [(10, 0.53871), (50, 0.8343), (4, 0.5)])
+def test_shift_terminal_matches_the_qwen_image_scheduler(num_steps, mu):
+    """Qwen-Image's scheduler (dynamic shift, exponential, shift_terminal 0.02), called as its pipeline
+    calls it: ``sigmas = linspace(1, 1/T, T)`` and ``mu``; the stretched grid ends at 0.02, then 0."""
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                            base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps), mu=mu)
+    ours = sigma_grid(num_steps, kind="dynamic", mu=mu, shift_terminal=0.02)
+    torch.testing.assert_close(ours, sched.sigmas.float(), rtol=0, atol=1e-6)
+    assert float(ours[-2]) == pytest.approx(0.02, abs=1e-7) and float(ours[-1]) == 0.0
+    with pytest.raises(ValueError, match="shift_terminal must be in"):
+        sigma_grid(num_steps, kind="dynamic", mu=mu, shift_terminal=1.5)
+
+
 def test_flux_mu_is_linear_in_token_count():
     assert flux_mu(256) == pytest.approx(0.5)
     assert flux_mu(4096) == pytest.approx(1.15)  # 1024² image: 64×64 tokens after 2×2 patching

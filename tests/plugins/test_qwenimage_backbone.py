@@ -120,17 +120,19 @@ def test_the_sigma_grid_is_the_pipelines(qwen_dir, plain):
     assert float(terminal.sigmas[-2]) == pytest.approx(0.02)
 
 
-@pytest.mark.parametrize("scale", [1.0, 4.0], ids=["no_guidance", "true_cfg"])
-def test_euler_sampling_equals_the_pipeline(qwen_dir, scale):
+@pytest.mark.parametrize(("scale", "terminal"), [(1.0, False), (4.0, False), (4.0, True)],
+                         ids=["no_guidance", "true_cfg", "true_cfg_shift_terminal"])
+def test_euler_sampling_equals_the_pipeline(qwen_dir, scale, terminal):
     """Our rollout with the Euler solver on the dynamic grid against QwenImagePipeline from the same
     noise, computing its own mu and grid from its scheduler config, its own prompt encoding, true CFG
-    with the negative prompt " " and norm rescaling, and its own VAE decoding."""
+    with the negative prompt " " and norm rescaling, and its own VAE decoding; with the scheduler's
+    shift_terminal (0.02) on both sides, or off on both."""
     bb = QwenImageBackbone(str(qwen_dir), SIZE, SIZE, cfg_scale=scale, max_sequence_length=LENGTH)
-    ours = sample_ode(bb, PROMPTS, [SEED] * 2, setup=SamplingSetup(num_steps=STEPS, grid="dynamic", mu=bb.mu()),
-                      solver=Euler())
+    setup = SamplingSetup(num_steps=STEPS, grid="dynamic", mu=bb.mu(), shift_terminal=0.02 if terminal else None)
+    ours = sample_ode(bb, PROMPTS, [SEED] * 2, setup=setup, solver=Euler())
     guidance = {"negative_prompt": " ", "true_cfg_scale": scale} if scale > 1 else {"true_cfg_scale": 1.0}
     with torch.no_grad():
-        theirs = pipeline(qwen_dir, terminal=False)(
+        theirs = pipeline(qwen_dir, terminal=terminal)(
             PROMPTS, height=SIZE, width=SIZE, num_inference_steps=STEPS, latents=hand_pack(noise(bb, 2)),
             max_sequence_length=LENGTH, output_type="pt", **guidance).images
     assert ours.shape == theirs.shape == (2, 3, SIZE, SIZE)
