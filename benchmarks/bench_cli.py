@@ -17,6 +17,7 @@ from bench_settings import (
     DTYPES,
     METHODS,
     MOVING_WINDOW,
+    PAPER_METHODS,
     PRESET_WINDOW,
     REAL,
     TINY_SWEEPS,
@@ -42,10 +43,14 @@ def _window_starts(text: str) -> list[int]:
 
 
 def _methods(text: str) -> list[str]:
+    """Comma-separated preset names, or ``all``; returned in the table's order."""
+    if text.strip() == "all":
+        return list(METHODS)
     names = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; choose from {', '.join(METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; choose from {', '.join(METHODS)} "
+                                         "(or all)")
     return [m for m in METHODS if m in names]  # the table's order
 
 
@@ -78,7 +83,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=_positive, default=4)
     p.add_argument("--prompts", type=_positive, default=2)
     p.add_argument("--size", type=_positive, default=None, help="image side in pixels (real architectures)")
-    p.add_argument("--lora-rank", type=int, default=None, help="0 = full fine-tuning (default 64 FLUX, 32 SD3.5)")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="0 = full fine-tuning (default: the recipe's, 64 FLUX.1, FLUX.2, Z-Image; 32 SD3.5, "
+                        "Qwen-Image)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--attention-backend", default=None, metavar="NAME",
                    help="one of diffusers' attention backends, e.g. flash, xformers, _native_flash (default: "
@@ -86,9 +93,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--compile", choices=("none", "rollout", "all"), default="none",
                    help="torch.compile the transformer's blocks: in the rollout only, or in rollout and "
                         "training (default none); diffusers backbones only")
-    p.add_argument("--methods", type=_methods, default=list(METHODS),
-                   help=f"comma-separated presets to time (default all: {','.join(METHODS)}); the ratios to "
-                        "DanceGRPO need dancegrpo among them")
+    p.add_argument("--methods", type=_methods, default=list(PAPER_METHODS),
+                   help=f"comma-separated presets to time, or all ({','.join(METHODS)}); default the MixGRPO "
+                        f"paper's five: {','.join(PAPER_METHODS)}; the ratios to DanceGRPO need dancegrpo among them")
     p.add_argument("--rollout-batch-size", type=_positive, default=None)
     p.add_argument("--overlap-rewards", action="store_true",
                    help="score each rollout chunk in a background thread while the next one rolls out")

@@ -85,11 +85,14 @@ def describe(trainer: Any) -> dict[str, Any]:
 
 
 def add_floors(table: dict[str, dict], costs: dict[str, Any]) -> None:
-    """``floor_s`` for every method, in place: samples × (NFE roll × one forward + NFE train × one
-    forward+backward), each per evaluation and sample."""
+    """``floor_s`` for every method, in place: samples × ((NFE roll + NFE train without gradients) ×
+    one forward + the other NFE train × one forward+backward), each per evaluation and sample. The
+    training calls without gradients are the forward-process presets' velocities before the update
+    and any reference model's (the KL term)."""
     for row in table.values():
-        row["floor_s"] = costs["samples"] * (row["nfe_rollout"] * costs["forward_s"]
-                                             + row["nfe_train"] * costs["forward_backward_s"])
+        nograd = row.get("nfe_train_nograd", 0.0)
+        row["floor_s"] = costs["samples"] * ((row["nfe_rollout"] + nograd) * costs["forward_s"]
+                                             + (row["nfe_train"] - nograd) * costs["forward_backward_s"])
 
 
 def add_ratios(table: dict[str, dict]) -> None:

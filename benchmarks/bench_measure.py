@@ -59,6 +59,8 @@ def time_iterations(trainer: Any, inst: Instruments, warmup: int, iterations: in
             "reward_s": m[metrics.REWARD_S], "train_s": m[metrics.TRAIN_S], "optimizer_s": inst.optimizer_s,
             "peak_mem_gb": m[metrics.PEAK_MEM_GB],
             "nfe_rollout": rollout_rows / samples, "nfe_train": (inst.rows - rollout_rows) / samples,
+            # of those, the calls without gradients: a forward's cost, not a forward+backward's
+            "nfe_train_nograd": inst.train_nograd_rows / samples,
             "trainer_nfe_rollout": m[metrics.NFE_ROLLOUT], "trainer_nfe_train": m[metrics.NFE_TRAIN],
             "reward_mean": m[metrics.reward("shapes.preference", "mean")],
             # the first step of the window (-1: none): where the steps a group shares end
@@ -86,6 +88,8 @@ def measure_methods(run: Run, log: Callable[[str], None]) -> tuple[dict[str, dic
                 costs = per_evaluation_costs(trainer, inst, reps=5)
                 costs.update(describe(trainer))
             row = time_iterations(trainer, inst, run.warmup, run.iterations, first=run.at_iteration)
+            # the KL weight the preset trains with (the run binds FlowGRPO's to 0; AWM's preset keeps its own)
+            row["kl_beta"] = float(getattr(trainer.objective, "kl_beta", 0.0))
             if method == run.methods[-1]:
                 again = per_evaluation_costs(trainer, inst, reps=5)
                 for key in ("forward_s", "forward_backward_s"):
@@ -116,7 +120,8 @@ def measure_sweeps(run: Run, method: str, axes: dict[str, list[int]], table: dic
     own_window = table.get(method, {}).get("window_start")
     base = {"steps": run.steps, "group_size": run.group_size, "resolution": run.size,
             "window": int(own_window) if own_window is not None else None}
-    keep = ("iteration_s", "rollout_s", "train_s", "nfe_rollout", "nfe_train", "peak_mem_gb", "oom")
+    keep = ("iteration_s", "rollout_s", "train_s", "nfe_rollout", "nfe_train", "nfe_train_nograd", "peak_mem_gb",
+            "oom")
     for axis, values in axes.items():
         points = sweeps[axis] = []
         for value in values:

@@ -22,7 +22,7 @@ def run_settings(run: Run) -> dict[str, Any]:
         "backbone": run.backbone, "tiny": run.tiny, "steps": run.steps, "group_size": run.group_size,
         "prompts": run.prompts, "samples": run.group_size * run.prompts, "warmup": run.warmup,
         "iterations": run.iterations, "at_iteration": run.at_iteration, "reward": "shapes.preference",
-        "kl_beta": 0.0, "methods": run.methods, "attention_backend": run.attention_backend,
+        "methods": run.methods, "attention_backend": run.attention_backend,
         "compile": run.compile, "overlap_rewards": run.overlap_rewards, "share_prefix": run.share_prefix,
     }
     if run.real:

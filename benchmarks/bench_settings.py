@@ -16,17 +16,37 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
-METHODS = ["flowgrpo", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star"]
+# The MixGRPO paper's Table 1 presets (the default rows), then the newer methods: Flow-GRPO-Fast and the
+# forward-process objectives (DiffusionNFT, AWM), timed on request (--methods).
+PAPER_METHODS = ["flowgrpo", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star"]
+METHODS = ["flowgrpo", "flowgrpo_fast", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star",
+           "diffusionnft", "awm"]
 REFERENCE = "dancegrpo"
-REAL = tuple(architectures.ARCHS)  # flux-dev, sd35-medium
+REAL = tuple(architectures.ARCHS)  # flux-dev, sd35-medium, sd35-large, qwen-image, flux2-klein, z-image
 BACKBONES = ("toy", "shapes", *REAL)
-# LoRA ranks on one GPU: 64 for FLUX (a single-GPU FLUX set-up), 32 for SD3.5-M (FlowGRPO's).
-LORA_RANK = {"flux-dev": 64, "sd35-medium": 32}
+# LoRA ranks on one GPU, each the rank its recipe trains: 64 for FLUX.1 (a single-GPU FLUX set-up),
+# FLUX.2-klein and Z-Image (Flow-Factory's), 32 for SD3.5 and Qwen-Image (FlowGRPO's).
+LORA_RANK = {"flux-dev": 64, "sd35-medium": 32, "sd35-large": 32, "qwen-image": 32, "flux2-klein": 64,
+             "z-image": 64}
+# Per real architecture: its backbone class, its gin file (experiments/backbones/) and that file's path macro.
+BACKBONE_GIN = {
+    "flux-dev": ("FluxBackbone", "flux.gin", "FLUX_PATH"),
+    "sd35-medium": ("SD3Backbone", "sd3.gin", "SD3_PATH"),
+    "sd35-large": ("SD3Backbone", "sd35_large.gin", "SD35_LARGE_PATH"),
+    "qwen-image": ("QwenImageBackbone", "qwenimage.gin", "QWENIMAGE_PATH"),
+    "flux2-klein": ("Flux2Backbone", "flux2_klein.gin", "FLUX2_PATH"),
+    "z-image": ("ZImageBackbone", "zimage.gin", "ZIMAGE_PATH"),
+}
+_RES = "256,512,768"
 DEFAULT_SWEEPS = {
     "toy": {"steps": "10,25,40", "group": "2,4,8", "res": "", "window": "0,10,21"},
     "shapes": {"steps": "10,25,40", "group": "2,4,8", "res": "", "window": "0,5,10,21"},
     "flux-dev": {"steps": "10,25,40", "group": "2,4,8", "res": "512,720,1024", "window": "0,21"},
-    "sd35-medium": {"steps": "10,25,40", "group": "2,4,8", "res": "256,512,768", "window": "0,21"},
+    "sd35-medium": {"steps": "10,25,40", "group": "2,4,8", "res": _RES, "window": "0,21"},
+    "sd35-large": {"steps": "10,25,40", "group": "2,4,8", "res": _RES, "window": "0,21"},
+    "qwen-image": {"steps": "10,25,40", "group": "2,4,8", "res": _RES, "window": "0,21"},
+    "flux2-klein": {"steps": "4,8,28", "group": "2,4,8", "res": "384,512,1024", "window": "0,6"},
+    "z-image": {"steps": "10,25,40", "group": "2,4,8", "res": _RES, "window": "0,21"},
 }
 TINY_SWEEPS = {"steps": "12,25", "group": "2,3", "res": "32,48", "window": "0,21"}
 PRESET_WINDOW = 4  # the window size of every MixGRPO preset (experiments/methods/)
@@ -108,19 +128,18 @@ class Run:
     def real_backbone_bindings(self, size: int) -> list[str]:
         """The real architectures: their backbone's gin file, the benchmark's model folder, and the
         backbone's dtype, image side, LoRA and speed options."""
-        if self.arch["backbone"] == "flux":
-            cls = "FluxBackbone"
-            head = [f"include '{ROOT / 'experiments/backbones/flux.gin'}'", f"FLUX_PATH = '{self.model_dir}'"]
-        else:
-            cls = "SD3Backbone"
-            head = [f"include '{ROOT / 'experiments/backbones/sd3.gin'}'", f"SD3_PATH = '{self.model_dir}'"]
+        cls, gin_file, macro = BACKBONE_GIN[self.backbone]
+        head = [f"include '{ROOT / 'experiments/backbones' / gin_file}'", f"{macro} = '{self.model_dir}'"]
+        if self.arch["backbone"] == "flux2":  # the base klein (guided, as RL trains it), one stand-in Qwen3 layer
+            layers = tuple(self.arch["text"]["text_encoder_out_layers"])
+            head += [f"{cls}.text_encoder_out_layers = {layers}", f"{cls}.cfg_scale = 4.0"]
         backbone = [
             f"{cls}.dtype = '{self.dtype}'", f"{cls}.height = {size}", f"{cls}.width = {size}",
             f"{cls}.lora_rank = {self.lora_rank}",
             f"{cls}.lora_alpha = {2 * self.lora_rank if self.lora_rank else None}",
             f"{cls}.gradient_checkpointing = {self.gradient_checkpointing}", f"{cls}.device = '{self.device}'",
         ]
-        if self.tiny:  # the real lengths come from the backbone's gin file (FLUX 512, SD3.5 128)
+        if self.tiny:  # the real lengths come from the backbone's gin file (FLUX 512, SD3.5-M 128, ...)
             backbone.append(f"{cls}.max_sequence_length = {self.arch['text']['max_sequence_length']}")
         return [*head, *backbone, *self.speed_bindings(cls)]
 

@@ -8,19 +8,24 @@ method's own floor.
 
 Backbones: ``toy``, ``shapes`` (the shipped shapes-world FLUX), and the real architectures with
 random weights, ``flux-dev`` (FLUX.1-dev: 19 double + 38 single blocks, width 3072, guidance
-embedding, 720x720 through the real VAE, LoRA rank 64, bf16) and ``sd35-medium`` (SD3.5-Medium,
-512x512, CFG 4.5, LoRA rank 32, bf16), built from ``benchmarks/configs/`` (see architectures.py;
-small stand-in text encoders, since the text side is encoded once per prompt and cached).
+embedding, 720x720 through the real VAE, LoRA rank 64, bf16), ``sd35-medium`` (SD3.5-Medium,
+512x512, CFG 4.5, LoRA rank 32, bf16), ``sd35-large`` (SD3.5-Large, 512x512, CFG 3.5, rank 32),
+``qwen-image`` (Qwen-Image 20B, 512x512, true CFG 4, rank 32), ``flux2-klein`` (FLUX.2-klein-4B base,
+384x384, CFG 4, rank 64) and ``z-image`` (Z-Image 6B, 512x512, guidance 4, rank 64), each through its
+family's gin file, built from ``benchmarks/configs/`` (see architectures.py; small stand-in text
+encoders, since the text side is encoded once per prompt and cached).
 
 Every method runs its preset (``experiments/methods/``) at the same T (default 25, as MixGRPO's
-Table 1), without KL, with the ``shapes.preference`` reward (cheap: reward seconds are not those of
-HPSv2/PickScore/ImageReward). Per method and iteration it reports rollout, reward, training and
-optimizer seconds (the optimizer step is part of training), network evaluations per sample in the
-rollout and in training (counted at the network: a CFG call counts 2; the steps a group's samples
-share, up to its first SDE step, once per group unless ``--no-share-prefix``), peak memory, and the floor:
-the measured cost of one forward (rollout batch) and one forward+backward (micro batch) per
-evaluation and sample, times the method's counts. ``iteration / floor`` is the overhead that NFE
-accounting does not see (decoding, reward, solver and log-prob math, partial micro-batches).
+Table 1): by default the paper's five, with ``--methods all`` also Flow-GRPO-Fast, DiffusionNFT and
+AWM. The GRPO presets train without KL (AWM keeps its preset's), with the ``shapes.preference``
+reward (cheap: reward seconds are not those of HPSv2/PickScore/ImageReward). Per method and
+iteration it reports rollout, reward, training and optimizer seconds (the optimizer step is part of
+training), network evaluations per sample in the rollout and in training (counted at the network: a
+CFG call counts 2; the steps a group's samples share, up to its first SDE step, once per group
+unless ``--no-share-prefix``), peak memory, and the floor: the measured cost of one forward (rollout
+batch) and one forward+backward (micro batch) per evaluation and sample, times the method's counts.
+``iteration / floor`` is the overhead that NFE accounting does not see (decoding, reward, solver and
+log-prob math, partial micro-batches).
 
 The paper (MixGRPO Table 1, FLUX on 32 GPUs) reports MixGRPO at 0.52 of DanceGRPO's iteration time,
 Flash at 0.39 and Flash* at 0.29.
@@ -36,7 +41,7 @@ at a few values of T, group size and resolution, one iteration each in the alrea
 #   bench_measure.py      a trainer per preset, its timed iterations, and the sweeps
 #   bench_floor.py        the floor (per-evaluation costs x counted NFE) and the ratios
 #   bench_report.py       the printed tables and the JSON's settings and hardware
-#   architectures.py      FLUX.1-dev and SD3.5-Medium with random weights
+#   architectures.py      the real architectures (FLUX.1, SD3.5, Qwen-Image, FLUX.2-klein, Z-Image), random weights
 
 from __future__ import annotations
 

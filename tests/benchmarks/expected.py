@@ -4,13 +4,24 @@ iteration k, Flash's at min(k // 20, T − w), Flash*'s at 0; Flash compresses t
 window's last step L to n = max(int((T − L)·r), 2) grid points (r = 0.4, Flash* 0.2). Every preset
 but FlowGRPO shares the initial noise within a group, so the model calls up to and including the
 first SDE step are paid once per group (``share_prefix``), in the rollout and, at that step, in
-training (one minibatch: once per group that trains it)."""
+training (one minibatch: once per group that trains it).
+
+The newer presets share no initial noise and compress no grid, so they walk all T steps per sample
+in the rollout: Flow-GRPO-Fast trains its window of w = 2 SDE steps; the forward-process objectives
+re-noise each final sample at K drawn σ and call the network K times before the update (v_old, no
+grad), K times with grad (v_new) and, with a KL term, K times on the frozen reference (v_ref):
+DiffusionNFT K = 4 without KL (2·K = 8), AWM K = 6 with KL β = 1e-4 (3·K = 18)."""
 
 import math
 
 WINDOW = 4
-METHODS = ("flowgrpo", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star")
+PAPER_METHODS = ("flowgrpo", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star")
+METHODS = ("flowgrpo", "flowgrpo_fast", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star",
+           "diffusionnft", "awm")
 SHARED_NOISE = ("dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star")
+FAST_WINDOW = 2  # Flow-GRPO-Fast: FastWindow.window_size
+# forward-process presets: (K σ draws per sample, network calls per draw: v_old + v_new [+ v_ref])
+FORWARD = {"diffusionnft": (4, 2), "awm": (6, 3)}
 
 
 def window_start(method: str, T: int, iteration: int) -> int:
@@ -29,11 +40,25 @@ def rollout_steps(method: str, T: int, iteration: int = 0) -> int:
 
 
 def trained_steps(method: str, T: int) -> int:
+    if method == "flowgrpo_fast":  # its window of w = 2 SDE steps
+        return FAST_WINDOW
+    if method in FORWARD:  # K draws × (v_old, v_new[, v_ref]): DiffusionNFT 2·4 = 8, AWM 3·6 = 18
+        draws, calls = FORWARD[method]
+        return draws * calls
     if method == "flowgrpo":  # every step but the last (train_fraction 0.99)
         return min(math.floor(0.99 * T + 1e-9), T - 1)
     if method == "dancegrpo":  # a random 60% of steps 0..T-2 per sample
         return math.floor(0.6 * (T - 1) + 1e-9)
     return WINDOW
+
+
+def trained_calls_without_grad(method: str) -> int:
+    """Training calls per sample without gradients: the forward-process presets' v_old (K) and, with
+    the KL, v_ref (K): DiffusionNFT 4, AWM 2·6 = 12; none in the GRPO presets (run without KL)."""
+    if method not in FORWARD:
+        return 0
+    draws, calls = FORWARD[method]
+    return draws * (calls - 1)
 
 
 def shared_calls(method: str, T: int, iteration: int = 0) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .expected import METHODS, rollout_calls, trained_calls
+from .expected import METHODS, PAPER_METHODS, rollout_calls, trained_calls, trained_calls_without_grad
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,9 +30,94 @@ def test_configs_are_the_real_architectures(archs):
     assert archs.count_parameters(tiny) < 1e6 and archs.load_arch("flux-dev")["transformer"]["num_layers"] == 19
 
 
+# The newer architectures: transformer parameters (the models' published sizes: Qwen-Image 20B, FLUX.2
+# klein 4B, Z-Image 6B, SD3.5-Large 8.1B) and the text width each transformer reads.
+NEWER = {
+    "qwen-image": ((20.3e9, 20.5e9), lambda t, x: t["joint_attention_dim"] == x["hidden_size"] == 3584),
+    "flux2-klein": ((3.8e9, 4.0e9),
+                    lambda t, x: t["joint_attention_dim"] == 3 * x["qwen3_hidden_size"] == 7680),
+    "z-image": ((6.1e9, 6.2e9), lambda t, x: t["cap_feat_dim"] == x["qwen3_hidden_size"] == 2560),
+    "sd35-large": ((8.0e9, 8.1e9), lambda t, x: t["pooled_projection_dim"] == sum(x["clip_hidden_sizes"])),
+}
+
+
+@pytest.mark.parametrize("name", list(NEWER))
+def test_newer_configs_have_their_models_sizes_and_shrink_for_the_dry_run(archs, name):
+    (low, high), text_fits = NEWER[name]
+    arch = archs.load_arch(name)
+    assert low < archs.count_parameters(arch) < high
+    model = {"qwen-image": "Qwen-Image", "flux2-klein": "FLUX.2-klein-4B", "z-image": "Z-Image",
+             "sd35-large": "Stable Diffusion 3.5 Large"}[name]
+    assert text_fits(arch["transformer"], arch["text"]) and arch["_source"].startswith(model)  # names its source
+    tiny = archs.load_arch(name, tiny=True)
+    assert archs.count_parameters(tiny) < 1e6 and tiny["backbone"] == arch["backbone"]
+    assert tiny["text"]["max_sequence_length"] >= 8  # the dry run binds it (the real one: the gin file's)
+
+
+@pytest.mark.parametrize(("name", "cls_path"), [
+    ("qwen-image", "mixgrpo.plugins.backbones.qwenimage:QwenImageBackbone"),
+    ("flux2-klein", "mixgrpo.plugins.backbones.flux2:Flux2Backbone"),
+    ("z-image", "mixgrpo.plugins.backbones.zimage:ZImageBackbone"),
+    ("sd35-large", "mixgrpo.plugins.backbones.sd3:SD3Backbone"),
+])
+def test_real_size_folders_pass_the_backbones_own_load_checks(archs, tmp_path, name, cls_path):
+    """At real size on the meta device (no memory, no time): the folder's transformer, VAE and
+    stand-in text encoder agree with each other as the backbone checks them (text width, latent
+    channels, patching, RoPE positions), LoRA attaches, and the text encoders are one layer deep."""
+    import importlib
+
+    module, cls_name = cls_path.split(":")
+    cls = getattr(importlib.import_module(module), cls_name)
+    arch = archs.load_arch(name)
+    root = archs.write_model_dir(arch, tmp_path / name)
+    kwargs = {"text_encoder_out_layers": (1, 1, 1), "cfg_scale": 4.0} if name == "flux2-klein" else {}
+    size = archs.DEFAULT_SIZE[name]
+    with archs.random_weights(root, "meta", torch.bfloat16):
+        backbone = cls(str(root), height=size, width=size, dtype="bfloat16", lora_rank=4, device="meta", **kwargs)
+    # the base is the whole transformer, LoRA adds the only trainable parameters
+    named = list(backbone.unwrapped().named_parameters())
+    assert sum(p.numel() for n, p in named if "lora_" not in n) == archs.count_parameters(arch)
+    assert backbone.trainable_parameters() and all("lora_" in n for n, p in named if p.requires_grad)
+    encoders = [m for m in backbone.frozen.values() if hasattr(m.config, "get_text_config")]  # not the VAE
+    assert encoders and all(m.config.get_text_config().num_hidden_layers == 1 for m in encoders)
+    side = size // 8  # every family's VAE downsamples 8x
+    assert backbone.latent_shape()[-2:] == ((side, side) if name != "flux2-klein" else (side // 2, side // 2))
+
+
 def test_unknown_architecture_names_the_known_ones(archs):
-    with pytest.raises(ValueError, match="flux-dev, sd35-medium"):
+    with pytest.raises(ValueError, match="flux-dev, flux2-klein, qwen-image, sd35-large, sd35-medium, z-image"):
         archs.load_arch("flux-schnell")
+    with pytest.raises(ValueError, match="kind 'dalle' .*; known: flux, flux2, qwenimage, sd3, zimage"):
+        archs.write_model_dir({"backbone": "dalle"}, "/nonexistent/never-written")
+
+
+@pytest.mark.parametrize(("name", "plugin", "gin_file", "guidance"), [
+    ("sd35-large", "sd3", "sd35_large.gin", ("SD3Backbone.cfg_scale", 3.5)),
+    ("qwen-image", "qwenimage", "qwenimage.gin", ("QwenImageBackbone.cfg_scale", 4.0)),
+    ("flux2-klein", "flux2", "flux2_klein.gin", ("Flux2Backbone.cfg_scale", 4.0)),
+    ("z-image", "zimage", "zimage.gin", ("ZImageBackbone.guidance_scale", 4.0)),
+])
+def test_newer_backbones_take_their_own_gin_files_and_benchmark_settings(bench, archs, tmp_path, name, plugin,
+                                                                         gin_file, guidance):
+    """Each real architecture runs through its family's gin file (its guidance, dtypes, lengths), with
+    the benchmark's size, LoRA rank and model folder on top."""
+    import gin
+
+    from mixgrpo.core.config import load_config
+
+    run = bench.Run(bench.parse_args(["--backbone", name, "--device", "cpu"]), tmp_path)
+    bindings = run.bindings(str(tmp_path / "out"), method="mixgrpo")
+    assert f"include '{ROOT / 'experiments/backbones' / gin_file}'" in bindings
+    cfg, _ = load_config(ROOT / "experiments" / "methods" / "mixgrpo.gin", bindings)
+    cls = guidance[0].split(".")[0]
+    assert (cfg.backbone, cfg.num_steps) == (plugin, 25)
+    assert gin.query_parameter(guidance[0]) == guidance[1]
+    macro = {"sd35-large": "SD35_LARGE_PATH", "qwen-image": "QWENIMAGE_PATH", "flux2-klein": "FLUX2_PATH",
+             "z-image": "ZIMAGE_PATH"}[name]  # the gin file's path macro, bound to the model folder
+    assert gin.query_parameter(f"%{macro}") == str(tmp_path)
+    assert gin.query_parameter(f"{cls}.height") == archs.DEFAULT_SIZE[name]
+    rank = {"sd35-large": 32, "qwen-image": 32}.get(name, 64)  # FlowGRPO's 32, Flow-Factory's 64
+    assert (gin.query_parameter(f"{cls}.lora_rank"), gin.query_parameter(f"{cls}.lora_alpha")) == (rank, 2 * rank)
 
 
 def test_random_weights_apply_inside_the_folder_only_and_are_undone(archs, tmp_path):
@@ -66,6 +151,7 @@ def test_random_weights_apply_inside_the_folder_only_and_are_undone(archs, tmp_p
     (["--backbone", "toy", "--attention-backend", "native"], "apply to the diffusers backbones"),
     (["--compile", "fast"], "invalid choice: 'fast'"),
     (["--methods", "mixgrpo,grpo"], "unknown method(s) ['grpo']"),
+    (["--methods", "nft"], "choose from flowgrpo, flowgrpo_fast, dancegrpo"),
     (["--sweep-window", "0,-1"], "window starts must be >= 0"),
     (["--steps", "10", "--sweep-window", "0,7"], "starts at most at step 6 when T = 10"),
     (["--sweep-method", "dancegrpo", "--sweep-window", "0"], "needs a method whose window moves"),
@@ -96,10 +182,23 @@ def test_ratios_are_to_dancegrpo_and_to_the_floor(bench):
     assert table["flowgrpo"]["floor_ratio_to_dancegrpo"] == 1.5 and table["dancegrpo"]["ratio_to_dancegrpo"] == 1.0
 
 
+def test_floor_prices_training_calls_without_gradients_as_forwards(bench):
+    from .conftest import _load
+
+    costs = {"samples": 8.0, "forward_s": 0.01, "forward_backward_s": 0.03}
+    table = {"dancegrpo": {"nfe_rollout": 25.0, "nfe_train": 14.0},  # all trained calls with gradients
+             "awm": {"nfe_rollout": 25.0, "nfe_train": 18.0, "nfe_train_nograd": 12.0}}
+    _load("bench_floor").add_floors(table, costs)
+    assert table["dancegrpo"]["floor_s"] == pytest.approx(8 * (25 * 0.01 + 14 * 0.03))
+    assert table["awm"]["floor_s"] == pytest.approx(8 * (37 * 0.01 + 6 * 0.03))  # 25 + 12 forwards, 6 backwards
+
+
 def test_methods_and_speed_options_reach_the_run(bench, tmp_path):
-    args = bench.parse_args(["--backbone", "shapes", "--methods", "mixgrpo_flash,mixgrpo", "--compile", "rollout",
+    assert bench.parse_args([]).methods == list(PAPER_METHODS)  # the default: the paper's Table 1
+    assert bench.parse_args(["--methods", "all"]).methods == list(METHODS)
+    args = bench.parse_args(["--backbone", "shapes", "--methods", "awm,mixgrpo_flash,mixgrpo", "--compile", "rollout",
                              "--attention-backend", "_native_math"])
-    assert args.methods == ["mixgrpo", "mixgrpo_flash"]  # the table's order
+    assert args.methods == ["mixgrpo", "mixgrpo_flash", "awm"]  # the table's order
     run = bench.Run(args, None)
     bindings = run.bindings(str(tmp_path))
     assert "FluxBackbone.compile = 'rollout'" in bindings
@@ -135,14 +234,22 @@ def test_toy_backbone_json(bench, tmp_path):
     # two rollout chunks of 2 samples, scored in the background: the NFE counts see whole rollouts
     bench.main(["--backbone", "toy", "--steps", "10", "--warmup", "0", "--iterations", "1", "--prompts", "1",
                 "--threads", "1", "--sweep-steps", "6,10", "--sweep-group", "4", "--rollout-batch-size", "2",
-                "--overlap-rewards", "--json", str(out)])
+                "--overlap-rewards", "--methods", "all", "--json", str(out)])
     data = json.loads(out.read_text())
     assert data["settings"]["overlap_rewards"] is True and data["settings"]["rollout_batch_size"] == 2
     for method in METHODS:
         assert data[method]["nfe_rollout"] == pytest.approx(rollout_calls(method, 10, group_size=4))
         assert data[method]["nfe_train"] == pytest.approx(trained_calls(method, 10, group_size=4, groups=1))
         assert data[method]["floor_s"] > 0
-        assert data[method]["window_start"] == (-1 if method in ("flowgrpo", "dancegrpo") else 0)
+        assert data[method]["nfe_train_nograd"] == trained_calls_without_grad(method)  # counted at the network
+        if method == "flowgrpo_fast":  # drawn each iteration from steps 0 .. T//2 − w
+            assert 0 <= data[method]["window_start"] <= 10 // 2 - 2
+        else:
+            assert data[method]["window_start"] == (-1 if method in ("flowgrpo", "dancegrpo", "diffusionnft", "awm")
+                                                    else 0)
+    # AWM's KL runs the toy's frozen copy (a full fine-tune's reference): counted, as the trainer counts it
+    assert data["awm"]["nfe_train"] == data["awm"]["trainer_nfe_train"] == 18
+    assert [data[m]["kl_beta"] for m in METHODS] == [0.0] * 7 + [1e-4]  # AWM alone keeps its preset's KL
     assert [p["value"] for p in data["sweeps"]["steps"]] == [6, 10]
     # the window axis at T = 10: its default starts that fit (0), which is the table's own window
     assert [(p["value"], p.get("from")) for p in data["sweeps"]["window"]] == [(0, "table")]
