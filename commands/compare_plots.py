@@ -95,9 +95,10 @@ def hacking_section(runs: dict[str, list[Path]], out: Path) -> list[str]:
     (``hacking.hacking_signals``: a trained reward rose while a held-out reward or the diversity fell
     by more than its SE, base → latest evaluation), or that there is none; and the figure of the
     held-out diversity and drift from the base of every run (``out/hacking_curves.png``)."""
-    from mixgrpo.commands.report import read_metrics, run_signals
+    from mixgrpo.commands.compare_report import _dedupe, _read_jsonl  # a cut line (a killed run) reads as nothing
+    from mixgrpo.commands.report import run_signals
 
-    curves = {(label if len(dirs) == 1 else f"{label} · {d.name}"): read_metrics(d / "metrics.jsonl")
+    curves = {(label if len(dirs) == 1 else f"{label} · {d.name}"): _dedupe(_read_jsonl(d / "metrics.jsonl"))
               for label, dirs in runs.items() for d in dirs if (d / "metrics.jsonl").is_file()}
     signals = {label: run_signals(rows) for label, rows in curves.items()}
     lines = ["", "## Reward hacking", "",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mixgrpo.commands.cli import main
+from mixgrpo.core.plugins import PluginManager
 
 from .conftest import ROOT, TOY
 
@@ -24,8 +25,9 @@ def train(capsys, config: str, *bindings: str, output=None) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("binding, expected", [
-    ("TrainConfig.objective = 'mixgrp'", "unknown objective 'mixgrp'; known objectives: awm, dancegrpo, diffusionnft, "
-                                         "flowgrpo, mixgrpo. Did you mean 'mixgrpo'?"),
+    ("TrainConfig.objective = 'mixgrp'", "unknown objective 'mixgrp'; known objectives: "
+                                         f"{', '.join(sorted(PluginManager().names('objective')))}. "
+                                         "Did you mean 'mixgrpo'?"),
     ("TrainConfig.sde_sampler = 'sde.flw'", "Did you mean 'sde.flow'?"),
 ])
 def test_unknown_plugin_names_the_closest(capsys, binding, expected):
