@@ -42,8 +42,9 @@ def main(parallelism: str, flux_dir: str, run: Path, iterations: int, flags: lis
 
     def record(rewards, traj):
         adv = compute(rewards, traj)
-        if not advantages:  # the first iteration this run trains
-            advantages.update(zip(traj.sample_ids.tolist(), adv.tolist()))
+        if not advantages:  # the first iteration this run trains; per sample (every step's column is
+            # the sample's advantage when the group is no tree: ObjectiveContract checks it)
+            advantages.update(zip(traj.sample_ids.tolist(), (adv if adv.dim() == 1 else adv[:, 0]).tolist()))
         return adv
 
     trainer.advantages = record
