@@ -292,9 +292,10 @@ class Reward(ABC):
         """Score images ``[B, 3, H, W]`` (float in [0, 1]) against ``B`` prompts → ``[B]`` float32."""
 
 
-class PolicyObjective(ABC):
-    """Rewards → advantages; per-transition log-probs → the clipped policy loss. (An objective that
-    trains on the rollout's final samples instead, with no log-probs, is a ``MatchingObjective``.)
+class Objective(ABC):
+    """What every objective has: rewards → advantages, the ratio clip, the KL weight, the reward weights.
+    An objective is a ``PolicyObjective`` (trains SDE transitions by their log-probs) or a
+    ``MatchingObjective`` (trains the rollout's final samples with no log-probs).
 
     Constructor contract: every objective's constructor takes the keyword ``weights``, a mapping
     ``{reward name: weight}`` or None (equal weights), and keeps it as ``self.weights``; ``advantages``
@@ -302,8 +303,8 @@ class PolicyObjective(ABC):
     ``create(TrainConfig.objective, weights=dict(TrainConfig.rewards))`` (gin binds the other
     arguments), so the weights are set where the rewards are chosen:
     ``TrainConfig.rewards = {'hpsv2': 1.0, 'pickscore': 0.5}``. ``check_objective_factory`` refuses a
-    factory without ``weights`` before anything runs, and ``mixgrpo.testing.ObjectiveContract`` checks
-    that the weights reach the advantages.
+    factory without ``weights`` before anything runs, and the contract mixins of ``mixgrpo.testing``
+    check that the weights reach the advantages.
     """
 
     clip_range: float = 1e-4
@@ -313,6 +314,16 @@ class PolicyObjective(ABC):
     @abstractmethod
     def advantages(self, rewards: dict[str, torch.Tensor], group_ids: torch.Tensor) -> torch.Tensor:
         """One advantage per sample ``[N]`` from named rewards ``{name: [N]}`` and group ids ``[N]``."""
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether training runs the frozen reference model (for the KL term): ``kl_beta > 0``."""
+        return self.kl_beta > 0
+
+
+class PolicyObjective(Objective):
+    """Rewards → advantages; per-transition log-probs → the clipped policy loss (the constructor
+    contract is ``Objective``'s)."""
 
     @abstractmethod
     def loss(
@@ -352,13 +363,8 @@ class PolicyObjective(ABC):
         mean and the trainer calls ``loss(..., moments=StepMoments(mean_new, mean_old, std))``."""
         return False
 
-    @property
-    def uses_reference(self) -> bool:
-        """Whether training runs the frozen reference model (for the KL term): ``kl_beta > 0``."""
-        return self.kl_beta > 0
 
-
-class MatchingObjective(ABC):
+class MatchingObjective(Objective):
     """A forward-process objective (DiffusionNFT, AWM): no log-probs and no SDE. The rollout walks the
     grid with ODE solvers only and records the final latents ``x0``; the trainer re-noises them at σ
     this objective draws, ``x_σ = (1−σ)·x0 + σ·ε``, and trains the velocity with the objective's
@@ -370,18 +376,10 @@ class MatchingObjective(ABC):
     The first minibatch runs before any update, so ``v_new == v_old`` there: its ``ratio`` statistic
     must be 1, the same on-policy check as the GRPO objectives'.
 
-    Constructor contract: as ``PolicyObjective``'s (the keyword ``weights``). The trainer refuses,
-    before any model loads, a schedule that makes any step an SDE step (the objective would ignore
-    it) and shared initial noise within a group (an ODE walk from one noise gives one image G times).
+    Constructor contract: ``Objective``'s (the keyword ``weights``). The trainer refuses, before any
+    model loads, a schedule that makes any step an SDE step (the objective would ignore it) and
+    shared initial noise within a group (an ODE walk from one noise gives one image G times).
     """
-
-    clip_range: float = 1e-4
-    kl_beta: float = 0.0
-    weights: Mapping[str, float] | None = None
-
-    @abstractmethod
-    def advantages(self, rewards: dict[str, torch.Tensor], group_ids: torch.Tensor) -> torch.Tensor:
-        """One advantage per sample ``[N]`` from named rewards ``{name: [N]}`` and group ids ``[N]``."""
 
     @abstractmethod
     def draw_sigmas(self, grid: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -413,14 +411,9 @@ class MatchingObjective(ABC):
             ``clipped``, ``approx_kl``, ``policy`` and ``kl`` to detached ``[B]`` tensors.
         """
 
-    @property
-    def uses_reference(self) -> bool:
-        """Whether training runs the frozen reference model (for the KL term): ``kl_beta > 0``."""
-        return self.kl_beta > 0
-
 
 def check_objective_factory(factory: Callable[..., Any], name: str | None = None) -> None:
-    """Refuse an objective factory that breaks ``PolicyObjective``'s constructor contract: it must take
+    """Refuse an objective factory that breaks ``Objective``'s constructor contract: it must take
     the keyword argument ``weights`` (or ``**kwargs``).
 
     Args:
@@ -438,9 +431,9 @@ def check_objective_factory(factory: Callable[..., Any], name: str | None = None
         return
     label = getattr(factory, "__qualname__", repr(factory))
     raise ValueError(
-        f"{f'objective {name!r} ({label})' if name else label} breaks PolicyObjective's constructor contract: "
-        "it must take the keyword argument weights (a dict {reward name: weight}, or None for equal weights), "
-        "with which the trainer builds every objective (weights=dict(TrainConfig.rewards)); add "
+        f"{f'objective {name!r} ({label})' if name else label} breaks the objectives' constructor contract "
+        "(Objective): it must take the keyword argument weights (a dict {reward name: weight}, or None for equal "
+        "weights), with which the trainer builds every objective (weights=dict(TrainConfig.rewards)); add "
         "`weights: Mapping[str, float] | None = None` to its constructor, keep it as self.weights and combine "
         "the rewards in advantages() with it"
     )

@@ -7,6 +7,7 @@ from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import (
     Backbone,
     MatchingObjective,
+    Objective,
     PolicyObjective,
     Reward,
     Sampler,
@@ -22,6 +23,7 @@ __all__ = [
     "Conditioning",
     "EditPrompt",
     "MatchingObjective",
+    "Objective",
     "PolicyObjective",
     "Reward",
     "Sampler",

@@ -312,8 +312,8 @@ class _UnweightedContract(ObjectiveContract):  # not collected: run by the test 
 
 
 def test_an_objective_without_weights_fails_naming_the_contract():
-    with pytest.raises(ValueError, match=r"UnweightedObjective breaks PolicyObjective's constructor contract: it must "
-                                         r"take the keyword argument weights"):
+    with pytest.raises(ValueError, match=r"UnweightedObjective breaks the objectives' constructor contract "
+                                         r"\(Objective\): it must take the keyword argument weights"):
         _UnweightedContract().test_constructor_takes_reward_weights()
     # as registered by a plugin, gin-configurable: refused by name before anything is built
     class Plugin:
@@ -323,7 +323,7 @@ def test_an_objective_without_weights_fails_naming_the_contract():
             register("ranks", RankObjective)
 
     pm = PluginManager(load_entry_points=False, plugins=[Plugin()])
-    with pytest.raises(ValueError, match=r"objective 'unweighted' \(UnweightedObjective\) breaks PolicyObjective's "
+    with pytest.raises(ValueError, match=r"objective 'unweighted' \(UnweightedObjective\) breaks the objectives' "
                                          r"constructor contract.*weights=dict\(TrainConfig.rewards\)"):
         check_objective_factory(pm.get("objective", "unweighted").factory, "unweighted")
     with pytest.raises(TypeError, match="weights"):  # what the trainer's call would raise without the check
