@@ -11,13 +11,12 @@ check of the GRPO objectives holds here too.
 
 from __future__ import annotations
 
-import contextlib
-from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mixgrpo.core.rollout import keyed_generator, keyed_normal
+from mixgrpo.core.steps import OptimizerSteps
 from mixgrpo.core.types import Trajectories
 
 if TYPE_CHECKING:
@@ -70,39 +69,23 @@ def optimize(trainer: Trainer, traj: Trajectories, advantages: torch.Tensor, ite
     ``num_minibatches`` minibatches of samples (the same keyed order as the GRPO objectives'), each
     one optimizer step on all K σ draws of its samples, in micro-batches of ``micro_batch_size``.
     """
-    c, acc, objective, backbone = trainer.config, trainer.accelerator, trainer.objective, trainer.backbone
+    c, objective, backbone = trainer.config, trainer.objective, trainer.backbone
     n = len(traj)
     sigma, noise = draw(trainer, traj, iteration)
     v_old = old_velocities(trainer, traj, sigma, noise)
     num_draws = sigma.shape[0]
     order = torch.randperm(n, generator=keyed_generator(c.seed, iteration, "minibatches"))
-    sums: dict[str, float] = defaultdict(float)
-    items, first_dev, grad_norms, skipped = 0, 0.0, [], 0
-    params = backbone.trainable_parameters()
+    steps = OptimizerSteps(trainer, iteration)
+
+    def losses(k: int, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return _losses(trainer, traj, sigma[k], noise[k], v_old[k], advantages, rows)
+
     for mb_index, mb in enumerate(order.chunk(c.num_minibatches)):
         chunks = [(k, rows) for k in range(num_draws) for rows in mb.sort().values.split(c.micro_batch_size)]
-        total = len(mb) * num_draws
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss_finite = True
-        for j, (k, rows) in enumerate(chunks):
-            last = j == len(chunks) - 1  # gradients are reduced across processes on the last one
-            with contextlib.nullcontext() if last else trainer.parallel.no_sync(backbone.module):
-                terms, stats = _losses(trainer, traj, sigma[k], noise[k], v_old[k], advantages, rows)
-                loss = terms.sum() / total
-                loss_finite &= bool(torch.isfinite(loss.detach()))
-                acc.backward(loss)
-            for key, value in stats.items():
-                sums[key] += float(value.detach().float().sum())
-            items += len(rows)
-            if mb_index == 0:
-                first_dev = max(first_dev, float((stats["ratio"] - 1).abs().max()))
-        grad_norm = trainer.update(params, loss_finite, iteration, mb_index)
-        skipped += grad_norm is None
-        grad_norms += [grad_norm] if grad_norm is not None else []
+        steps.step(mb_index, chunks, len(mb) * num_draws, losses)
     # per sample: K velocities before the updates, K with grad, and K of the reference when it is used
     calls = backbone.calls_per_velocity * num_draws * (3 if objective.uses_reference else 2)
-    return trainer.policy_metrics({k: v / max(items, 1) for k, v in sums.items()}, first_dev, grad_norms,
-                                  skipped, nfe_train=float(calls))
+    return steps.metrics(nfe_train=float(calls))
 
 
 def _losses(trainer: Trainer, traj: Trajectories, sigma: torch.Tensor, noise: torch.Tensor, v_old: torch.Tensor,

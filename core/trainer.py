@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ from mixgrpo.core.progress import progress_bar
 from mixgrpo.core.rollout import SamplingSetup, keyed_generator, rollout
 from mixgrpo.core.scoring import ChunkScorer, RewardFailure, RewardWatch
 from mixgrpo.core.signals import stop_on_signals
+from mixgrpo.core.steps import OptimizerSteps
 from mixgrpo.core.types import StepMoments, StepPlan, StepResult, Trajectories
 
 log = logging.getLogger(__name__)
@@ -251,70 +250,29 @@ class Trainer:
         A minibatch whose loss or gradient norm is not finite takes no optimizer step (its gradient
         never reaches the weights or the optimizer state) and is counted in ``policy/skipped_steps``.
         """
-        c, acc, objective = self.config, self.accelerator, self.objective
+        c, objective = self.config, self.objective
         if isinstance(objective, MatchingObjective):  # trains on final samples, not on transitions
             return matching.optimize(self, traj, advantages, iteration)
         n = len(traj)
         mask = traj.plan.train_mask(n)
         order = torch.randperm(n, generator=keyed_generator(c.seed, iteration, "minibatches"))
-        sums: dict[str, float] = defaultdict(float)
-        items, evaluations, first_dev, grad_norms, skipped = 0, 0, 0.0, [], 0
-        params = self.backbone.trainable_parameters()
+        steps, evaluations = OptimizerSteps(self, iteration), 0
+
+        def losses(step: int, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            res, kl = self._step_result(traj, step, rows)
+            old, adv = (t[rows, traj.slot(step)].to(res.log_prob.device) for t in (traj.log_prob, advantages))
+            extra = {"moments": StepMoments(res.mean, traj.mean[rows, traj.slot(step)].to(res.log_prob.device),
+                                            res.std)} if self.wants_moments else {}
+            return objective.loss(res.log_prob, old, adv, kl, **extra)
+
         for mb_index, mb in enumerate(order.chunk(c.num_minibatches)):
             chunks = traj.micro_batches(mb.sort().values, mask, c.micro_batch_size)
             total = sum(len(rows) for _, rows in chunks)
-            if total == 0:
-                continue
-            self.optimizer.zero_grad(set_to_none=True)
-            loss_finite = True
-            for j, (step, rows) in enumerate(chunks):
-                last = j == len(chunks) - 1  # gradients are reduced across processes on the last one
-                with contextlib.nullcontext() if last else self.parallel.no_sync(self.backbone.module):
-                    res, kl = self._step_result(traj, step, rows)
-                    log_prob = res.log_prob
-                    old, adv = (t[rows, traj.slot(step)].to(log_prob.device) for t in (traj.log_prob, advantages))
-                    extra = {"moments": StepMoments(res.mean, traj.mean[rows, traj.slot(step)].to(log_prob.device),
-                                                    res.std)} if self.wants_moments else {}
-                    terms, stats = objective.loss(log_prob, old, adv, kl, **extra)
-                    loss = terms.sum() / total
-                    loss_finite &= bool(torch.isfinite(loss.detach()))
-                    acc.backward(loss)
-                for key, value in stats.items():
-                    sums[key] += float(value.detach().float().sum())
-                items += len(rows)
-                evaluations += len(traj.model_rows(step, rows)[0])
-                if mb_index == 0:
-                    first_dev = max(first_dev, float((stats["ratio"] - 1).abs().max()))
-            grad_norm = self.update(params, loss_finite, iteration, mb_index)
-            skipped += grad_norm is None
-            grad_norms += [grad_norm] if grad_norm is not None else []
+            if total:
+                steps.step(mb_index, chunks, total, losses)
+                evaluations += sum(len(traj.model_rows(step, rows)[0]) for step, rows in chunks)
         calls = self.backbone.calls_per_velocity * (2 if objective.uses_reference else 1)
-        return self.policy_metrics({k: v / max(items, 1) for k, v in sums.items()}, first_dev, grad_norms,
-                                   skipped, nfe_train=calls * evaluations / max(n, 1))
-
-    def update(self, params: list[torch.Tensor], loss_finite: bool, iteration: int, mb_index: int) -> float | None:
-        """One optimizer step on the accumulated gradients (clipped; the EMA follows); returns the
-        gradient norm, or None when the loss or the norm is not finite on any process: then the
-        gradients are dropped and no step is taken."""
-        grad_norm = self.parallel.clip_grad_norm(params, self.config.max_grad_norm)
-        if not (math.isfinite(grad_norm) and self.parallel.all_processes(loss_finite)):
-            self.optimizer.zero_grad(set_to_none=True)
-            log.warning("iteration %d, minibatch %d: non-finite %s; the optimizer step is skipped",
-                        iteration + 1, mb_index + 1, "loss" if not loss_finite else f"gradient norm ({grad_norm})")
-            return None
-        self.optimizer.step()
-        if self.ema is not None:
-            self.ema.step(params)
-        return grad_norm
-
-    def policy_metrics(self, means: dict[str, float], first_dev: float, grad_norms: list[float], skipped: int,
-                       nfe_train: float) -> dict[str, float]:
-        """The ``policy/*`` row of an iteration, after warning when the first minibatch was off-policy."""
-        if first_dev > self.ratio_tolerance:
-            log.warning("on-policy ratio deviates from 1 by %.2e before the first update (tolerance %.0e, a tenth "
-                        "of the clip range by default): rollout and training compute different log-probs",
-                        first_dev, self.ratio_tolerance)
-        return m.policy_row(means, first_dev, grad_norms, skipped, nfe_train=nfe_train)
+        return steps.metrics(nfe_train=calls * evaluations / max(n, 1))
 
     def _step_result(self, traj: Trajectories, step: int, rows: torch.Tensor) -> tuple[StepResult, Any]:
         """The SDE step of the stored transitions at ``step`` under the current weights (its log-probs

@@ -195,7 +195,7 @@ def test_ratio_tolerance_defaults_to_a_tenth_of_the_clip_range(toy_config, caplo
     assert trainer.ratio_tolerance == pytest.approx(trainer.objective.clip_range / 10)
     traj, advantages = sample_and_score(trainer)
     traj.log_prob += 3e-5  # a systematic mismatch smaller than the old 1e-3 tolerance
-    with caplog.at_level(logging.WARNING, logger="mixgrpo.core.trainer"):
+    with caplog.at_level(logging.WARNING, logger="mixgrpo.core.steps"):
         metrics = trainer.optimize(traj, advantages, 0)
     assert metrics["policy/onpolicy_ratio_dev"] == pytest.approx(3e-5, rel=0.05)
     assert any("on-policy ratio deviates" in r.getMessage() for r in caplog.records)
