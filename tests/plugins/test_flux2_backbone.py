@@ -32,13 +32,7 @@ LENGTH = 64  # text tokens: the chat template (25 bytes and specials) and the lo
 TOL = 2e-5  # float32 rounding; the asserts report the measured differences
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices do not split well over threads: one thread is faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/plugins/conftest.py
 
 
 @pytest.fixture(scope="module")

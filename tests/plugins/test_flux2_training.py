@@ -27,14 +27,7 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices do not split well over threads; two threads on a busy 2-core machine ran this
-    module 4× slower (docs/design.md, "Compare runs in parallel worker processes")."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/plugins/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -35,13 +35,7 @@ TEXT = 32  # T5 tokens per prompt (the tiny tokenizers' length)
 TOL = 1e-5  # images in [0, 1]; float rounding only
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices do not split well over threads (docs/design.md, "Compare runs in parallel worker processes")."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/plugins/conftest.py
 
 
 @pytest.fixture(scope="module")
