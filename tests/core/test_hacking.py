@@ -217,7 +217,7 @@ def test_brightness_at_a_high_learning_rate_is_caught_and_stops_the_run(shapes_r
     assert "possible reward hacking: " in summary and "within-prompt diversity: " in summary
 
 
-def test_the_compositional_reward_at_the_demo_rate_shows_no_sign(shapes_runs):
+def test_the_compositional_reward_at_the_demo_rate_shows_no_sign_in_its_first_iterations(shapes_runs):
     from mixgrpo.commands.report import read_metrics, run_signals
 
     _, honest = shapes_runs
