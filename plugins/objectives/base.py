@@ -74,6 +74,11 @@ def guard_field(default: bool) -> Any:
     return attrs.field(default=default, converter=bool, repr=False)
 
 
+def noise_weight_field(default: float) -> Any:
+    # left out of the repr, as guard is
+    return attrs.field(default=default, converter=float, validator=finite_non_negative, repr=False)
+
+
 def _real_number(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     """A real number, not a bool (ddof keeps its type: 1 stays 1, as the references write it)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -167,6 +172,11 @@ class ClippedGRPO(PolicyObjective):
         guard (`bool`, defaults to False):
             GRPO-Guard (``guard.py``): the ratio is ``exp(s·Δlogp + mean(Δμ²)/(2s))`` instead of
             ``exp(Δlogp)``; ``loss`` then needs the step moments (``moments=``).
+        noise_weight (`float`, defaults to 0.0):
+            TempFlow-GRPO's noise-aware weighting: > 0 multiplies each transition's clipped policy
+            term by ``noise_weight·s``, s = g·√Δ the step's std, so that high-noise steps, where the
+            exploration is, weigh more (the reference's FLUX script: 1.73); 0: unweighted. ``loss``
+            then needs the step moments (``moments=``), whose std it reads.
     """
 
     std: str = std_field("group")
@@ -179,11 +189,13 @@ class ClippedGRPO(PolicyObjective):
     kl_beta: float = kl_beta_field(0.0)
     kl_include_dt: bool = kl_include_dt_field(False)
     guard: bool = guard_field(False)
+    noise_weight: float = noise_weight_field(0.0)
 
     @property
     def uses_step_moments(self) -> bool:
-        """Whether ``loss`` needs the step means and std of each transition (GRPO-Guard)."""
-        return self.guard
+        """Whether ``loss`` needs the step means and std of each transition (GRPO-Guard, the
+        noise-aware weighting)."""
+        return self.guard or self.noise_weight > 0
 
     # -- advantages ------------------------------------------------------------------------------
     def advantages(self, rewards: dict[str, torch.Tensor], group_ids: torch.Tensor) -> torch.Tensor:
@@ -202,11 +214,11 @@ class ClippedGRPO(PolicyObjective):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-transition terms ``[M]`` (with grad) and detached ``[M]`` statistics.
 
-        ``moments`` (the step means and std, ``guard.StepMoments``) is required with ``guard`` and
-        ignored without. Statistics: ``ratio`` r (the guarded ratio with ``guard``); ``clipped`` 1.0
-        where |r − 1| > ε; ``approx_kl`` ½·(logp_new − logp_old)², the usual low-variance estimate of
-        the KL between the rollout and the current policy; ``policy`` the clipped policy term;
-        ``kl`` the KL (zeros without).
+        ``moments`` (the step means and std, ``guard.StepMoments``) is required with ``guard`` or
+        ``noise_weight`` and ignored without. Statistics: ``ratio`` r (the guarded ratio with
+        ``guard``); ``clipped`` 1.0 where |r − 1| > ε; ``approx_kl`` ½·(logp_new − logp_old)², the
+        usual low-variance estimate of the KL between the rollout and the current policy; ``policy``
+        the clipped policy term (weighted with ``noise_weight``); ``kl`` the KL (zeros without).
         """
         if log_prob_new.shape != log_prob_old.shape or log_prob_new.shape != advantages.shape:
             raise ValueError(
@@ -224,6 +236,8 @@ class ClippedGRPO(PolicyObjective):
         unclipped = -adv * ratio
         clipped = -adv * torch.clamp(ratio, 1.0 - eps, 1.0 + eps)
         policy = torch.maximum(unclipped, clipped)  # pessimistic: the clip only ever removes gain
+        if self.noise_weight > 0:  # s > 0, so weighting the max weights both of its terms
+            policy = self.noise_weight * self._step_std(moments, policy) * policy
         terms = policy if kl is None else policy + self.kl_beta * kl
         stats = {
             "ratio": ratio.detach(),
@@ -243,6 +257,16 @@ class ClippedGRPO(PolicyObjective):
                 "with the SDE sampler's means of the current and the rollout policy and its std; or set guard=False"
             )
         return guard_log_ratio(log_prob_new, log_prob_old, moments)
+
+    def _step_std(self, moments: StepMoments | None, like: torch.Tensor) -> torch.Tensor:
+        """``[M]``: each transition's step std s from ``moments`` (a float or M values)."""
+        if moments is None:
+            raise ValueError(
+                f"noise_weight={self.noise_weight} needs the step moments: call loss(..., moments=StepMoments("
+                f"mean_new, mean_old, std)) with the SDE sampler's std; or set noise_weight=0"
+            )
+        std = torch.as_tensor(moments.std, dtype=like.dtype, device=like.device)
+        return std.reshape(-1).expand(like.shape[0]) if std.numel() == 1 else std.reshape(like.shape[0])
 
     # -- KL to the reference ---------------------------------------------------------------------
     def kl(self, policy: StepResult, reference: StepResult, sigmas: torch.Tensor, index: int) -> torch.Tensor:
