@@ -16,11 +16,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The MixGRPO paper's Table 1 presets (the default rows), then the newer methods: Flow-GRPO-Fast, the
-# forward-process objectives (DiffusionNFT, AWM) and TempFlow-GRPO, timed on request (--methods).
+# The MixGRPO paper's Table 1 presets (the default rows), then the newer methods: Flow-GRPO-Fast and the
+# forward-process objectives (DiffusionNFT, AWM), timed on request (--methods).
 PAPER_METHODS = ["flowgrpo", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star"]
 METHODS = ["flowgrpo", "flowgrpo_fast", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star",
-           "diffusionnft", "awm", "tempflow_grpo"]
+           "diffusionnft", "awm"]
 REFERENCE = "dancegrpo"
 REAL = tuple(architectures.ARCHS)  # flux-dev, sd35-medium, sd35-large, qwen-image, flux2-klein, z-image
 BACKBONES = ("toy", "shapes", *REAL)

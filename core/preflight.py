@@ -65,6 +65,8 @@ def check_plans(c: TrainConfig, pm: PluginManager, schedule: Any, sde_sampler: A
             check_objective_plan(c, pm, objective, plan, k)
         if plan.branch_steps:
             check_tree(c, plan)
+        if plan.trunk_branches:
+            check_trunk(c, plan)
         setup.sigmas(plan)
     if sde_sampler.supports_final_step:
         return
@@ -93,6 +95,26 @@ def check_tree(c: TrainConfig, plan: Any) -> None:
     if not c.shared_noise:
         raise ValueError(f"TrainConfig.schedule = {c.schedule!r} grows each group's tree from one initial noise: set "
                          "TrainConfig.shared_noise = True")
+
+
+def check_trunk(c: TrainConfig, plan: Any) -> None:
+    """A trunk plan (TempFlow-GRPO, core/trunk.py) branches ``trunk_branches`` samples off each group's
+    one ODE trunk at every branch step: exactly the group's samples, from one initial noise, on the
+    uncompressed grid."""
+    size = plan.trunk_branches * len(plan.sde_steps)
+    if c.group_size != size:
+        raise ValueError(
+            f"TrainConfig.schedule = {c.schedule!r} branches {plan.trunk_branches} samples off each group's trunk at "
+            f"each of the steps {list(plan.sde_steps)}, which makes {size} samples per group, but "
+            f"TrainConfig.group_size = {c.group_size}: set TrainConfig.group_size = {size}, or change the "
+            f"schedule's branch steps / branches")
+    if not c.shared_noise:
+        raise ValueError(f"TrainConfig.schedule = {c.schedule!r} walks each group's one initial noise as its trunk: "
+                         "set TrainConfig.shared_noise = True")
+    if c.compression is not None:
+        raise ValueError(f"TrainConfig.schedule = {c.schedule!r} walks the whole grid with every branch, which a "
+                         f"compressed grid (TrainConfig.compression = {c.compression}) does not have: set "
+                         "TrainConfig.compression = None")
 
 
 def _takes_final_sde_step(factory: Any) -> bool:

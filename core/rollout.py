@@ -172,6 +172,12 @@ def rollout(
         return tree_rollout(backbone, prompts, group_ids, sample_ids, plan, setup=setup, sde_sampler=sde_sampler,
                             pre_solver=pre_solver, post_solver=post_solver, seed=seed, iteration=iteration,
                             batch_size=batch_size, on_images=on_images, keep_means=keep_means)
+    if plan.trunk_branches:  # each group an ODE trunk with samples branching off it (TempFlow-GRPO)
+        from mixgrpo.core.trunk import trunk_rollout  # trunk.py builds on this module's helpers
+
+        return trunk_rollout(backbone, prompts, group_ids, sample_ids, plan, setup=setup, sde_sampler=sde_sampler,
+                             post_solver=post_solver, seed=seed, iteration=iteration, batch_size=batch_size,
+                             on_images=on_images, keep_means=keep_means)
     cond = encode_unique(backbone, prompts)  # once per distinct prompt
     sigmas = setup.sigmas(plan)
     steps = tuple(i for i in sorted(set(plan.sde_steps)) if i < plan.num_steps)

@@ -140,6 +140,10 @@ class StepPlan:
             ``branch_factor`` children (BranchGRPO, ``core/tree.py``); ``()``: no tree.
         branch_factor: children per split (a group then holds ``branch_factor ** len(branch_steps)``
             samples, the tree's leaves).
+        trunk_branches: k > 0 for a trunk rollout (TempFlow-GRPO, ``core/trunk.py``): each group's
+            initial noise is walked once with the ODE, and at every SDE step j k samples leave it
+            with one SDE step each, then the ODE to the end (a group then holds
+            ``k * len(sde_steps)`` samples, each trained at its own branch step); 0: no trunk.
     """
 
     num_steps: int
@@ -149,9 +153,14 @@ class StepPlan:
     per_sample: bool = False
     branch_steps: tuple[int, ...] = ()
     branch_factor: int = 1
+    trunk_branches: int = 0
 
     def __attrs_post_init__(self) -> None:
         sde = set(self.sde_steps)
+        if self.trunk_branches and (self.branch_steps or not self.per_sample or not self.sde_steps):
+            raise ValueError("a trunk plan (trunk_branches > 0) has SDE steps, trains one per sample (per_sample) "
+                             f"and no tree; got sde_steps={self.sde_steps}, per_sample={self.per_sample}, "
+                             f"branch_steps={self.branch_steps}")
         if any(not 0 <= i < self.num_steps for i in sde):
             raise ValueError(f"sde_steps {self.sde_steps} outside 0..{self.num_steps - 1}")
         if self.branch_steps and (self.branch_factor < 2 or not set(self.branch_steps) <= sde):

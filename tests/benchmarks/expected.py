@@ -10,29 +10,21 @@ The newer presets share no initial noise and compress no grid, so they walk all 
 in the rollout: Flow-GRPO-Fast trains its window of w = 2 SDE steps; the forward-process objectives
 re-noise each final sample at K drawn σ and call the network K times before the update (v_old, no
 grad), K times with grad (v_new) and, with a KL term, K times on the frozen reference (v_ref):
-DiffusionNFT K = 4 without KL (2·K = 8), AWM K = 6 with KL β = 1e-4 (3·K = 18).
-
-TempFlow-GRPO shares the initial noise and takes one SDE step j, drawn each iteration from 0 .. 8: a
-group shares the calls up to and including step j, and trains step j alone, once per group (its
-samples share that step's input)."""
+DiffusionNFT K = 4 without KL (2·K = 8), AWM K = 6 with KL β = 1e-4 (3·K = 18)."""
 
 import math
 
 WINDOW = 4
 PAPER_METHODS = ("flowgrpo", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star")
 METHODS = ("flowgrpo", "flowgrpo_fast", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star",
-           "diffusionnft", "awm", "tempflow_grpo")
-SHARED_NOISE = ("dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star", "tempflow_grpo")
+           "diffusionnft", "awm")
+SHARED_NOISE = ("dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star")
 FAST_WINDOW = 2  # Flow-GRPO-Fast: FastWindow.window_size
 # forward-process presets: (K σ draws per sample, network calls per draw: v_old + v_new [+ v_ref])
 FORWARD = {"diffusionnft": (4, 2), "awm": (6, 3)}
 
 
 def window_start(method: str, T: int, iteration: int) -> int:
-    if method == "tempflow_grpo":  # the preset's one-step window, drawn from steps 0 .. 8 (seed 0)
-        from mixgrpo.plugins.schedules.fast import FastWindow
-
-        return FastWindow(window_size=1, range_end=9).window_start(iteration, T)
     every = {"mixgrpo": 25, "mixgrpo_flash": 20}.get(method)
     return min(iteration // every, T - WINDOW) if every else 0
 
@@ -50,8 +42,6 @@ def rollout_steps(method: str, T: int, iteration: int = 0) -> int:
 def trained_steps(method: str, T: int) -> int:
     if method == "flowgrpo_fast":  # its window of w = 2 SDE steps
         return FAST_WINDOW
-    if method == "tempflow_grpo":  # its branching step
-        return 1
     if method in FORWARD:  # K draws × (v_old, v_new[, v_ref]): DiffusionNFT 2·4 = 8, AWM 3·6 = 18
         draws, calls = FORWARD[method]
         return draws * calls

@@ -32,17 +32,18 @@ def _variants():
 def test_the_families_comparison_holds_every_family_on_one_budget():
     _, cfg, _, plans = _variants()
     assert {"DanceGRPO", "MixGRPO", "MixGRPO-Flash*", "Flow-GRPO-Fast", "GRPO-Guard", "BranchGRPO", "BranchGRPO-Mix",
-            "DiffusionNFT", "AWM"} <= set(plans)
+            "DiffusionNFT", "AWM", "TempFlow-GRPO"} <= set(plans)
     assert cfg.metric == "shapes.composition" and cfg.seeds == (0,)
 
 
 @pytest.mark.parametrize("label", ["MixGRPO", "Flow-GRPO-Fast", "GRPO-Guard", "BranchGRPO", "BranchGRPO-Mix",
-                                   "DiffusionNFT", "AWM"])
+                                   "DiffusionNFT", "AWM", "TempFlow-GRPO"])
 def test_each_variant_builds_with_the_shared_budget_and_no_reference_model(tmp_path, label):
     pm, _, base, plans = _variants()
     files, extra = plans[label]
     config = _train_config([*files, base, FAMILIES], extra, 0, tmp_path / "run", pm)
-    assert (config.num_steps, config.prompts_per_iteration, config.group_size, config.iterations) == (10, 4, 8, 40)
+    group = 54 if label == "TempFlow-GRPO" else 8  # 6 samples off the trunk at each of 9 branch steps
+    assert (config.num_steps, config.prompts_per_iteration, config.group_size, config.iterations) == (10, 4, group, 40)
     assert config.learning_rate == 3e-5 and config.method == label
     trainer = Trainer(config, pm)  # every check before any model loads, then the shipped model
     assert not trainer.objective.uses_reference  # the comparison runs no reference model

@@ -1,10 +1,12 @@
 """TempFlow-GRPO (experiments/methods/tempflow_grpo.gin, ClippedGRPO.noise_weight): parity of the SDE
 step with the reference's own function, the noise-aware weighted loss against a float64 re-derivation
-of the reference's training lines, and the preset: one branching step per group, trained alone, with
-the samples of a group sharing everything before it."""
+of the reference's training lines, and the trunk rollout of its preset (core/trunk.py): samples leave one
+ODE trunk per group at every branch step, each equal to its own single-sample walk, each trained at its
+branch step, one model call per (group, branch step)."""
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,12 @@ import torch
 from mixgrpo.core.config import load_config
 from mixgrpo.core.rollout import rollout
 from mixgrpo.core.trainer import Trainer
+from mixgrpo.core.types import StepPlan
 from mixgrpo.plugins.objectives.flowgrpo import FlowGRPO
 from mixgrpo.plugins.objectives.guard import StepMoments
 from mixgrpo.plugins.samplers.sde import FlowSDE
+from mixgrpo.plugins.schedules.branch_points import BranchPoints
+from mixgrpo.testing.schedules import ScheduleContract
 
 ROOT = Path(__file__).resolve().parents[2]
 # Written by make_tempflow_reference.py: TempFlow-GRPO's own sde_step_with_logprob (repository, file and
@@ -84,36 +89,96 @@ TOY = ["TrainConfig.backbone = 'toy'", "TrainConfig.rewards = {'shapes.preferenc
        "TrainConfig.prompts_per_iteration = 2", "TrainConfig.progress = False"]
 
 
-def test_the_preset_branches_each_group_at_one_step_and_trains_only_it(tmp_path):
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tempflow")
+    cfg, pm = load_config(ROOT / "experiments/methods/tempflow_grpo.gin", [*TOY, f"TrainConfig.output_dir = '{out}'"])
+    return Trainer(cfg, pm)
+
+
+@pytest.fixture(scope="module")
+def trunk(trainer):
+    prompts, group_ids, sample_ids = trainer.local_batch(0)
+    plan = trainer.plan(0, sample_ids)
+    seen = []
+    traj = rollout(trainer.backbone, prompts, group_ids, sample_ids, plan, setup=trainer.setup,
+                   sde_sampler=trainer.sde_sampler, pre_solver=trainer.pre_solver, post_solver=trainer.post_solver,
+                   seed=0, iteration=0, batch_size=16, keep_means=True, on_images=lambda im, rows: seen.append(rows))
+    return traj, group_ids, seen
+
+
+def test_the_preset_is_flowgrpo_with_a_trunk_of_nine_branch_steps(trainer):
+    cfg = trainer.config
+    assert trainer.objective == FlowGRPO(std="group", kl_beta=0.004, noise_weight=1.73,
+                                         weights={"shapes.preference": 1.0})
+    assert (cfg.method, cfg.num_steps, cfg.group_size, cfg.shared_noise) == ("TempFlow-GRPO", 10, 54, True)
+    assert trainer.wants_moments
+    plan = trainer.plan(3, torch.arange(108))
+    assert plan.sde_steps == tuple(range(9)) and plan.trunk_branches == 6 and plan.per_sample
+    # row r of a group trains branch step r // 6, whatever the iteration
+    assert [plan.train_steps_for(n) for n in (0, 5, 6, 53, 54, 107)] == [(0,), (0,), (1,), (8,), (0,), (8,)]
+
+
+def test_branches_leave_one_trunk_and_each_equals_its_own_single_sample_walk(trainer, trunk):
+    traj, group_ids, seen = trunk
+    # every (group, branch step) is a group of its own: 2 prompts x 9 steps, 6 samples each
+    assert torch.bincount(torch.unique(traj.group_ids, return_inverse=True)[1]).tolist() == [6] * 18
+    assert sorted((r.start, r.stop) for r in seen) == [(s, s + 6) for s in range(0, 108, 6)]  # each scored
+    for row in (0, 7, 50, 54 + 33):
+        j, slot = row % 54 // 6, row % 54 // 6
+        siblings = torch.arange(row - row % 6, row - row % 6 + 6)
+        # the siblings share the trunk's x_j and differ by their own noise
+        assert torch.equal(traj.x[siblings, slot], traj.x[row, slot].expand(6, *traj.x.shape[2:]))
+        assert len({tuple(x.flatten().tolist()) for x in traj.x_next[siblings, slot]}) == 6
+        assert len(set(traj.nodes[siblings, slot].tolist())) == 1
+        # the same sample walked alone: the ODE from the group's noise to j, its SDE step, the ODE on
+        single = rollout(trainer.backbone, [traj.prompts[row]], group_ids[row:row + 1], traj.sample_ids[row:row + 1],
+                         StepPlan(num_steps=10, sde_steps=(j,), train_steps=(j,)), setup=trainer.setup,
+                         sde_sampler=trainer.sde_sampler, pre_solver=trainer.pre_solver,
+                         post_solver=trainer.post_solver, seed=0, iteration=0)
+        torch.testing.assert_close(single.x_next[0, 0], traj.x_next[row, slot], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(single.log_prob[0, 0], traj.log_prob[row, slot], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(single.latents[0], traj.latents[row], rtol=1e-5, atol=1e-5)
+    # one trunk of T calls per group, and 6 (T − j − 1) calls for the children of step j
+    assert traj.nfe == pytest.approx((10 + 6 * sum(10 - j - 1 for j in range(9))) / 54)
+
+
+def test_training_runs_once_per_branch_step_and_group_and_starts_on_policy(tmp_path):
     cfg, pm = load_config(ROOT / "experiments/methods/tempflow_grpo.gin",
                           [*TOY, f"TrainConfig.output_dir = '{tmp_path}'"])
     trainer = Trainer(cfg, pm)
-    assert trainer.objective == FlowGRPO(std="group", kl_beta=0.004, noise_weight=1.73,
-                                         weights={"shapes.preference": 1.0})
-    assert (cfg.method, cfg.num_steps, cfg.group_size, cfg.shared_noise) == ("TempFlow-GRPO", 10, 6, True)
-    assert trainer.wants_moments
-    starts = set()
-    for k in range(12):
-        plan = trainer.plan(k, torch.arange(12))
-        assert len(plan.sde_steps) == 1 and plan.train_steps == plan.sde_steps and plan.sde_steps[0] <= 8
-        starts.add(plan.sde_steps[0])
-    assert len(starts) > 3  # the branching step is drawn afresh each iteration, over steps 0-8
-    prompts, group_ids, sample_ids = trainer.local_batch(0)
-    plan = trainer.plan(0, sample_ids)
-    (j,) = plan.sde_steps
-    traj = rollout(trainer.backbone, prompts, group_ids, sample_ids, plan, setup=trainer.setup,
-                   sde_sampler=trainer.sde_sampler, pre_solver=trainer.pre_solver, post_solver=trainer.post_solver,
-                   seed=0, iteration=0, keep_means=True)
-    for g in group_ids.unique():
-        rows = group_ids == g
-        # the seed group: one input to the branching step, six different SDE draws from it
-        assert torch.equal(traj.x[rows, 0], traj.x[rows, 0][:1].expand_as(traj.x[rows, 0]))
-        assert len({tuple(r.flatten().tolist()) for r in traj.x_next[rows, 0]}) == 6
-    # the calls up to the branching step (its own included: the six draws share its input) are made
-    # once per group, the ODE steps after it once per sample: j + 1 + 6 (T − j − 1) per group
-    assert traj.nfe == pytest.approx((j + 1 + 6 * (10 - j - 1)) / 6)
     before = [p.detach().clone() for p in trainer.backbone.trainable_parameters()]
     row = trainer.iteration(0)
     assert row["policy/onpolicy_ratio_dev"] < 1e-5
+    assert row["perf/nfe_train"] == pytest.approx(18 / 108 * 2)  # one call per (group, step), and the KL's
+    assert row["perf/nfe_rollout"] == pytest.approx(280 / 54)
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.backbone.trainable_parameters(), strict=True))
     assert math.isfinite(row["policy/grad_norm"]) and row["policy/skipped_steps"] == 0
+
+
+@pytest.mark.parametrize(("binding", "message"), [
+    ("TrainConfig.group_size = 8", "branches 6 samples off each group's trunk at each of the steps [0, 1, 2, 3, 4, "
+                                   "5, 6, 7, 8], which makes 54 samples per group, but TrainConfig.group_size = 8: "
+                                   "set TrainConfig.group_size = 54"),
+    ("TrainConfig.shared_noise = False", "walks each group's one initial noise as its trunk: set "
+                                         "TrainConfig.shared_noise = True"),
+    ("BranchPoints.branch_steps = (2, 12)", "branches at steps [12], outside the grid of TrainConfig.num_steps = 10"),
+])
+def test_bad_trunk_settings_are_refused_before_the_model_loads(tmp_path, binding, message):
+    bindings = [*TOY, binding, "TrainConfig.backbone = 'flux'", "FluxBackbone.path = '/nonexistent/flux'",
+                f"TrainConfig.output_dir = '{tmp_path}'"]
+    cfg, pm = load_config(ROOT / "experiments/methods/tempflow_grpo.gin", bindings)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Trainer(cfg, pm)
+
+
+class TestBranchPointsContract(ScheduleContract):
+    def make_schedule(self):
+        return BranchPoints(branches=2)
+
+
+class TestGivenBranchPointsContract(ScheduleContract):
+    grid_sizes = (5, 10)
+
+    def make_schedule(self):
+        return BranchPoints(branch_steps=(0, 3), branches=3)
