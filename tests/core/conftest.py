@@ -31,3 +31,15 @@ def toy_config(tmp_path):
         return load_config(ROOT / "experiments" / "methods" / f"{method}.gin", bindings)
 
     return make
+
+
+class Counting:
+    """Replaces a backbone's ``velocity`` and records the batch size (rows) of every call."""
+
+    def __init__(self, backbone):
+        self.rows, self.inner = [], backbone.velocity
+        backbone.velocity = self
+
+    def __call__(self, x, sigma, cond):
+        self.rows.append(x.shape[0])
+        return self.inner(x, sigma, cond)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from mixgrpo.commands.cli import main
 from mixgrpo.commands.export import EXPORT_INFO, open_model
@@ -20,6 +19,7 @@ from mixgrpo.core.trainer import Trainer
 from mixgrpo.plugins.backbones.diffusers_export import LORA_WEIGHTS, lora_layers
 from mixgrpo.plugins.backbones.tiny import build_tiny_flux, build_tiny_sd3
 from mixgrpo.plugins.samplers.euler import Euler
+from tests.export_checks import exported_lora_keys, max_diff
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red circle", "two blue squares on the left"]
@@ -161,10 +161,6 @@ def pipeline_images(family: str, pipe, backbone, prompts=PROMPTS, seed=SEED, ste
                     max_sequence_length=backbone.max_sequence_length, **common).images
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float().cpu() - b.float().cpu()).abs().max())
-
-
 # -- the pipelines sample what the trained backbone samples ----------------------------------------
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_lora_export_loads_into_the_diffusers_pipeline(tmp_path, capsys, family, flux_dir, sd3_dir):
@@ -174,13 +170,7 @@ def test_lora_export_loads_into_the_diffusers_pipeline(tmp_path, capsys, family,
     assert rc == 0, err
     assert "load_lora_weights" in out
 
-    with safe_open(str(tmp_path / "lora" / LORA_WEIGHTS), "pt") as f:  # diffusers' key format
-        keys, metadata = list(f.keys()), f.metadata()
-    assert keys and all(k.startswith("transformer.") for k in keys)
-    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
-    trained_adapters = [n for n, _ in trainer.backbone.unwrapped().named_parameters() if "lora_" in n]
-    assert len(keys) == len(trained_adapters)
-    assert json.loads(metadata["lora_adapter_metadata"])["transformer.lora_alpha"] == LORA["alpha"]
+    exported_lora_keys(tmp_path / "lora", trainer.backbone, LORA["alpha"])  # diffusers' key format
     info = json.loads((tmp_path / "lora" / EXPORT_INFO).read_text())
     assert (info["kind"], info["iteration"], info["lora_alpha"]) == ("lora", 1, LORA["alpha"])
 

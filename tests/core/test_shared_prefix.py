@@ -13,21 +13,11 @@ from mixgrpo.core.rollout import SamplingSetup, first_of_each, rollout
 from mixgrpo.core.trainer import Trainer
 from mixgrpo.plugins.schedules.windows import FixedWindow
 
+from .conftest import Counting
+
 PROMPTS = ["a red circle"] * 3 + ["two blue squares"] * 3 + ["a green triangle"] * 3
 GROUPS = [0, 0, 0, 1, 1, 1, 2, 2, 2]
 T = 8
-
-
-class Counting:
-    """The backbone's ``velocity`` with the batch size of every call recorded."""
-
-    def __init__(self, backbone):
-        self.rows, self.inner = [], backbone.velocity
-        backbone.velocity = self
-
-    def __call__(self, x, sigma, cond):
-        self.rows.append(x.shape[0])
-        return self.inner(x, sigma, cond)
 
 
 def _walk(trainer, plan, *, share, batch_size, compression=None, prompts=PROMPTS, groups=GROUPS):

@@ -19,7 +19,7 @@ from mixgrpo.core.types import SolverHistory, first_of_each
 from mixgrpo.plugins.objectives import branchgrpo
 from mixgrpo.plugins.schedules import branching
 from mixgrpo.plugins.schedules.branching import Branching
-from tests.core.conftest import ROOT, TOY
+from tests.core.conftest import ROOT, TOY, Counting
 
 T, G = 6, 4
 PROMPTS = ["a red circle"] * G + ["two blue squares"] * G
@@ -57,18 +57,6 @@ def toy_config(tmp_path):
         return load_config(ROOT / "experiments" / "methods" / f"{method}.gin", bindings, pm=plugin_manager())
 
     return make
-
-
-class Counting:
-    """The backbone's ``velocity`` with the rows of every call recorded."""
-
-    def __init__(self, backbone):
-        self.rows, self.inner = [], backbone.velocity
-        backbone.velocity = self
-
-    def __call__(self, x, sigma, cond):
-        self.rows.append(x.shape[0])
-        return self.inner(x, sigma, cond)
 
 
 def _tree(trainer, plan, batch_size=16):

@@ -4,20 +4,17 @@ backbone draws from the same noise and σ grid."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors import safe_open
 
 from mixgrpo.commands.cli import main
 from mixgrpo.core.config import load_config
 from mixgrpo.core.rollout import SamplingSetup, keyed_normal, sample_ode
 from mixgrpo.core.trainer import Trainer
-from mixgrpo.plugins.backbones.diffusers_export import LORA_WEIGHTS
 from mixgrpo.plugins.backbones.qwenimage import image_seq_mu
 from mixgrpo.plugins.backbones.tiny_qwenimage import build_tiny_qwenimage
 from mixgrpo.plugins.samplers.euler import Euler
+from tests.export_checks import exported_lora_keys, max_diff
 from tests.plugins.test_qwenimage_training import LORA, PROMPTS, ROOT, SIZE, STEPS, TOL, train
 
 
@@ -81,10 +78,6 @@ def pipeline_images(pipe, bb) -> torch.Tensor:
                     max_sequence_length=16, output_type="pt").images
 
 
-def max_diff(a, b) -> float:
-    return float((a.float() - b.float()).abs().max())
-
-
 def test_lora_export_loads_with_load_lora_weights(tmp_path, capsys, qwen_dir):
     from diffusers import QwenImagePipeline
 
@@ -93,10 +86,8 @@ def test_lora_export_loads_with_load_lora_weights(tmp_path, capsys, qwen_dir):
     rc, out, err = run_cli(capsys, "export", tmp_path / "run", "--to", tmp_path / "lora")
     assert rc == 0, err
     assert "load_lora_weights" in out
-    with safe_open(str(tmp_path / "lora" / LORA_WEIGHTS), "pt") as f:
-        keys, metadata = list(f.keys()), f.metadata()
-    assert keys and all(k.startswith("transformer.transformer_blocks.") for k in keys)
-    assert json.loads(metadata["lora_adapter_metadata"])["transformer.lora_alpha"] == LORA["alpha"]
+    keys = exported_lora_keys(tmp_path / "lora", trainer.backbone, LORA["alpha"])  # diffusers' key format
+    assert all(k.startswith("transformer.transformer_blocks.") for k in keys)
     pipe = QwenImagePipeline.from_pretrained(qwen_dir, local_files_only=True)
     base = pipeline_images(pipe, trainer.backbone)
     pipe.load_lora_weights(tmp_path / "lora")  # diffusers' own loader

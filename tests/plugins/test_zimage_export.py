@@ -5,21 +5,19 @@ pipeline then samples what the trained backbone samples, from the same noise on 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from mixgrpo.commands.cli import main
 from mixgrpo.core.config import load_config
 from mixgrpo.core.rollout import SamplingSetup, keyed_normal, sample_ode
 from mixgrpo.core.trainer import Trainer
-from mixgrpo.plugins.backbones.diffusers_export import LORA_WEIGHTS
 from mixgrpo.plugins.backbones.tiny_zimage import build_tiny_zimage
 from mixgrpo.plugins.backbones.zimage import scheduler_shift
 from mixgrpo.plugins.samplers.euler import Euler
+from tests.export_checks import exported_lora_keys, max_diff
 
 from .reward_refs import make_tiny_clip
 
@@ -120,20 +118,11 @@ def load_pipeline(root: Path, transformer=None):
     return pipe
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max())
-
-
 def test_lora_export_loads_into_zimage_pipeline(tmp_path, capsys, zimage_dir):
     trainer = train_run(tmp_path / "run", zimage_dir, lora=True)
     printed = export(capsys, tmp_path / "run", tmp_path / "lora")
     assert "ZImagePipeline" in printed and "load_lora_weights" in printed
-    with safe_open(str(tmp_path / "lora" / LORA_WEIGHTS), "pt") as f:  # diffusers' key format
-        keys, metadata = list(f.keys()), f.metadata()
-    assert keys and all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
-                        for k in keys)
-    assert len(keys) == len([n for n, _ in trainer.backbone.unwrapped().named_parameters() if "lora_" in n])
-    assert json.loads(metadata["lora_adapter_metadata"])["transformer.lora_alpha"] == LORA["alpha"]
+    exported_lora_keys(tmp_path / "lora", trainer.backbone, LORA["alpha"])  # diffusers' key format
 
     snippet = "\n".join(trainer.backbone.load_snippet("exported", PROMPTS[0], 8))  # the model card's
     assert "ZImagePipeline.from_pretrained" in snippet and "guidance_scale=4.0" in snippet
