@@ -205,7 +205,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     manifest = run_sample(args.source, args.prompts, args.out, checkpoint=args.checkpoint, seeds=args.seeds,
                           steps=args.steps, solver=args.solver, guidance=args.guidance, shift=args.shift,
-                          batch_size=args.batch_size, bindings=list(args.gin or []), force=args.force)
+                          batch_size=args.batch_size, height=args.height, width=args.width,
+                          bindings=list(args.gin or []), force=args.force)
     print(f"{len(manifest['images'])} images of {manifest['checkpoint']} in {args.out}")
     return 0
 
@@ -284,7 +285,10 @@ def _add_export(sub: Any) -> None:
 def _add_sample(sub: Any) -> None:
     p = sub.add_parser("sample", help="draw images of a run (or a config's base model) for a list of prompts")
     p.add_argument("source", help="run directory, or experiment .gin file (its base model)")
-    p.add_argument("--prompts", required=True, metavar="FILE|TEXT", help="a text file, one prompt a line, or a prompt")
+    p.add_argument("--prompts", required=True, metavar="FILE|DIR|TEXT",
+                   help="a text file, one prompt a line, or a prompt; for an editing backbone (FLUX.1-Kontext) a "
+                        "JSONL file of edits, one {\"image\": ..., \"instruction\": ...} a line, or a folder of "
+                        "images with same-named .txt instructions")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (missing or empty, unless --force)")
     p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--seeds", help="e.g. 0,1,2 or 0-3 (default: the config's seed, that of the run's grids)")
@@ -294,6 +298,9 @@ def _add_sample(sub: Any) -> None:
                                                   "else classifier-free guidance")
     p.add_argument("--shift", type=float, help="static shift of the sigma grid (default: TrainConfig.shift)")
     p.add_argument("--batch-size", type=int, help="images per model call (default: TrainConfig.rollout_batch_size)")
+    p.add_argument("--height", type=int, metavar="H", help="image height in pixels (default: the config's); a "
+                                                           "dynamic sigma grid's mu follows the size")
+    p.add_argument("--width", type=int, metavar="W", help="image width in pixels (default: the config's)")
     p.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     p.add_argument("--gin", action="append", metavar="BINDING", help="extra gin binding (repeatable)")
     p.set_defaults(func=cmd_sample)

@@ -4,10 +4,17 @@ The initial noise of prompt ``n`` (its 0-based index in the prompt list) with se
 ``(s, "eval", n)``, exactly as ``sample_ode`` keys it for the trainer's sample grids. So the same
 prompt list and seeds give the same noise for every checkpoint, and a folder of images drawn before
 training pairs up file by file with one drawn after it.
+
+An editing backbone (``Backbone.uses_source_images``) draws from edits, an instruction with its source
+image each (``EditPrompt``), read from the files the ``edit`` prompt set reads: a JSONL file of
+``{"image": ..., "instruction": ...}`` lines or a folder of images with same-named ``.txt``
+instructions. ``--height``/``--width`` draw at another size than the config's; on FLUX's dynamic σ grid
+the grid's ``mu`` then follows the size as the diffusers pipeline's does (``Backbone.pipeline_mu``).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -17,11 +24,12 @@ from typing import Any
 
 import torch
 
-from mixgrpo.commands.export import ExportError, check_output_dir, open_model
+from mixgrpo.commands.export import RUN_CONFIG, ExportError, check_output_dir, open_model
 from mixgrpo.core.interfaces import Backbone, Sampler
 from mixgrpo.core.plugins import make_sampler
 from mixgrpo.core.progress import progress_bar
 from mixgrpo.core.rollout import SamplingSetup, sample_ode
+from mixgrpo.core.types import EditPrompt
 
 MANIFEST = "samples.json"
 GRID = "grid.png"
@@ -51,9 +59,46 @@ def parse_seeds(text: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
+def _edit_format() -> str:
+    """One line of the JSONL format of edits, as the ``edit`` prompt set documents it."""
+    from mixgrpo.core.edits import LINE_FORMAT
+
+    return LINE_FORMAT
+
+
+def holds_edits(path: Path) -> bool:
+    """Whether ``path`` is a file of edits (a ``.jsonl`` file, or a file whose first line is a JSON
+    object) or a folder (of source images with their instructions) rather than a text file of prompts."""
+    if path.is_dir():
+        return True
+    if path.suffix.lower() == ".jsonl":
+        return True
+    with path.open(errors="replace") as lines:
+        first = next((line.strip() for line in lines if line.strip()), "")
+    return first.startswith("{")
+
+
+def read_edit_prompts(path: Path) -> list[EditPrompt]:
+    """The edits of a JSONL file or a folder, read (and every source image checked) by the ``edit``
+    prompt set's own reader, so that ``sample`` takes exactly the files training takes."""
+    from mixgrpo.core.edits import read_edits
+
+    try:
+        edits = read_edits(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ExportError(str(exc)) from None
+    if not edits:
+        raise ExportError(f"{path} holds no edit; give a JSONL file of {_edit_format()} lines or a folder of "
+                          f"images with same-named .txt instructions")
+    return edits
+
+
 def read_prompts(spec: str) -> list[str]:
-    """Prompts from a text file (one per line, blank lines skipped) or ``spec`` itself as one prompt."""
+    """Prompts from a text file (one per line, blank lines skipped) or ``spec`` itself as one prompt;
+    edits (``EditPrompt`` items) from a JSONL file or a folder (``holds_edits``)."""
     path = Path(spec)
+    if path.exists() and holds_edits(path):
+        return read_edit_prompts(path)
     if path.is_file():
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if not prompts:
@@ -64,6 +109,62 @@ def read_prompts(spec: str) -> list[str]:
     if not spec.strip():
         raise ExportError("the prompt is empty")
     return [spec.strip()]
+
+
+def check_prompts_fit(backbone: str, uses_source_images: bool, prompts: Sequence[str], spec: str) -> None:
+    """An error unless the prompts are what the backbone draws from: edits (``EditPrompt``) for an
+    editing backbone (``Backbone.uses_source_images``), plain text for any other. ``spec`` says where
+    the prompts came from, for the message."""
+    plain = [p for p in prompts if not isinstance(p, EditPrompt)]
+    if uses_source_images and plain:
+        raise ExportError(f"backbone {backbone!r} edits a source image, but the prompt {str(plain[0])!r} of {spec} "
+                          f"carries none: pass --prompts a JSONL file of edits, one a line, e.g. {_edit_format()} "
+                          f"(a relative image path is relative to the file's folder), or a folder of source "
+                          f"images, each with its instruction in a .txt file of the same name")
+    if not uses_source_images and len(plain) < len(prompts):
+        raise ExportError(f"backbone {backbone!r} does not take source images, but {spec} holds edits (an "
+                          f"instruction with a source image each): pass plain prompts (a text file, one prompt a "
+                          f"line, or one prompt as text), or sample a run of an editing backbone")
+
+
+def _prompts_name(prompts: str | Sequence[str]) -> str:
+    if not isinstance(prompts, str):
+        return "the prompt list"
+    return str(prompts) if Path(prompts).exists() else "--prompts"
+
+
+def _check_size(height: int | None, width: int | None) -> None:
+    for flag, value in (("--height", height), ("--width", width)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ExportError(f"{flag} must be a positive number of pixels, got {value!r}")
+
+
+def _preflight(source: str | os.PathLike, bindings: Sequence[str], prompts: Sequence[str], spec: str,
+               height: int | None, width: int | None) -> list[str]:
+    """What can be checked before the model loads, from the config alone: the prompts fit the
+    backbone's registered class (``Backbone.uses_source_images``) and the backbone takes the size
+    (a ``height``/``width`` constructor argument). Returns the gin bindings that set the size."""
+    from mixgrpo.core.config import load_config
+
+    src = Path(source)
+    config_file = src / RUN_CONFIG if src.is_dir() else src
+    if not config_file.is_file():
+        return []  # open_model says what is wrong with the source
+    config, pm = load_config(config_file, bindings)
+    entry = pm.get("backbone", config.backbone)
+    factory = entry.factory
+    if isinstance(factory, type) and issubclass(factory, Backbone):
+        check_prompts_fit(config.backbone, factory.uses_source_images, prompts, spec)
+    size = {name: value for name, value in (("height", height), ("width", width)) if value is not None}
+    if not size:
+        return []
+    takes = inspect.signature(factory.__init__ if isinstance(factory, type) else factory).parameters
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in takes.values())
+    missing = [name for name in size if name not in takes]
+    if missing and not open_ended:
+        raise ExportError(f"backbone {config.backbone!r} ({entry.gin_name}) has no {' or '.join(missing)} setting (its "
+                          f"constructor takes none): it draws at one size, so --height and --width do not apply")
+    return [f"{entry.gin_name}.{name} = {value}" for name, value in size.items()]
 
 
 def set_guidance(backbone: Backbone, guidance: float) -> str:
@@ -102,19 +203,23 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 def run_sample(source: str | os.PathLike, prompts: str | Sequence[str], out: str | os.PathLike, *,
                checkpoint: str | None = None, seeds: str | Sequence[int] | None = None, steps: int | None = None,
                solver: str | None = None, guidance: float | None = None, shift: float | None = None,
-               batch_size: int | None = None, bindings: Sequence[str] = (), force: bool = False,
-               progress: bool = True) -> dict[str, Any]:
+               batch_size: int | None = None, height: int | None = None, width: int | None = None,
+               bindings: Sequence[str] = (), force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Draw every (prompt, seed) pair with a run's (or a config's) model into the folder ``out``.
 
     Args:
         source: a run directory or a gin file (see ``open_model``).
-        prompts: a prompt file, one prompt as text, or a list of prompts.
+        prompts: a prompt file, one prompt as text, a JSONL file or folder of edits (``read_prompts``),
+            or a list of prompts (``EditPrompt`` items for an editing backbone).
         out: the output folder (missing or empty, unless ``force``).
         checkpoint: ``latest`` (a run's default), ``base``, an iteration, a name or a folder.
         seeds: a ``parse_seeds`` string or integers (default: the config's seed, that of its grids).
         steps, solver, guidance, shift: override the run's sampling setup (``num_steps``,
             ``eval_solver``, guidance as ``set_guidance`` reads it, ``shift``).
         batch_size: images per model call (default: the config's ``rollout_batch_size``).
+        height, width: the image size in pixels (default: the config's), bound as the backbone's
+            ``height``/``width`` arguments; a dynamic σ grid then takes the ``mu`` the backbone's
+            pipeline uses at that size (``Backbone.pipeline_mu``).
         bindings: extra gin bindings.
         force: write into a non-empty ``out`` (files of the same names are replaced).
         progress: show a progress bar.
@@ -123,7 +228,11 @@ def run_sample(source: str | os.PathLike, prompts: str | Sequence[str], out: str
     """
     out = Path(out)
     check_output_dir(out, force)
-    prompt_list = read_prompts(prompts) if isinstance(prompts, str) else [str(p) for p in prompts]
+    prompt_list = (read_prompts(prompts) if isinstance(prompts, str)
+                   else [p if isinstance(p, EditPrompt) else str(p) for p in prompts])
+    if not prompt_list:
+        raise ExportError("no prompt given")
+    _check_size(height, width)
     if steps is not None and steps < 1:
         raise ExportError(f"--steps must be >= 1, got {steps}")
     if batch_size is not None and batch_size < 1:
@@ -134,8 +243,11 @@ def run_sample(source: str | os.PathLike, prompts: str | Sequence[str], out: str
         factory = get_plugin_manager().get("sampler", solver).factory
         if isinstance(factory, type) and issubclass(factory, Sampler):
             _check_ode(solver, factory.stochastic)
-    opened = open_model(source, checkpoint, bindings)
+    spec = _prompts_name(prompts)
+    size_bindings = _preflight(source, bindings, prompt_list, spec, height, width)
+    opened = open_model(source, checkpoint, [*bindings, *size_bindings])
     c, backbone = opened.config, opened.backbone
+    check_prompts_fit(c.backbone, backbone.uses_source_images, prompt_list, spec)  # a factory that is no class
     seed_list = parse_seeds(seeds) if isinstance(seeds, str) else list(seeds) if seeds is not None else [c.seed]
     if not seed_list:
         raise ExportError("no seed given")
@@ -144,8 +256,17 @@ def run_sample(source: str | os.PathLike, prompts: str | Sequence[str], out: str
     _check_ode(solver_name, ode.stochastic)
     if guidance is not None:
         set_guidance(backbone, guidance)
-    setup = SamplingSetup(num_steps=steps or c.num_steps, shift=c.shift if shift is None else shift, grid=c.grid,
-                          mu=c.mu, shift_terminal=c.shift_terminal, shared_noise=False)
+    num_steps = steps or c.num_steps
+    mu = c.mu
+    if size_bindings and c.grid == "dynamic":  # the grid's shift follows the image size, as the pipeline's does
+        mu = backbone.pipeline_mu(num_steps)
+        if mu is None:
+            raise ExportError(f"TrainConfig.grid = 'dynamic' with TrainConfig.mu = {c.mu} is the grid of the config's "
+                              f"image size, and backbone {c.backbone!r} does not say how its pipeline's mu follows "
+                              f"the size (Backbone.pipeline_mu): sample at the config's size, or bind the grid for "
+                              f"this one, e.g. --gin \"TrainConfig.grid = 'static'\"")
+    setup = SamplingSetup(num_steps=num_steps, shift=c.shift if shift is None else shift, grid=c.grid,
+                          mu=mu, shift_terminal=c.shift_terminal, shared_noise=False)
     setup.sigmas(None)  # a bad grid fails before any image is drawn
     batch = batch_size or c.rollout_batch_size
     pairs = [(n, s) for n in range(len(prompt_list)) for s in seed_list]  # prompt-major: a prompt's seeds together
@@ -162,10 +283,15 @@ def run_sample(source: str | os.PathLike, prompts: str | Sequence[str], out: str
         for (n, s), image in zip(chunk, images, strict=True):
             name = image_name(n, s)
             save_png(image, out / name)
-            entries.append({"file": name, "prompt_index": n, "seed": s, "prompt": prompt_list[n]})
+            prompt = prompt_list[n]
+            entry = {"file": name, "prompt_index": n, "seed": s, "prompt": str(prompt)}
+            if isinstance(prompt, EditPrompt):
+                entry["source_image"] = prompt.image
+            entries.append(entry)
             if len(grid_images) < GRID_MAX:
                 grid_images.append(image)
-                grid_captions.append(f"{prompt_list[n]} (seed {s})")
+                edited = f", editing {Path(prompt.image).name}" if isinstance(prompt, EditPrompt) else ""
+                grid_captions.append(f"{prompt} (seed {s}{edited})")
         bar.update(len(chunk))
     bar.close()
     from mixgrpo.commands.report import save_sample_grid  # matplotlib loads only here
@@ -178,7 +304,9 @@ def run_sample(source: str | os.PathLike, prompts: str | Sequence[str], out: str
         "checkpoint": str(opened.checkpoint) if opened.checkpoint is not None else "base",
         "iteration": opened.iteration,
         "backbone": c.backbone,
-        "sampling": {"num_steps": setup.num_steps, "shift": setup.shift, "grid": setup.grid, "solver": solver_name,
+        "sampling": {"num_steps": setup.num_steps, "shift": setup.shift, "grid": setup.grid, "mu": setup.mu,
+                     "solver": solver_name, "height": int(grid_images[0].shape[-2]),
+                     "width": int(grid_images[0].shape[-1]),
                      "sigmas": [round(float(s), 6) for s in setup.sigmas(None)], **guidance_used,
                      "noise_key": "(seed, 'eval', prompt_index)"},
         "seeds": seed_list,

@@ -56,9 +56,9 @@ class Backbone(ABC):
 
     Everything the core uses of a backbone is declared here, abstract or with a documented default,
     and nothing else is read (tests/core/test_contracts.py checks the core for it): the methods
-    below, the trainable network ``module``, ``dtype``, ``lora_rank``, ``device``,
+    below, the trainable network ``module``, ``dtype``, ``lora_rank``, ``uses_source_images``, ``device``,
     ``calls_per_velocity``, the frozen reference, and what publishing a model needs
-    (``model_facts``, ``export``, ``load_snippet``, ``set_guidance``).
+    (``model_facts``, ``export``, ``load_snippet``, ``pipeline_mu``, ``set_guidance``).
     """
 
     #: the compute dtype of the network's forward (``velocity`` takes and returns fp32 whatever it
@@ -67,6 +67,10 @@ class Backbone(ABC):
     #: what trains: 0 = every weight of ``module`` (full fine-tuning); r > 0 = LoRA adapters of rank
     #: r (FSDP refuses those: LoRA runs use DDP)
     lora_rank: int = 0
+    #: True: an editing backbone, each of whose prompts is an ``EditPrompt`` carrying its source image
+    #: (``mixgrpo sample`` then takes edits, and refuses plain prompts before the model loads); False:
+    #: text prompts only. A class attribute, read on the registered class before anything is built
+    uses_source_images: bool = False
     _module: nn.Module | None = None
 
     @abstractmethod
@@ -164,6 +168,13 @@ class Backbone(ABC):
         diffusers and draw ``prompt`` in ``num_steps`` steps (a fenced Python block, with a sentence
         before it where one is needed). The default: no lines (no pipeline loads this backbone)."""
         return []
+
+    def pipeline_mu(self, num_steps: int) -> float | None:
+        """The ``mu`` of the dynamic σ grid (``TrainConfig.grid = 'dynamic'``) that the model's diffusers
+        pipeline uses at this backbone's image size for ``num_steps`` steps (FLUX's: ``flux_mu`` of the
+        image token count), or None where the pipeline's shift does not follow the image size (the
+        default). ``mixgrpo sample --height/--width`` recomputes the grid's ``mu`` with it."""
+        return None
 
     def set_guidance(self, scale: float) -> str:
         """Set the sampling guidance to ``scale`` as diffusers' ``guidance_scale`` means it (``mixgrpo

@@ -12,7 +12,8 @@ from typing import Any
 
 from mixgrpo.core import hacking, trackers
 from mixgrpo.core.config import TrainConfig
-from mixgrpo.core.interfaces import MatchingObjective, Reward, Sampler, check_objective_factory
+from mixgrpo.core.edits import LINE_FORMAT
+from mixgrpo.core.interfaces import Backbone, MatchingObjective, Reward, Sampler, check_objective_factory
 from mixgrpo.core.plugins import PluginManager
 from mixgrpo.core.types import EditPrompt
 
@@ -147,15 +148,29 @@ def check_objective_plan(c: TrainConfig, pm: PluginManager, objective: Any, plan
 
 
 def check_sources(c: TrainConfig, pm: PluginManager, prompt_set: Any) -> None:
-    """A reward that scores against the source image (``Reward.uses_source_images``: an edit reward)
-    needs a prompt set whose items carry one (``EditPrompt``); found here, not after iterations of
-    rewards that could score nothing."""
+    """An editing backbone (``Backbone.uses_source_images``) needs a prompt set whose items carry a
+    source image (``EditPrompt``) and a text-only one refuses them; a reward that scores against the
+    source image (``Reward.uses_source_images``: an edit reward) needs them too. Found here, before
+    the model loads, not after iterations of rollouts and rewards that could do nothing right."""
+    first = prompt_set("eval", 1, c.seed)
+    edits = bool(first) and isinstance(first[0], EditPrompt)
+    backbone = pm.get("backbone", c.backbone).factory
+    editing = isinstance(backbone, type) and issubclass(backbone, Backbone) and backbone.uses_source_images
+    if first and editing and not edits:
+        raise ValueError(f"TrainConfig.backbone = {c.backbone!r} edits a source image per prompt, but "
+                         f"TrainConfig.prompt_set = {c.prompt_set!r} gives plain text prompts: use a prompt set whose "
+                         "items carry a source image (TrainConfig.prompt_set = 'edit', a JSONL of "
+                         f"{LINE_FORMAT} lines or a folder of images with same-named .txt instructions)")
+    if edits and isinstance(backbone, type) and issubclass(backbone, Backbone) and not editing:
+        raise ValueError(f"TrainConfig.prompt_set = {c.prompt_set!r} gives edit prompts (an instruction with a source "
+                         f"image), but TrainConfig.backbone = {c.backbone!r} generates from text alone and would "
+                         "ignore the source images: use an editing backbone (one that declares uses_source_images, "
+                         "e.g. 'flux_kontext'), or a text prompt set")
     asking = [name for name in dict.fromkeys([*c.rewards, *c.eval_rewards])
               if _uses_sources(pm.get("reward", name).factory)]
     if not asking:
         return
-    first = prompt_set("eval", 1, c.seed)
-    if first and not isinstance(first[0], EditPrompt):
+    if first and not edits:
         raise ValueError(f"reward(s) {', '.join(map(repr, asking))} score each image against its source image, but "
                          f"TrainConfig.prompt_set = {c.prompt_set!r} gives plain text prompts: use a prompt set whose "
                          "items carry a source image (EditPrompt items, e.g. a JSONL of image path + instruction; "

@@ -149,32 +149,29 @@ class DiffusersBackbone(TorchBackbone):
             Never a hub id: nothing is downloaded.
         height, width: image size in pixels. Default: ``mixgrpo.json`` in ``path`` if present, else
             the subclass's fallback. Multiples of the latent patch size in pixels.
-        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the compute dtype. Text encoders (and
-            the VAE, unless the subclass sets its own dtype) are held and run in it; the transformer
-            runs in it under autocast, while its trainable weights (full fine-tuning) stay fp32
-            master weights, so that small updates and weight decay are not rounded away (LoRA: the
-            frozen base is held in this dtype, the adapters in fp32). Step math stays fp32:
-            ``velocity`` takes and returns fp32.
-        cfg_scale: classifier-free guidance against the empty prompt when > 1:
-            ``v = v_u + s·(v_c − v_u)``. ``velocity`` then runs a doubled batch, so every model call
-            costs two network evaluations (NFE doubles); 1 disables guidance.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the compute dtype. Text encoders (and the VAE,
+            unless the subclass sets its own dtype) are held and run in it; the transformer runs in it under
+            autocast, while its trainable weights (full fine-tuning) stay fp32 master weights, so that small
+            updates and weight decay are not rounded away (LoRA: the frozen base is held in this dtype, the
+            adapters in fp32). Step math stays fp32: ``velocity`` takes and returns fp32.
+        cfg_scale: classifier-free guidance against the empty prompt when > 1: ``v = v_u + s·(v_c − v_u)``
+            (the hook ``combine_guidance``). ``velocity`` then runs a doubled batch, so every model call costs
+            two network evaluations (NFE doubles); 1 disables guidance.
         cfg_gradient: with guidance, ``"conditional"`` (default, FlowGRPO's) trains through the
             conditional branch only (the unconditional prediction is detached, so the gradient is
             ``s·dv_c/dθ``); ``"both"`` differentiates the guided velocity through both branches.
         timestep_quantization: None feeds the network the exact σ; an integer q feeds
             ``floor(q·σ)/q`` (q = 1000 reproduces the MixGRPO/DanceGRPO references).
-        lora_rank: 0 trains the whole transformer; r > 0 wraps it with peft LoRA of rank r on
-            ``lora_targets`` (only the adapters train, and ``reference()`` is the adapter-disabled
-            model).
+        lora_rank: 0 trains the whole transformer; r > 0 wraps it with peft LoRA of rank r on ``lora_targets``
+            (only the adapters train, and ``reference()`` is the adapter-disabled model).
         lora_alpha: LoRA alpha (default ``2·lora_rank``).
         lora_targets: module names LoRA adapts (default: the subclass's ``default_lora_targets``).
         gradient_checkpointing: recompute transformer blocks in the backward pass (memory for time).
-        attention_backend: None (default) runs attention through PyTorch SDPA, diffusers' default;
-            otherwise the name of one of diffusers' attention backends (``'xformers'``, ``'flash'``,
-            ``'_native_flash'``, ``'_native_math'``, ``'flex'``, ``'sage'``, ...; see
-            ``diffusers.models.attention_dispatch.AttentionBackendName``). Checked before anything is
-            loaded: a backend that is not installed, needs another device or downloads a kernel is
-            refused with the list of those that can run here. Set on this transformer only.
+        attention_backend: None (default) runs attention through PyTorch SDPA, diffusers' default; otherwise
+            the name of one of diffusers' attention backends (``'xformers'``, ``'flash'``, ``'_native_flash'``,
+            ``'_native_math'``, ``'flex'``, ``'sage'``, ...; ``diffusers.models.attention_dispatch.
+            AttentionBackendName``). Checked before anything is loaded: one not installed, needing another
+            device or downloading a kernel is refused with those that can run here. Set on this transformer only.
         compile: ``'none'`` (default); ``'all'``: ``torch.compile`` the transformer for every forward
             (rollout and training compute identical log-probs, also in bf16); ``'rollout'``: only the
             forwards without gradients (rollout, evaluation, KL reference), fp32 only (docs/design.md).
@@ -248,12 +245,11 @@ class DiffusersBackbone(TorchBackbone):
         self.attention_backend = check_attention_backend(attention_backend, default_device(device))
 
     def _network(self) -> nn.Module:
-        """The transformer for this forward, its repeated blocks ``torch.compile``'d where ``compile``
-        says so (``'rollout'``: forwards without gradients, i.e. rollout, evaluation and the KL
-        reference; ``'all'``: every forward, training's included). Regional compilation, as
-        diffusers' ``compile_repeated_blocks``: each kind of block compiles once however deep the
-        model, and the code between blocks stays eager. The compiled blocks are kept per module, so a
-        module the trainer wraps or swaps in (DDP, the frozen reference) gets its own."""
+        """The transformer for this forward, its repeated blocks ``torch.compile``'d where ``compile`` says
+        so (``'rollout'``: forwards without gradients, i.e. rollout, evaluation and the KL reference;
+        ``'all'``: every forward, training's included). Regional compilation, as diffusers'
+        ``compile_repeated_blocks``: each kind of block compiles once however deep the model, the code between
+        blocks stays eager. Kept per module: one the trainer wraps or swaps in (DDP, the reference) gets its own."""
         module = self.module
         if self.compile != "none":
             use = self.compile == "all" or not torch.is_grad_enabled()
@@ -262,8 +258,7 @@ class DiffusersBackbone(TorchBackbone):
         return module
 
     def _compiled_blocks(self, module: nn.Module) -> list[tuple[nn.Module, Callable[..., Any]]]:
-        if self._compiled is None:
-            self._compiled = {}
+        self._compiled = {} if self._compiled is None else self._compiled
         cached = self._compiled.get(id(module))
         if cached is None or cached[0] is not module:
             base = module
@@ -313,16 +308,14 @@ class DiffusersBackbone(TorchBackbone):
             transformer = add_lora(transformer, lora_rank, lora_alpha, lora_targets or self.default_lora_targets)
         else:
             transformer.requires_grad_(True)
-        self.lora_rank = lora_rank
-        self.module = transformer
+        self.lora_rank, self.module = lora_rank, transformer
         for m in self.frozen.values():
             m.requires_grad_(False).eval().to(device)
 
     # -- the frozen reference: the adapters switched off under LoRA, else a frozen copy -------------
     def freeze_reference(self) -> None:
-        """Under LoRA nothing to keep: the reference is the network with its adapters disabled. The
-        frozen copy of a full fine-tune is held in the compute dtype (its forward runs in it anyway),
-        half the memory of the fp32 master weights."""
+        """Under LoRA nothing to keep: the reference is the network with its adapters disabled. The frozen
+        copy of a full fine-tune is held in the compute dtype (its forward runs in it), half the fp32's memory."""
         if self.lora_rank > 0:
             return
         for _, compiled in (self._compiled or {}).values():  # the copy must not call the live blocks' code
@@ -334,11 +327,8 @@ class DiffusersBackbone(TorchBackbone):
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
-        if self.lora_rank > 0:
-            with self.unwrapped().disable_adapter():  # peft: the base is the model with adapters off
-                yield
-            return
-        with super().reference():
+        # under LoRA (peft) the base is the model with its adapters off
+        with self.unwrapped().disable_adapter() if self.lora_rank > 0 else super().reference():
             yield
 
     def _sync_devices(self) -> torch.device:
@@ -364,30 +354,24 @@ class DiffusersBackbone(TorchBackbone):
         return self._negative
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """``v ≈ ε − x0`` ``[B, *latent_shape]`` fp32; with ``cfg_scale > 1`` one doubled batch (2 NFE).
-
-        The transformer runs under autocast in the compute dtype (its trainable weights are fp32
-        master weights). With guidance and gradients enabled, ``cfg_gradient="conditional"`` (the
-        default, FlowGRPO's) detaches the unconditional branch, so ``dv/dθ = s·dv_c/dθ``; ``"both"``
-        lets the gradient through both branches (``s·dv_c − (s−1)·dv_u``). The value is the same.
-        """
-        batch = x.shape[0]
-        device = self.device
-        t = self._timestep(sigma.to(device), batch)
+        """``v ≈ ε − x0`` ``[B, *latent_shape]`` fp32: ``_forward`` on ``_text_inputs`` under autocast in the
+        compute dtype; with ``cfg_scale > 1`` one doubled batch (2 NFE) whose halves ``combine_guidance``
+        combines, the unconditional one detached first under ``cfg_gradient="conditional"``."""
+        batch, device = x.shape[0], self.device
+        t = sigma_t = self._timestep(sigma.to(device), batch)
         x = x.to(device=device, dtype=self.dtype)
-        embeds, pooled = cond.embeds.to(device, self.dtype), cond.pooled.to(device, self.dtype)
+        text = self._text_inputs(cond)
         if self.cfg_scale > 1.0:
-            neg = self.negative()
-            embeds = torch.cat([neg.embeds.to(self.dtype).expand(batch, -1, -1), embeds])
-            pooled = torch.cat([neg.pooled.to(self.dtype).expand(batch, -1), pooled])
+            negative = self._text_inputs(self.negative())
+            text = tuple(torch.cat([n.expand(batch, *n.shape[1:]), c]) for n, c in zip(negative, text, strict=True))
             x, t = torch.cat([x, x]), torch.cat([t, t])
         with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            v = self._forward(x, t, embeds, pooled).float()
+            v = self._forward(x, t, *text).float()
         if self.cfg_scale > 1.0:
             v_uncond, v_cond = v.chunk(2)
             if self.cfg_gradient == "conditional":
                 v_uncond = v_uncond.detach()
-            v = v_uncond + self.cfg_scale * (v_cond - v_uncond)
+            v = self.combine_guidance(v_uncond, v_cond, sigma_t)
         return v
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
@@ -395,27 +379,50 @@ class DiffusersBackbone(TorchBackbone):
         """One transformer call on unpacked latents (model dtype); ``t`` is the (quantized) σ."""
         raise NotImplementedError
 
+    # -- hooks to override instead of velocity, decode, encode_images (docs/plugins.md) -----------
+    def combine_guidance(self, v_uncond: torch.Tensor, v_cond: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The guided velocity from the branches ``[B, *latent_shape]`` fp32 (``v_uncond`` detached under
+        ``cfg_gradient="conditional"``) at the σ ``[B]`` fed to the network. Default: ``v_u + s·(v_c − v_u)``."""
+        return v_uncond + self.cfg_scale * (v_cond - v_uncond)
+
+    def _text_inputs(self, cond: Conditioning) -> tuple[torch.Tensor, ...]:
+        """The text tensors ``_forward`` takes after ``x, t``, batch first, on the device (the negative's
+        go before them under guidance). Default: ``(embeds, pooled)`` in the compute dtype."""
+        return cond.embeds.to(self.device, self.dtype), cond.pooled.to(self.device, self.dtype)
+
+    def to_vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The backbone's latents (VAE dtype) → the VAE's. Default: ``latents / scaling_factor + shift_factor``."""
+        return latents / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+
+    def from_vae_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents (its dtype) → the backbone's (fp32). Default: ``(z − shift_factor)·scaling_factor``."""
+        return (z.float() - (self.vae.config.shift_factor or 0.0)) * self.vae.config.scaling_factor
+
+    def vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents → images in [−1, 1]. Default: ``vae.decode``."""
+        return self.vae.decode(z, return_dict=False)[0]
+
+    def vae_encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [−1, 1] → the VAE's latents. Default: ``vae.encode``'s posterior mode."""
+        return self.vae.encode(x).latent_dist.mode()
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → images ``[B, 3, H, W]`` in [0, 1] fp32 (VAE decode, or pixels scaled from [−1, 1])."""
+        """Latents → images ``[B, 3, H, W]`` in [0, 1] fp32: ``vae_decode(to_vae_latents(·))`` (no VAE: pixels)."""
         if self.vae is None:
             return ((latents.float() + 1) / 2).clamp(0, 1)
         self._sync_devices()
-        cfg = self.vae.config
-        z = latents.to(self.device, self.vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-        image = self.vae.decode(z, return_dict=False)[0]
+        image = self.vae_decode(self.to_vae_latents(latents.to(self.device, self.vae.dtype)))
         return ((image.float() + 1) / 2).clamp(0, 1).to(latents.device)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` in [0, 1] → latents ``[B, *latent_shape]`` fp32 (the VAE posterior's mode)."""
+        """Images ``[B, 3, H, W]`` in [0, 1] → latents fp32: ``from_vae_latents(vae_encode(2·images − 1))``."""
         x = images.float() * 2 - 1
         if self.vae is None:
             return x
         self._sync_devices()
-        cfg = self.vae.config
-        z = self.vae.encode(x.to(self.device, self.vae.dtype)).latent_dist.mode()
-        return ((z.float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor).to(images.device)
+        return self.from_vae_latents(self.vae_encode(x.to(self.device, self.vae.dtype))).float().to(images.device)
 
     # -- publishing: the model card, ``mixgrpo export`` and ``mixgrpo sample`` --------------------
     def model_facts(self) -> ModelFacts:

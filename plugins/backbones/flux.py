@@ -31,6 +31,7 @@ import torch
 
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import ModelFacts
+from mixgrpo.core.sigmas import flux_mu
 from mixgrpo.core.types import Conditioning
 from mixgrpo.plugins.backbones.diffusers_base import DiffusersBackbone, component, read_defaults, tokenize
 
@@ -211,6 +212,12 @@ class FluxBackbone(DiffusersBackbone):
             return_dict=False,
         )[0]
         return self.unpack(out)
+
+    def pipeline_mu(self, num_steps: int | None = None) -> float:
+        """``mu`` of the pipeline's dynamic σ grid at this size (FluxPipeline's and FluxKontextPipeline's):
+        ``flux_mu`` of the generated image's token count, whatever ``num_steps`` (``TrainConfig.grid =
+        'dynamic'``, ``TrainConfig.mu``)."""
+        return flux_mu((self.latent_height // self.patch) * (self.latent_width // self.patch))
 
     # -- publishing ----------------------------------------------------------------------------
     def model_facts(self) -> ModelFacts:

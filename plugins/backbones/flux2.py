@@ -20,8 +20,9 @@ Everything follows ``Flux2KleinPipeline`` (diffusers 0.42):
 * **Latents.** The VAE's latents are cut into 2×2 patches (channel-major, ``4·C`` channels at half
   the resolution) and normalised by the VAE's batch-norm running statistics; this patchified,
   normalised tensor ``[B, 4C, H/2f, W/2f]`` is the backbone's latent (f = the VAE's downsampling),
-  the layout the pipeline's ``latents`` argument takes. The transformer sees it flattened row-major
-  into ``[B, (H/2f)(W/2f), 4C]`` with image position ids ``(0, row, col, 0)`` and is fed σ itself.
+  the layout the pipeline's ``latents`` argument takes (the hooks ``to_vae_latents`` and
+  ``from_vae_latents``). The transformer sees it flattened row-major into ``[B, (H/2f)(W/2f), 4C]``
+  with image position ids ``(0, row, col, 0)`` and is fed σ itself.
 * **σ grid.** The pipeline walks ``linspace(1, 1/T, T)`` shifted exponentially by an empirical
   ``mu`` that depends on the image token count and on T (``empirical_mu``): the core's dynamic grid
   (``TrainConfig.grid = 'dynamic'``, ``TrainConfig.mu = backbone.pipeline_mu(T)``).
@@ -268,23 +269,15 @@ class Flux2Backbone(DiffusersBackbone):
         std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps)
         return mean, std
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → images ``[B, 3, H, W]`` in [0, 1] fp32: de-normalise, unpatchify, VAE decode."""
-        self._sync_devices()
+    def to_vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """De-normalise by the batch-norm statistics, then unpatchify (``[B, 4C, h/2, w/2]`` → ``[B, C, h, w]``)."""
         mean, std = self._latent_stats()
-        z = latents.to(self.device, self.vae.dtype) * std.to(self.vae.dtype) + mean.to(self.vae.dtype)
-        image = self.vae.decode(unpatchify(z), return_dict=False)[0]
-        return ((image.float() + 1) / 2).clamp(0, 1).to(latents.device)
+        return unpatchify(latents * std.to(latents.dtype) + mean.to(latents.dtype))
 
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` in [0, 1] → latents ``[B, *latent_shape]`` fp32 (the posterior's mode,
-        patchified and normalised as the pipeline encodes reference images)."""
-        self._sync_devices()
-        z = self.vae.encode((images.float() * 2 - 1).to(self.device, self.vae.dtype)).latent_dist.mode()
+    def from_vae_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Patchify and normalise in fp32, as the pipeline encodes reference images."""
         mean, std = self._latent_stats()
-        return ((patchify(z).float() - mean.float()) / std.float()).to(images.device)
+        return (patchify(z).float() - mean.float()) / std.float()
 
     # -- publishing ----------------------------------------------------------------------------
     def set_guidance(self, scale: float) -> str:

@@ -13,10 +13,10 @@ and VAE), loaded as ``flux.py`` loads one. What Kontext adds, done here as the p
 * under classifier-free guidance (the pipeline's ``true_cfg_scale``) both branches see the source.
 
 The σ grid of ``FluxKontextPipeline`` is FLUX's dynamic one: ``grid = 'dynamic'`` with
-``mu = pipeline_mu()`` (``flux_mu`` of the generated image's token count; the source's tokens do not
-count). Unlike the pipeline, which resizes each source to the preferred Kontext resolution nearest its
-aspect ratio, every source here is resized to one size (so that a batch holds one tensor), as
-Flow-Factory's ``condition_image_size`` does.
+``mu = pipeline_mu()`` (``FluxBackbone``'s: ``flux_mu`` of the generated image's token count; the
+source's tokens do not count). Unlike the pipeline, which resizes each source to the preferred Kontext
+resolution nearest its aspect ratio, every source here is resized to one size (so that a batch holds
+one tensor), as Flow-Factory's ``condition_image_size`` does.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from mixgrpo.core.hookspecs import hookimpl
-from mixgrpo.core.sigmas import flux_mu
 from mixgrpo.core.types import Conditioning, EditPrompt
 from mixgrpo.plugins.backbones.flux import FluxBackbone, image_ids, pack
 
@@ -54,6 +53,7 @@ class FluxKontextBackbone(FluxBackbone):
     """
 
     family, model_name = "flux_kontext", "FLUX.1-Kontext"
+    uses_source_images = True  # every prompt is an EditPrompt (``mixgrpo sample`` takes edits)
     transformer_class, diffusers_pipeline = "FluxTransformer2DModel", "FluxKontextPipeline"
 
     def __init__(self, path: str, height: int | None = None, width: int | None = None,
@@ -81,11 +81,6 @@ class FluxKontextBackbone(FluxBackbone):
         if self.source_height % step or self.source_width % step:
             raise ValueError(f"source_height and source_width must be multiples of {step}, got "
                              f"{self.source_height}×{self.source_width}")
-
-    def pipeline_mu(self) -> float:
-        """``mu`` of FluxKontextPipeline's dynamic σ grid at this size: ``flux_mu`` of the generated
-        image's token count (``TrainConfig.grid = 'dynamic'``, ``TrainConfig.mu``)."""
-        return flux_mu((self.latent_height // self.patch) * (self.latent_width // self.patch))
 
     # -- conditioning ---------------------------------------------------------------------------
     def _edits(self, prompts: list[str]) -> list[EditPrompt]:

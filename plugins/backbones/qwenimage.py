@@ -19,8 +19,8 @@ Latents are kept unpacked ``[B, C, h, w]`` (C = the VAE's ``z_dim``, h = H / 8 f
 transformer sees them packed into 2×2 patches (``[B, (h/2)(w/2), 4C]``, as ``_pack_latents``) with
 ``img_shapes = (1, h/2, w/2)`` and the timestep σ. Guidance is the pipeline's ``true_cfg_scale``:
 classifier-free guidance against a negative prompt (``" "``, the model card's), the guided velocity
-rescaled per image token to the conditional velocity's norm. ``decode`` undoes the VAE's per-channel
-normalization and decodes a one-frame video.
+rescaled per image token to the conditional velocity's norm (``combine_guidance``). ``decode`` undoes the
+VAE's per-channel normalization (``to_vae_latents``) and decodes a one-frame video (``vae_decode``).
 """
 
 from __future__ import annotations
@@ -206,6 +206,10 @@ class QwenImageBackbone(DiffusersBackbone):
         ``TrainConfig.grid = 'dynamic'`` walks the pipeline's grid, without its ``shift_terminal``)."""
         return image_seq_mu(self.image_seq_len(), self.scheduler_config)
 
+    def pipeline_mu(self, num_steps: int | None = None) -> float:
+        """``Backbone.pipeline_mu``: ``mu()``, whatever ``num_steps``."""
+        return self.mu()
+
     # -- the Backbone interface ----------------------------------------------------------------
     def latent_shape(self) -> tuple[int, ...]:
         return (self.channels, self.latent_height, self.latent_width)
@@ -243,62 +247,51 @@ class QwenImageBackbone(DiffusersBackbone):
     def unpack(self, tokens: torch.Tensor) -> torch.Tensor:
         return unpack(tokens, self.channels, self.latent_height, self.latent_width, 2)
 
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """``v ≈ ε − x0`` ``[B, *latent_shape]`` fp32; with ``cfg_scale > 1`` one doubled batch (2 NFE)
-        combined by ``rescaled_guidance``. ``cfg_gradient="conditional"`` detaches the unconditional
-        branch (the gradient flows through ``v_c`` in both the combination and the rescaling)."""
-        batch, device = x.shape[0], self.device
-        t = self._timestep(sigma.to(device), batch)
-        tokens = self.pack(x.to(device=device, dtype=self.dtype))
-        embeds, mask = cond.embeds.to(device, self.dtype), cond.mask.to(device)
-        guided = self.cfg_scale > 1.0
-        if guided:
-            neg = self.negative()
-            embeds = torch.cat([neg.embeds.to(self.dtype).expand(batch, -1, -1), embeds])
-            mask = torch.cat([neg.mask.expand(batch, -1), mask])
-            tokens, t = torch.cat([tokens, tokens]), torch.cat([t, t])
-        with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            v = self._transformer(tokens, t, embeds, mask).float()
-        if guided:
-            v_uncond, v_cond = v.chunk(2)
-            if self.cfg_gradient == "conditional":
-                v_uncond = v_uncond.detach()
-            v = rescaled_guidance(v_uncond, v_cond, self.cfg_scale)
-        return self.unpack(v)
+    # -- the hooks of DiffusersBackbone ------------------------------------------------------------
+    def _text_inputs(self, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embeds, mask)``: the transformer masks the padding out of its joint attention."""
+        return cond.embeds.to(self.device, self.dtype), cond.mask.to(self.device)
 
-    def _transformer(self, tokens: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor:
-        """One transformer call on packed latents ``[B, tokens, 4C]`` (model dtype); ``t`` is σ."""
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One transformer call on latents packed into 2×2 patches ``[B, tokens, 4C]`` (model dtype), the
+        output unpacked; ``t`` is σ."""
+        tokens = self.pack(x)
         shape = (1, self.latent_height // 2, self.latent_width // 2)
-        return self._network()(hidden_states=tokens, timestep=t.to(self.dtype), encoder_hidden_states=embeds,
-                               encoder_hidden_states_mask=mask, img_shapes=[[shape]] * tokens.shape[0],
-                               return_dict=False)[0]
+        out = self._network()(hidden_states=tokens, timestep=t.to(self.dtype), encoder_hidden_states=embeds,
+                              encoder_hidden_states_mask=mask, img_shapes=[[shape]] * tokens.shape[0],
+                              return_dict=False)[0]
+        return self.unpack(out)
+
+    def combine_guidance(self, v_uncond: torch.Tensor, v_cond: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The pipeline's true CFG, ``rescaled_guidance`` on the packed velocities (per image token); under
+        ``cfg_gradient="conditional"`` the gradient flows through ``v_c`` in both the combination and the
+        rescaling."""
+        return self.unpack(rescaled_guidance(self.pack(v_uncond), self.pack(v_cond), self.cfg_scale))
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The VAE's per-channel latent mean and std, ``[1, C, 1, 1, 1]`` like ``like``."""
+        """The VAE's per-channel latent mean and std, ``[1, C, 1, 1]`` like ``like``."""
         cfg = self.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1)
-        std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1)
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1)
+        std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1)
         return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents ``[B, C, h, w]`` → images ``[B, 3, H, W]`` in [0, 1] fp32: ``z·std + mean`` decoded as
-        a one-frame video (as the pipeline divides by ``1/std``)."""
-        self._sync_devices()
-        z = latents.to(self.device, self.vae.dtype)[:, :, None]
-        mean, std = self._latent_stats(z)
-        image = self.vae.decode(z / (1.0 / std) + mean, return_dict=False)[0][:, :, 0]
-        return ((image.float() + 1) / 2).clamp(0, 1).to(latents.device)
+    def to_vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """``z·std + mean`` per channel (as the pipeline divides by ``1/std``)."""
+        mean, std = self._latent_stats(latents)
+        return latents / (1.0 / std) + mean
 
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` in [0, 1] → latents ``[B, C, h, w]`` fp32 (the posterior's mode, normalized)."""
-        self._sync_devices()
-        x = (images.float() * 2 - 1).to(self.device, self.vae.dtype)[:, :, None]
-        z = self.vae.encode(x).latent_dist.mode()
+    def from_vae_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """``(z − mean) / std`` per channel."""
         mean, std = self._latent_stats(z)
-        return ((z - mean) / std)[:, :, 0].float().to(images.device)
+        return (z - mean) / std
+
+    def vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The VAE decodes a one-frame video."""
+        return self.vae.decode(z[:, :, None], return_dict=False)[0][:, :, 0]
+
+    def vae_encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The VAE encodes a one-frame video (the posterior's mode)."""
+        return self.vae.encode(x[:, :, None]).latent_dist.mode()[:, :, 0]
 
     # -- publishing ----------------------------------------------------------------------------
     def model_facts(self) -> ModelFacts:

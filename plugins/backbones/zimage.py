@@ -228,9 +228,9 @@ class ZImageBackbone(DiffusersBackbone):
         return [e[m] for e, m in zip(cond.embeds, cond.mask.to(cond.embeds.device), strict=True)]
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """``v ≈ ε − x0`` ``[B, C, h, w]`` fp32; with guidance one doubled batch (2 NFE), combined in
-        the pipeline's form (see the module docstring). ``cfg_gradient="conditional"`` detaches the
-        negative branch."""
+        """``v ≈ ε − x0`` ``[B, C, h, w]`` fp32 (the negated transformer output); with guidance one doubled
+        batch (2 NFE), combined by ``combine_guidance`` in the pipeline's form (see the module docstring).
+        ``cfg_gradient="conditional"`` detaches the negative branch."""
         batch, device = x.shape[0], self.device
         sigma = self._timestep(sigma.to(device), batch)
         t = (1000 - sigma * 1000) / 1000  # 1 − σ, rounded as the pipeline computes it from σ·1000
@@ -242,26 +242,28 @@ class ZImageBackbone(DiffusersBackbone):
             x, t = torch.cat([x, x]), torch.cat([t, t])
         with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             out = self._call_transformer(x, t, captions)
+        v = -out  # the transformer predicts x0 − ε
         if not guided:
-            return -out
-        positive, negative = out.chunk(2)
+            return v
+        v_cond, v_uncond = v.chunk(2)  # the conditional branch first, as the pipeline batches them
         if self.cfg_gradient == "conditional":
-            negative = negative.detach()
-        return -self._guide(positive, negative, sigma)
+            v_uncond = v_uncond.detach()
+        return self.combine_guidance(v_uncond, v_cond, sigma)
 
-    def _guide(self, positive: torch.Tensor, negative: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """ZImagePipeline's guidance on the transformer's outputs ``[B, C, h, w]`` fp32: ``p + g·(p − n)``,
-        the norm capped at ``cfg_normalization·‖p‖`` per sample, and ``p`` alone where ``1 − σ > cfg_truncation``."""
+    def combine_guidance(self, v_uncond: torch.Tensor, v_cond: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """ZImagePipeline's guidance ``[B, C, h, w]`` fp32: ``v_c + g·(v_c − v_u)``, the norm capped at
+        ``cfg_normalization·‖v_c‖`` per sample, and ``v_c`` alone where ``1 − σ > cfg_truncation`` (the
+        pipeline applies it to the transformer's outputs, the negated velocities: the same numbers negated)."""
         g = self.cfg_scale - 1.0
-        guided = positive + g * (positive - negative)
+        guided = v_cond + g * (v_cond - v_uncond)
         if self.cfg_normalization > 0:
-            limit = torch.linalg.vector_norm(positive.flatten(1), dim=1) * self.cfg_normalization
+            limit = torch.linalg.vector_norm(v_cond.flatten(1), dim=1) * self.cfg_normalization
             norm = torch.linalg.vector_norm(guided.flatten(1), dim=1)
             scale = torch.where(norm > limit, limit / norm, torch.ones_like(norm))
             guided = guided * scale.view(-1, *([1] * (guided.ndim - 1)))
         if self.cfg_truncation <= 1:
             keep = ((1 - sigma.float()) > self.cfg_truncation).view(-1, *([1] * (guided.ndim - 1)))
-            guided = torch.where(keep, positive, guided)
+            guided = torch.where(keep, v_cond, guided)
         return guided
 
     def _call_transformer(self, x: torch.Tensor, t: torch.Tensor, captions: list[torch.Tensor]) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -161,6 +162,37 @@ def test_the_trainer_reports_a_bad_image_before_any_model_loads(tmp_path):
     config, pm = load_config(gin, pm=PluginManager(plugins=missing) if missing else pm)
     with pytest.raises(FileNotFoundError, match=r"edits\.jsonl, line 1: source image .*gone\.png' not found"):
         Trainer(config, pm)
+
+
+@pytest.mark.parametrize("case", ["editing backbone, text prompts", "text backbone, edit prompts"])
+def test_a_backbone_and_a_prompt_set_that_disagree_on_sources_are_refused_before_any_model_loads(
+        tmp_path, edits, case):
+    from mixgrpo.core.config import load_config
+    from mixgrpo.core.trainer import Trainer
+    from mixgrpo.plugins.backbones import flux_kontext
+
+    if case == "editing backbone, text prompts":
+        lines = ["TrainConfig.backbone = 'flux_kontext'", f"FluxKontextBackbone.path = '{tmp_path / 'no_model'}'",
+                 "TrainConfig.prompt_set = 'shapes'"]
+        message = ("TrainConfig.backbone = 'flux_kontext' edits a source image per prompt, but TrainConfig.prompt_set "
+                   "= 'shapes' gives plain text prompts: use a prompt set whose items carry a source image "
+                   "(TrainConfig.prompt_set = 'edit'")
+    else:
+        lines = ["TrainConfig.backbone = 'flux'", f"FluxBackbone.path = '{tmp_path / 'no_model'}'",
+                 "TrainConfig.prompt_set = 'edit'", f"EditPrompts.train_path = '{edits}'"]
+        message = ("TrainConfig.prompt_set = 'edit' gives edit prompts (an instruction with a source image), but "
+                   "TrainConfig.backbone = 'flux' generates from text alone")
+    gin = tmp_path / "run.gin"
+    gin.write_text("\n".join([*lines, "TrainConfig.rewards = {'shapes.preference': 1.0}",
+                               f"TrainConfig.output_dir = '{tmp_path / 'run'}'", "TrainConfig.progress = False",
+                               "TrainConfig.trackers = []"]) + "\n")
+    pm = PluginManager()
+    missing = [module for module, kind, name in ((flux_kontext, "backbone", "flux_kontext"),
+                                                  (prompts_edit, "prompt_set", "edit")) if name not in pm.names(kind)]
+    config, pm = load_config(gin, pm=PluginManager(plugins=missing) if missing else pm)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Trainer(config, pm)  # the model path does not exist: the refusal comes first
+    assert not (tmp_path / "run").exists()
 
 
 # -- the core hands source images to a reward that asks ------------------------------------------------
