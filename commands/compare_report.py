@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import json  # noqa: E402
 
 from mixgrpo.commands.compare_plots import hacking_section, plot_curves  # noqa: E402
-from mixgrpo.commands.report import EVAL_SCORES, slug  # noqa: E402
+from mixgrpo.commands.report import EVAL_SCORES, samples_per_iteration, slug  # noqa: E402
 from mixgrpo.core import metrics  # noqa: E402
 from mixgrpo.core.records import ITERATION_GLOB  # noqa: E402
 
@@ -208,6 +208,7 @@ def summarize(runs: dict[str, list[Path]], metric: str | None = None) -> tuple[s
             "wall_s": mean(s["wall_s"] for s in per_seed if s["wall_s"] is not None) if iters else None,
             "seeds": sum(1 for s in per_seed if s["records"]),
             "iterations": max((s["iterations"] for s in per_seed if s["iterations"] is not None), default=None),
+            "samples": samples_per_iteration(dirs[0]),  # per iteration: the NFE columns are per sample
         }
         for name, key in TIMINGS:
             values = [r[key] for r in iters if _finite(r.get(key))]
@@ -229,9 +230,10 @@ def predicted_ratios(table: dict[str, dict], reference: str) -> dict[str, tuple[
     """(predicted, measured) iteration-time ratio of each variant to ``reference``.
 
     The prediction is NFE accounting: the reference's measured seconds per rollout call and per
-    training call (forward + backward) priced at every variant's NFE counts. Reward time is the
-    same for every variant and is added as measured on the reference. Variants without timings
-    (no training rows) are left out; so is everything when the reference has none.
+    training call (forward + backward) priced at every variant's model calls per iteration (NFE per
+    sample × samples per iteration, where the runs record it). Reward time is added as measured on
+    the reference. Variants without timings (no training rows) are left out; so is everything when
+    the reference has none.
     """
     ref = table.get(reference)
     names = [name for name, _ in TIMINGS]
@@ -244,7 +246,8 @@ def predicted_ratios(table: dict[str, dict], reference: str) -> dict[str, tuple[
     for label, row in table.items():
         if any(row[n] is None for n in names):
             continue
-        predicted = row["nfe_rollout"] * per_rollout + row["nfe_train"] * per_train + other
+        scale = row["samples"] / ref["samples"] if row.get("samples") and ref.get("samples") else 1.0
+        predicted = (row["nfe_rollout"] * per_rollout + row["nfe_train"] * per_train) * scale + other
         out[label] = (predicted / ref["iteration_s"], row["iteration_s"] / ref["iteration_s"])
     return out
 

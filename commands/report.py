@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 from mixgrpo.core import hacking, metrics  # noqa: E402
 from mixgrpo.core.grids import save_sample_grid, scored_captions  # noqa: E402,F401 (re-exported)
 from mixgrpo.core.metrics import format_value  # noqa: E402,F401 (re-exported)
-from mixgrpo.core.records import EVAL_SCORES, METRICS  # noqa: E402,F401 (re-exported)
+from mixgrpo.core.records import BINDINGS, EVAL_SCORES, METRICS  # noqa: E402,F401 (re-exported)
 
 
 def slug(label: str) -> str:
@@ -129,3 +129,25 @@ def summary_lines(run_dir: Path) -> list[str]:
         lines.append(line)
     lines += [f"  held-out {line}" for line in measure_lines(rows)]
     return lines + [f"  possible reward hacking: {signal}" for signal in run_signals(rows)]
+
+
+def samples_per_iteration(run_dir: str | Path) -> int | None:
+    """The samples one iteration of a run rolls out, ``prompts_per_iteration × group_size``, from its
+    ``bindings.json`` (``TrainConfig``'s defaults for what it does not bind); None without the file."""
+    import ast
+
+    import attrs
+
+    from mixgrpo.core.config import TrainConfig
+
+    file = Path(run_dir) / BINDINGS
+    if not file.is_file():
+        return None
+    bound = json.loads(file.read_text())
+    fields = attrs.fields_dict(TrainConfig)
+
+    def value(name: str) -> int:
+        found = [v for k, v in bound.items() if k.split("/")[-1].endswith(f"TrainConfig.{name}")]
+        return int(ast.literal_eval(found[-1])) if found else int(fields[name].default)
+
+    return value("prompts_per_iteration") * value("group_size")

@@ -11,7 +11,8 @@ import pytest
 
 from mixgrpo.commands.compare import run_compare
 from mixgrpo.commands.compare_report import predicted_ratios, summarize
-from mixgrpo.commands.report import read_metrics
+from mixgrpo.commands.report import read_metrics, samples_per_iteration
+from mixgrpo.core.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 EXP = ROOT / "experiments"
@@ -156,6 +157,17 @@ def test_predicted_ratio_follows_nfe_accounting(comparison):
     # the window trains 2 of 6 steps, DanceGRPO int(0.6 * 5) = 3: fewer training calls per sample
     assert mix["nfe_train"] < ref["nfe_train"]
     assert re.search(r"\| MixGRPO \| \d+\.\d\d \| \d+\.\d\d \|", (out / "report.md").read_text())
+    # NFE is per sample: a variant that rolls out twice the samples per iteration costs twice the calls
+    assert ref["samples"] == mix["samples"] == samples_per_iteration(out / "MixGRPO" / "seed_0")
+    doubled = predicted_ratios({**table, "MixGRPO": {**mix, "samples": 2 * mix["samples"]}}, "DanceGRPO")
+    assert doubled["MixGRPO"][0] == pytest.approx(expected + (expected - other / ref["iteration_s"]))
+
+
+def test_samples_per_iteration_reads_the_bindings_and_the_defaults(tmp_path):
+    assert samples_per_iteration(tmp_path) is None  # no run here
+    (tmp_path / "bindings.json").write_text(json.dumps({"mixgrpo.core.config.TrainConfig.group_size": "54",
+                                                        "TrainConfig.learning_rate": "3e-05"}))
+    assert samples_per_iteration(tmp_path) == 54 * TrainConfig().prompts_per_iteration
 
 
 def test_rerun_keeps_finished_runs(comparison, capsys):
