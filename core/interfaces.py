@@ -67,9 +67,8 @@ class Backbone(ABC):
     #: what trains: 0 = every weight of ``module`` (full fine-tuning); r > 0 = LoRA adapters of rank
     #: r (FSDP refuses those: LoRA runs use DDP)
     lora_rank: int = 0
-    #: True: an editing backbone, each of whose prompts is an ``EditPrompt`` carrying its source image
-    #: (``mixgrpo sample`` then takes edits, and refuses plain prompts before the model loads); False:
-    #: text prompts only. A class attribute, read on the registered class before anything is built
+    #: True: an editing backbone, whose prompts are ``EditPrompt`` items (instruction + source image); a
+    #: class attribute, matched against the prompt set (train, ``mixgrpo sample``) before anything loads
     uses_source_images: bool = False
     _module: nn.Module | None = None
 
@@ -359,7 +358,8 @@ class PolicyObjective(Objective):
         """
 
     def step_advantages(self, rewards: dict, group_ids: torch.Tensor, edge_ids: torch.Tensor) -> torch.Tensor:
-        """``[N, K]`` per (sample, stored SDE step); rows with equal ``edge_ids`` ``[N, K]`` share a transition."""
+        """``[N, K]`` per (sample, stored SDE step); rows with equal ``edge_ids`` ``[N, K]`` share a transition.
+        NaN leaves that transition out of training (BranchGRPO's width pruning)."""
         return self.advantages(rewards, group_ids)[:, None].repeat(1, edge_ids.shape[1])  # default: per sample
 
     def kl(self, policy: StepResult, reference: StepResult, sigmas: torch.Tensor, index: int) -> torch.Tensor:

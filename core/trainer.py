@@ -255,6 +255,8 @@ class Trainer:
             return matching.optimize(self, traj, advantages, iteration)
         n = len(traj)
         mask = traj.plan.train_mask(n)
+        for k, step in enumerate(traj.sde_steps):  # a NaN advantage: a transition the objective pruned
+            mask[:, step] &= ~torch.isnan(advantages[:, k]).cpu()
         order = torch.randperm(n, generator=keyed_generator(c.seed, iteration, "minibatches"))
         steps, evaluations = OptimizerSteps(self, iteration), 0
 

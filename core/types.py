@@ -295,6 +295,8 @@ class Trajectories:
             members = rows[mask[rows, step]]
             if self.edges is not None:  # a transition several leaves share is trained once, by its first leaf
                 members = members[self.edges[members, self.slot(step)] == self.sample_ids[members]]
+            if not len(members):  # every transition of the step pruned
+                continue
             if self.nodes is None and step != self.shared_step:
                 chunks += [(step, part) for part in members.split(size)]
                 continue

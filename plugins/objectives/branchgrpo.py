@@ -7,9 +7,15 @@ advantage is that reward's z-score among the nodes of the same depth of the same
 (``compute_hierarchical_advantages_by_depth``: unbiased std, eps 1e-8; a depth with one node, or
 with equal rewards, gets 0), clamped to ±5 (``--adv_clip_max``) as the reference does in its loss.
 At the leaves' depth this is the per-group advantage every GRPO objective computes.
+
+Width pruning (the reference's ``--width_pruning_mode`` 1 and 2 with ``--width_pruning_ratio``, off in
+its script) trains only part of the transitions after the last split, chosen by advantage; the others
+get a NaN advantage, which leaves them out of training (``PolicyObjective.step_advantages``).
 """
 
 from __future__ import annotations
+
+import math
 
 import attrs
 import torch
@@ -18,6 +24,8 @@ from mixgrpo.core.advantages import group_advantages
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.types import first_of_each
 from mixgrpo.plugins.objectives.base import ClippedGRPO, clip_range_field, in_base_order
+
+WIDTH_PRUNING = ("none", "per_branch", "best_worst")
 
 
 def node_rewards(reward: torch.Tensor, which: torch.Tensor, nodes: int) -> torch.Tensor:
@@ -36,17 +44,53 @@ class BranchGRPO(ClippedGRPO):
     of a transition is that of the tree node it leads into, normalized among that depth's nodes.
 
     Args and defaults: ``ClippedGRPO``'s, with ``clip_range=1e-3`` (the reference script's
-    ``--clip_range``).
+    ``--clip_range``), and
+        width_pruning (`str`, defaults to `"none"`):
+            Which transitions after the last split train: ``"none"`` all; ``"per_branch"`` (the
+            reference's mode 1) in each leaf's chain the ``max(1, ⌊ratio·L⌋)`` of highest advantage (L
+            the chain's transitions); ``"best_worst"`` (mode 2) over the whole batch, of its M such
+            transitions, the ``⌊k/2⌋`` highest and ``k − ⌊k/2⌋`` lowest, k = ``max(2, ⌊ratio·M⌋)``.
+            Ties keep the reference's order: leaves in order, steps ascending.
+        width_ratio (`float`, defaults to 0.5):
+            The share kept (the reference's ``--width_pruning_ratio``), in (0, 1].
     """
 
     clip_range: float = clip_range_field(1e-3)
+    width_pruning: str = attrs.field(default="none", validator=attrs.validators.in_(WIDTH_PRUNING))
+    width_ratio: float = attrs.field(default=0.5, converter=float)
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 < self.width_ratio <= 1:
+            raise ValueError(f"width_ratio must be in (0, 1], got {self.width_ratio}")
 
     def step_advantages(self, rewards: dict[str, torch.Tensor], group_ids: torch.Tensor,
                         edge_ids: torch.Tensor) -> torch.Tensor:
         """``[N, K]``: column k holds, for each leaf, the advantage of its transition's child node at
         stored step k (``edge_ids[:, k]`` names the nodes; equal ids share a node)."""
         columns = [self._depth(rewards, group_ids, edge_ids[:, k]) for k in range(edge_ids.shape[1])]
-        return torch.stack(columns, 1) if columns else torch.zeros(len(group_ids), 0)
+        adv = torch.stack(columns, 1) if columns else torch.zeros(len(group_ids), 0)
+        return adv if self.width_pruning == "none" else self._prune(adv, last_layer(group_ids, edge_ids))
+
+    def _prune(self, adv: torch.Tensor, after: int) -> torch.Tensor:
+        """``adv`` with NaN on the transitions of columns ``after ..`` that width pruning drops."""
+        tail = adv[:, after:]
+        if tail.numel() == 0:
+            return adv
+        keep = torch.zeros(tail.shape, dtype=torch.bool)
+        if self.width_pruning == "per_branch":
+            count = max(1, math.floor(self.width_ratio * tail.shape[1]))
+            order = torch.sort(tail.cpu(), dim=1, descending=True, stable=True).indices[:, :count]
+            keep.scatter_(1, order, True)
+        else:
+            flat = tail.cpu().reshape(-1)  # row-major: leaves in order, steps ascending
+            count = max(2, math.floor(self.width_ratio * flat.numel()))
+            order = torch.sort(flat, descending=True, stable=True).indices
+            best = count // 2
+            chosen = torch.cat([order[:best], order[len(order) - (count - best):]])
+            keep.view(-1)[chosen] = True
+        out = adv.clone()
+        out[:, after:] = torch.where(keep.to(adv.device), tail, torch.full_like(tail, float("nan")))
+        return out
 
     def _depth(self, rewards: dict[str, torch.Tensor], group_ids: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
         """``[N]``: one depth's node advantages, given to each of the node's leaves."""
@@ -55,6 +99,14 @@ class BranchGRPO(ClippedGRPO):
         adv = group_advantages(rewards, group_ids.cpu()[first], std=self.std, ddof=self.ddof, eps=self.eps,
                                weights=self.weights, aggregate=self.aggregate, clip=self.adv_clip)
         return adv[which].to(group_ids.device)
+
+
+def last_layer(group_ids: torch.Tensor, edge_ids: torch.Tensor) -> int:
+    """The first stored step after the last split: a split is a column whose transitions lead into more
+    distinct nodes than the column before (the first column is compared with the groups)."""
+    distinct = [len(torch.unique(group_ids))] + [len(torch.unique(edge_ids[:, k])) for k in range(edge_ids.shape[1])]
+    splits = [k for k in range(edge_ids.shape[1]) if distinct[k + 1] > distinct[k]]
+    return splits[-1] + 1 if splits else edge_ids.shape[1]
 
 
 @hookimpl

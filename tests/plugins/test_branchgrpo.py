@@ -144,6 +144,60 @@ def test_depth_pruning_leaves_edges_into_those_depths_untrained_and_slides_up():
     assert set(schedule.plan(0, 20).sde_steps) == trained
 
 
+def _reference_width_pruning(adv, after, mode, ratio):
+    """The reference's width-pruning lines re-derived with Python lists (train_branchgrpo_flux.py @ 19fbb9f,
+    after depth pruning): the transitions after the last split, in its depth-first order (leaf by leaf,
+    steps ascending), sorted by advantage with Python's stable sort; returns the kept (row, column)s."""
+    last = [{"row": n, "col": k, "advantage": float(adv[n, k])} for n in range(adv.shape[0])
+            for k in range(after, adv.shape[1])]
+    if mode == "per_branch":  # mode 1: per branch of the last split (here: per leaf)
+        kept = []
+        for n in range(adv.shape[0]):
+            group = [s for s in last if s["row"] == n]
+            kept += sorted(group, key=lambda s: s["advantage"], reverse=True)[:max(1, int(len(group) * ratio))]
+    else:  # mode 2: the best and the worst over all of them
+        ordered = sorted(last, key=lambda s: s["advantage"], reverse=True)
+        keep = max(2, int(len(ordered) * ratio))
+        best = keep // 2
+        kept = ordered[:best] + (ordered[-(keep - best):] if keep - best > 0 else [])
+    return {(s["row"], s["col"]) for s in kept}
+
+
+@pytest.mark.parametrize("mode", ["per_branch", "best_worst"])
+@pytest.mark.parametrize("ratio", [0.5, 0.3, 1.0])
+def test_width_pruning_keeps_what_the_references_lines_keep(mode, ratio):
+    # two trees of 4 leaves, split at stored steps 0 and 1 of 5: the last layer is steps 2-4
+    edges = torch.tensor([[0, 0, 2, 2, 4, 4, 6, 6], [0, 1, 2, 3, 4, 5, 6, 7]] + [list(range(8))] * 3).T
+    groups = torch.tensor([0] * 4 + [1] * 4)
+    rewards = torch.tensor([0.1, 0.9, 0.4, 0.4, 0.3, 0.8, 0.2, 0.7], dtype=torch.float64)
+    assert branchgrpo.last_layer(groups, edges) == 2
+    full = BranchGRPO().step_advantages({"reward": rewards}, groups, edges)
+    pruned = BranchGRPO(width_pruning=mode, width_ratio=ratio).step_advantages({"reward": rewards}, groups, edges)
+    torch.testing.assert_close(pruned[:, :2], full[:, :2])  # before the last layer nothing is pruned
+    kept = {(n, k) for n in range(8) for k in range(2, 5) if not torch.isnan(pruned[n, k])}
+    assert kept == _reference_width_pruning(full, 2, mode, ratio)
+    assert all(pruned[n, k] == full[n, k] for n, k in kept)
+    assert len(kept) < 24 or ratio == 1.0
+
+
+def test_width_pruning_trains_only_the_kept_transitions(tmp_path):
+    config, pm = load_config(ROOT / "experiments" / "methods" / "branchgrpo.gin",
+                             [*TOY, f"TrainConfig.output_dir = '{tmp_path}'", "TrainConfig.iterations = 1",
+                              "BranchGRPO.width_pruning = 'per_branch'"], pm=plugin_manager())
+    trainer = Trainer(config, pm)
+    assert trainer.objective.width_pruning == "per_branch" and trainer.objective.width_ratio == 0.5
+    (row,) = trainer.train()
+    gin.clear_config()
+    # splits at 1 and 3 of 8: rows 1 + 1 + 2 + 2 up to the last split, then each leaf trains 2 of its
+    # 4 later transitions (instead of 4): (6 + 4 * 2) / 4 model calls per sample
+    assert row["perf/nfe_train"] == pytest.approx((6 + 4 * 2) / 4)
+    assert row["policy/onpolicy_ratio_dev"] < 1e-5 and row["policy/skipped_steps"] == 0.0
+    with pytest.raises(ValueError, match="width_ratio must be in"):
+        BranchGRPO(width_ratio=0.0)
+    with pytest.raises(ValueError, match="width_pruning"):
+        BranchGRPO(width_pruning="best")
+
+
 def test_bad_schedule_arguments_are_refused():
     with pytest.raises(ValueError, match=r"branch_steps must be non-empty, increasing integers >= 0, got \(3, 1\)"):
         Branching(branch_steps=(3, 1))
