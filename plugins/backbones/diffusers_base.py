@@ -199,6 +199,7 @@ class DiffusersBackbone(TorchBackbone):
     _compiled: dict[int, tuple[nn.Module, list[tuple[nn.Module, Callable[..., Any]]]]] | None = None
     #: the transformer blocks ``compile`` compiles when the model names none (``_repeated_blocks``)
     compile_blocks: ClassVar[tuple[str, ...]] = ()
+    negative_prompt: str = ""  # the prompt of guidance's other branch (a subclass may take it as an argument)
 
     def __init__(self, path: str, height: int | None, width: int | None, *, dtype: str, cfg_scale: float,
                  cfg_gradient: str, timestep_quantization: int | None, lora_rank: int, lora_alpha: float | None,
@@ -348,9 +349,9 @@ class DiffusersBackbone(TorchBackbone):
         return quantize_sigma(sigma, self.timestep_quantization)
 
     def negative(self) -> Conditioning:
-        """The empty-prompt conditioning used for classifier-free guidance (encoded once)."""
+        """``negative_prompt``'s conditioning for classifier-free guidance (encoded once)."""
         if self._negative is None or self._negative.embeds.device != self.device:
-            self._negative = self.encode([""])
+            self._negative = self.encode([self.negative_prompt])
         return self._negative
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:

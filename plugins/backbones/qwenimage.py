@@ -235,12 +235,6 @@ class QwenImageBackbone(DiffusersBackbone):
                                       self.max_sequence_length)
         return Conditioning(embeds=embeds.to(self.dtype), mask=keep)
 
-    def negative(self) -> Conditioning:
-        """The negative prompt's conditioning for guidance (encoded once)."""
-        if self._negative is None or self._negative.embeds.device != self.device:
-            self._negative = self.encode([self.negative_prompt])
-        return self._negative
-
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         return pack(x, 2)
 

@@ -214,12 +214,6 @@ class ZImageBackbone(DiffusersBackbone):
                                    output_hidden_states=True).hidden_states[-2]
         return Conditioning(embeds=(hidden * mask[..., None]).to(self.dtype), mask=mask)
 
-    def negative(self) -> Conditioning:
-        """The negative prompt's conditioning (encoded once)."""
-        if self._negative is None or self._negative.embeds.device != self.device:
-            self._negative = self.encode([self.negative_prompt])
-        return self._negative
-
     @staticmethod
     def captions(cond: Conditioning) -> list[torch.Tensor]:
         """The variable-length list the transformer takes: each prompt's real tokens ``[L_i, D]``."""
