@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from mixgrpo.commands.export import RUN_CONFIG, ExportError, check_output_dir, open_model
+from mixgrpo.core.edits import LINE_FORMAT, read_edits
 from mixgrpo.core.interfaces import Backbone, Sampler
 from mixgrpo.core.plugins import make_sampler
 from mixgrpo.core.progress import progress_bar
@@ -59,13 +60,6 @@ def parse_seeds(text: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
-def _edit_format() -> str:
-    """One line of the JSONL format of edits, as the ``edit`` prompt set documents it."""
-    from mixgrpo.core.edits import LINE_FORMAT
-
-    return LINE_FORMAT
-
-
 def holds_edits(path: Path) -> bool:
     """Whether ``path`` is a file of edits (a ``.jsonl`` file, or a file whose first line is a JSON
     object) or a folder (of source images with their instructions) rather than a text file of prompts."""
@@ -81,14 +75,12 @@ def holds_edits(path: Path) -> bool:
 def read_edit_prompts(path: Path) -> list[EditPrompt]:
     """The edits of a JSONL file or a folder, read (and every source image checked) by the ``edit``
     prompt set's own reader, so that ``sample`` takes exactly the files training takes."""
-    from mixgrpo.core.edits import read_edits
-
     try:
         edits = read_edits(str(path))
     except (FileNotFoundError, ValueError) as exc:
         raise ExportError(str(exc)) from None
     if not edits:
-        raise ExportError(f"{path} holds no edit; give a JSONL file of {_edit_format()} lines or a folder of "
+        raise ExportError(f"{path} holds no edit; give a JSONL file of {LINE_FORMAT} lines or a folder of "
                           f"images with same-named .txt instructions")
     return edits
 
@@ -118,7 +110,7 @@ def check_prompts_fit(backbone: str, uses_source_images: bool, prompts: Sequence
     plain = [p for p in prompts if not isinstance(p, EditPrompt)]
     if uses_source_images and plain:
         raise ExportError(f"backbone {backbone!r} edits a source image, but the prompt {str(plain[0])!r} of {spec} "
-                          f"carries none: pass --prompts a JSONL file of edits, one a line, e.g. {_edit_format()} "
+                          f"carries none: pass --prompts a JSONL file of edits, one a line, e.g. {LINE_FORMAT} "
                           f"(a relative image path is relative to the file's folder), or a folder of source "
                           f"images, each with its instruction in a .txt file of the same name")
     if not uses_source_images and len(plain) < len(prompts):
