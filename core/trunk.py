@@ -49,8 +49,9 @@ def trunk_rollout(backbone: Backbone, prompts: Sequence[str], group_ids: torch.T
                   on_images: Callable[[torch.Tensor, slice], None] | None = None,
                   keep_means: bool = False) -> Trajectories:
     """The rollout of a trunk plan: ``core.rollout.rollout``'s arguments and result (ODE steps with
-    ``post_solver``). Model calls take up to ``batch_size`` rows: trunks, or the children of one branch
-    step of several groups; ``on_images`` receives each group's children of a branch step at once."""
+    ``post_solver``). A model call takes up to ``batch_size`` trunks, or the children of one branch step
+    of ``max(1, batch_size // k)`` groups; ``on_images`` receives each group's children of a branch step
+    at once. Every process makes the same calls (as many groups each), as FSDP's collectives need."""
     if not setup.shared_noise:
         raise ValueError("a trunk rollout walks each group's one initial noise: set TrainConfig.shared_noise = True")
     n = len(prompts)
