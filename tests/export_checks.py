@@ -1,6 +1,6 @@
-"""Checks shared by the export tests of every backbone: the LoRA file ``mixgrpo export`` writes is in
-diffusers' format (the keys ``load_lora_weights`` reads, one per trained adapter matrix, the alpha in
-its metadata), and the largest difference between two image batches."""
+"""Checks shared by the export tests of every backbone: ``mixgrpo export`` run as the CLI, the LoRA file it
+writes in diffusers' format (the keys ``load_lora_weights`` reads, one per trained adapter matrix, the
+alpha in its metadata), and the largest difference between two image batches."""
 
 from __future__ import annotations
 
@@ -10,7 +10,17 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from mixgrpo.commands.cli import main
 from mixgrpo.plugins.backbones.diffusers_export import LORA_WEIGHTS
+
+
+def export(capsys, run: Path, out: Path, *extra: str) -> str:
+    """``mixgrpo export RUN --to OUT [extra]``, checked to succeed; what it printed."""
+    capsys.readouterr()
+    rc = main(["export", str(run), "--to", str(out), *extra])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    return captured.out
 
 
 def exported_lora_keys(folder: Path, backbone, alpha: float) -> list[str]:

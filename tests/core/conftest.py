@@ -43,3 +43,16 @@ class Counting:
     def __call__(self, x, sigma, cond):
         self.rows.append(x.shape[0])
         return self.inner(x, sigma, cond)
+
+
+def step_gradients(trainer, traj, rows, step):
+    """The log-probs the trainer recomputes for ``rows`` at ``step``, and the gradient of their sum
+    under distinct per-row weights (as advantages are), flattened over the trained parameters."""
+    import torch
+
+    trainer.backbone.module.zero_grad(set_to_none=True)
+    log_prob = trainer._step_result(traj, step, rows)[0].log_prob
+    weights = torch.linspace(-1.0, 2.0, len(rows))
+    (log_prob * weights).sum().backward()
+    params = [p for p in trainer.backbone.trainable_parameters() if p.grad is not None]
+    return log_prob.detach(), torch.cat([p.grad.flatten() for p in params])

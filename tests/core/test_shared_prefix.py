@@ -13,7 +13,7 @@ from mixgrpo.core.rollout import SamplingSetup, first_of_each, rollout
 from mixgrpo.core.trainer import Trainer
 from mixgrpo.plugins.schedules.windows import FixedWindow
 
-from .conftest import Counting
+from .conftest import Counting, step_gradients
 
 PROMPTS = ["a red circle"] * 3 + ["two blue squares"] * 3 + ["a green triangle"] * 3
 GROUPS = [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -108,25 +108,16 @@ def test_a_group_with_two_prompts_is_refused(make_trainer):
         _walk(trainer, plan, share=True, batch_size=9, prompts=prompts)
 
 
-def _gradients(trainer, traj, rows, step):
-    trainer.backbone.module.zero_grad(set_to_none=True)
-    log_prob = trainer._step_result(traj, step, rows)[0].log_prob
-    weights = torch.linspace(-1.0, 2.0, len(rows))  # distinct per-row weights, as advantages are
-    (log_prob * weights).sum().backward()
-    params = [p for p in trainer.backbone.trainable_parameters() if p.grad is not None]
-    return log_prob.detach(), torch.cat([p.grad.flatten() for p in params])
-
-
 def test_training_at_the_shared_step_runs_the_model_once_per_group_with_the_same_gradient(make_trainer):
     trainer = make_trainer()
     plan = FixedWindow(start=2, window_size=2).plan(0, T)
     traj = _walk(trainer, plan, share=True, batch_size=9)
     rows = torch.tensor([0, 1, 4, 5, 6, 8])  # groups 0, 1, 2 with two samples each
     calls = Counting(trainer.backbone)
-    shared_log_prob, shared_grad = _gradients(trainer, traj, rows, step=2)
+    shared_log_prob, shared_grad = step_gradients(trainer, traj, rows, step=2)
     assert calls.rows == [3]
     calls.rows = []
-    each_log_prob, each_grad = _gradients(trainer, attrs.evolve(traj, shared_step=None), rows, step=2)
+    each_log_prob, each_grad = step_gradients(trainer, attrs.evolve(traj, shared_step=None), rows, step=2)
     assert calls.rows == [6]
     torch.testing.assert_close(shared_log_prob, each_log_prob, rtol=1e-6, atol=1e-5)
     assert shared_grad.abs().max() > 0
@@ -135,7 +126,7 @@ def test_training_at_the_shared_step_runs_the_model_once_per_group_with_the_same
     torch.testing.assert_close(shared_log_prob, traj.log_prob[rows, 0], rtol=1e-6, atol=1e-4)
     # the next window step is each sample's own: no sharing there
     calls.rows = []
-    _gradients(trainer, traj, rows, step=3)
+    step_gradients(trainer, traj, rows, step=3)
     assert calls.rows == [6]
 
 

@@ -19,7 +19,7 @@ from mixgrpo.core.types import SolverHistory, first_of_each
 from mixgrpo.plugins.objectives import branchgrpo
 from mixgrpo.plugins.schedules import branching
 from mixgrpo.plugins.schedules.branching import Branching
-from tests.core.conftest import ROOT, TOY, Counting
+from tests.core.conftest import ROOT, TOY, Counting, step_gradients
 
 T, G = 6, 4
 PROMPTS = ["a red circle"] * G + ["two blue squares"] * G
@@ -128,25 +128,16 @@ def test_nodes_and_edges_name_what_the_leaves_share(make_trainer):
     assert traj.edges[:, 3].tolist() == list(range(8)) and traj.edges[:, 5].tolist() == list(range(8))
 
 
-def _gradients(trainer, traj, rows, step):
-    trainer.backbone.module.zero_grad(set_to_none=True)
-    log_prob = trainer._step_result(traj, step, rows)[0].log_prob
-    weights = torch.linspace(-1.0, 2.0, len(rows))  # distinct per-row weights, as advantages are
-    (log_prob * weights).sum().backward()
-    params = [p for p in trainer.backbone.trainable_parameters() if p.grad is not None]
-    return log_prob.detach(), torch.cat([p.grad.flatten() for p in params])
-
-
 @pytest.mark.parametrize(("step", "tree_rows"), [(1, [2]), (2, [4]), (3, [4])])
 def test_training_runs_the_model_once_per_node_with_the_per_leaf_gradient(make_trainer, step, tree_rows):
     trainer = make_trainer()
     traj = _tree(trainer, trainer.schedule.plan(0, T))
     rows = torch.cat([chunk for s, chunk in traj.micro_batches(SAMPLES, traj.plan.train_mask(8), 8) if s == step])
     calls = Counting(trainer.backbone)
-    tree_log_prob, tree_grad = _gradients(trainer, traj, rows, step)
+    tree_log_prob, tree_grad = step_gradients(trainer, traj, rows, step)
     assert calls.rows == tree_rows  # nodes at the step's input, both trees
     calls.rows = []
-    leaf_log_prob, leaf_grad = _gradients(trainer, attrs.evolve(traj, nodes=None), rows, step)
+    leaf_log_prob, leaf_grad = step_gradients(trainer, attrs.evolve(traj, nodes=None), rows, step)
     assert calls.rows == [len(rows)]  # the per-leaf reference: one model row per transition
     torch.testing.assert_close(tree_log_prob, leaf_log_prob, rtol=1e-6, atol=1e-5)
     assert tree_grad.abs().max() > 0

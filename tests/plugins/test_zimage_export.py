@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixgrpo.commands.cli import main
 from mixgrpo.core.config import load_config
 from mixgrpo.core.rollout import SamplingSetup, keyed_normal, sample_ode
 from mixgrpo.core.trainer import Trainer
 from mixgrpo.plugins.backbones.tiny_zimage import build_tiny_zimage
 from mixgrpo.plugins.backbones.zimage import scheduler_shift
 from mixgrpo.plugins.samplers.euler import Euler
-from tests.export_checks import exported_lora_keys, max_diff
+from tests.export_checks import export, exported_lora_keys, max_diff
 
 from .reward_refs import make_tiny_clip
 
@@ -86,14 +85,6 @@ def train_run(out: Path, root: Path, lora: bool) -> Trainer:
     trainer.train()
     trainer.backbone.module.eval()
     return trainer
-
-
-def export(capsys, run: Path, out: Path, *extra: str) -> str:
-    capsys.readouterr()
-    rc = main(["export", str(run), "--to", str(out), *extra])
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    return captured.out
 
 
 def ours(backbone, root: Path) -> torch.Tensor:
