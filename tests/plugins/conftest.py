@@ -13,3 +13,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def check_lora_moves_and_reference_is_the_base(bb, plain, x, sigma, cond) -> None:
+    """With the LoRA B matrices moved off zero the velocity changes, and ``reference()`` (the adapters
+    switched off) gives the base backbone ``plain``'s velocity back."""
+    base = plain.velocity(x, sigma, cond)
+    for name, p in bb.module.named_parameters():
+        if "lora_B" in name:
+            p.add_(0.1)
+    assert float((bb.velocity(x, sigma, cond) - base).abs().max()) > 1e-3
+    with bb.reference():
+        torch.testing.assert_close(bb.velocity(x, sigma, cond), base, atol=1e-6, rtol=0)

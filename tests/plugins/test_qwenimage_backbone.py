@@ -19,6 +19,8 @@ from mixgrpo.plugins.backbones.tiny_qwenimage import build_tiny_qwenimage
 from mixgrpo.plugins.samplers.euler import Euler
 from mixgrpo.testing import BackboneContract
 
+from .conftest import check_lora_moves_and_reference_is_the_base
+
 PROMPTS = ["a red circle", "two blue squares on the left"]
 SIZE, LENGTH, STEPS, SEED = 32, 16, 4, 0
 
@@ -176,14 +178,7 @@ def test_lora_targets_and_reference(qwen_dir, plain):
     assert len(names) == 2 * (12 * bb.config.num_layers - 3)
     assert not any(f"blocks.{bb.config.num_layers - 1}.txt_mlp" in n for n in names)
     x, sigma, cond = noise(bb, 1), torch.tensor([0.5]), plain.encode(PROMPTS[:1])
-    with torch.no_grad():
-        base = plain.velocity(x, sigma, cond)
-        for name, p in bb.module.named_parameters():
-            if "lora_B" in name:
-                p.add_(0.1)
-        assert float((bb.velocity(x, sigma, cond) - base).abs().max()) > 1e-3
-        with bb.reference():
-            torch.testing.assert_close(bb.velocity(x, sigma, cond), base, atol=1e-6, rtol=0)
+    check_lora_moves_and_reference_is_the_base(bb, plain, x, sigma, cond)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(qwen_dir):

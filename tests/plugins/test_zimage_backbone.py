@@ -17,6 +17,8 @@ from mixgrpo.plugins.backbones.zimage import ZIMAGE_LORA_TARGETS, ZImageBackbone
 from mixgrpo.plugins.samplers.euler import Euler
 from mixgrpo.testing import BackboneContract
 
+from .conftest import check_lora_moves_and_reference_is_the_base
+
 PROMPTS = ["a red circle", "two blue squares on the left"]
 LENGTH = 32  # chat-templated prompt tokens (the pipeline's 512 is far beyond the tiny context)
 STEPS = 4
@@ -170,14 +172,7 @@ def test_lora_targets_and_reference(zimage_dir, plain):
     blocks = 2 + 1 + 1  # main layers, noise refiner, context refiner
     assert len(adapted) == blocks * len(ZIMAGE_LORA_TARGETS)
     x, sigma, cond = noise((1, 4, 16, 16)), torch.tensor([0.5]), plain.encode(PROMPTS[:1])
-    with torch.no_grad():
-        base = plain.velocity(x, sigma, cond)
-        for name, p in bb.module.named_parameters():
-            if "lora_B" in name:
-                p.add_(0.1)
-        assert (bb.velocity(x, sigma, cond) - base).abs().max() > 1e-3
-        with bb.reference():
-            torch.testing.assert_close(bb.velocity(x, sigma, cond), base, atol=1e-6, rtol=0)
+    check_lora_moves_and_reference_is_the_base(bb, plain, x, sigma, cond)
 
 
 # -- memory: FSDP units and gradient checkpointing ---------------------------------------------------
