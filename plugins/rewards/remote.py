@@ -31,7 +31,7 @@ import math
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -181,6 +181,62 @@ def serve(reward: Reward, name: str, host: str = "127.0.0.1", port: int = 8700, 
 UNREACHABLE_STATUS = (502, 503, 504)
 
 
+def attempt(post: Callable[[], Any]) -> tuple[bool, Any, str]:
+    """One HTTP request ``post()``: ``(unreachable, reply or None, error)``. Unreachable: the connection
+    failed (refused, reset, no route, a connect timeout) or a proxy answered 502/503/504; a read timeout
+    means the server is there but slow."""
+    import requests
+
+    try:
+        reply = post()
+    except requests.ConnectionError as exc:
+        return True, None, f"{type(exc).__name__}: {exc}"
+    except requests.RequestException as exc:
+        return False, None, f"{type(exc).__name__}: {exc}"
+    error = "" if reply.status_code == 200 else f"HTTP {reply.status_code}: {reply.text[:300]}"
+    return reply.status_code in UNREACHABLE_STATUS, reply, error
+
+
+def with_retries(post: Callable[[], Any], parse: Callable[[Any], Any], *, patience: float, retries: int,
+                 backoff: float, max_backoff: float,
+                 unavailable: Callable[[float, int, str], str]) -> tuple[Any, int, str]:
+    """``(parse(reply), attempts, "")`` of the first answer that parses, or ``(None, attempts, error)``.
+
+    The rules of the ``remote`` reward and the VLM judge: while the server cannot be reached, retry
+    with exponential backoff (``backoff · 2^k`` s, at most ``max_backoff``) and raise
+    ``RewardUnavailable(unavailable(seconds down, attempts, error))`` once it has been down for
+    ``patience`` seconds; an answer that fails (a 5xx, a read timeout, a reply ``parse`` rejects with
+    ValueError, TypeError, KeyError or IndexError) is retried ``retries`` times; a 4xx is not retried
+    (the request itself is wrong)."""
+    from mixgrpo.core.interfaces import RewardUnavailable
+
+    attempts, failed_answers, down_since, error = 0, 0, None, ""
+    while True:
+        if attempts:
+            remaining = None if down_since is None else patience - (time.monotonic() - down_since)
+            pause = min(backoff * 2 ** min(attempts - 1, 30), max_backoff)
+            time.sleep(max(0.0, pause if remaining is None else min(pause, remaining)))
+        attempts += 1
+        unreachable, reply, error = attempt(post)
+        if unreachable:
+            down_since = time.monotonic() if down_since is None else down_since
+            down = time.monotonic() - down_since
+            if down >= patience:
+                raise RewardUnavailable(unavailable(down, attempts, error))
+            continue
+        down_since = None
+        if reply is not None and reply.status_code == 200:
+            try:
+                return parse(reply), attempts, ""
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                error = f"malformed reply: {type(exc).__name__}: {exc}"
+        elif reply is not None and 400 <= reply.status_code < 500:
+            return None, attempts, error
+        failed_answers += 1
+        if failed_answers > retries:
+            return None, attempts, error
+
+
 class RemoteReward(Reward):
     """Scores images with a reward served by ``mixgrpo serve-reward``.
 
@@ -246,57 +302,18 @@ class RemoteReward(Reward):
         self.version = str(body.get("version"))
         return torch.tensor([float("nan") if s is None else float(s) for s in scores], dtype=torch.float32)
 
-    def _wait(self, waits: int, remaining: float | None = None) -> None:
-        pause = min(self.backoff * 2 ** min(waits, 30), self.max_backoff)
-        time.sleep(max(0.0, pause if remaining is None else min(pause, remaining)))
-
     def _request(self, payload: dict, n: int) -> torch.Tensor | None:
         """Scores of one batch, or None (with ``last_error``) when the server answered but could not
         score it; ``RewardUnavailable`` when it could not be reached for ``patience`` seconds."""
-        import requests
-
-        from mixgrpo.core.interfaces import RewardUnavailable
-
-        error, attempts, failed_answers, down_since = "", 0, 0, None
-        while True:
-            if attempts:
-                remaining = None if down_since is None else self.patience - (time.monotonic() - down_since)
-                self._wait(attempts - 1, remaining)
-            attempts += 1
-            reply = None
-            try:
-                reply = self.session.post(f"{self.url}/score", json=payload, timeout=self.timeout)
-                unreachable = reply.status_code in UNREACHABLE_STATUS
-                if unreachable:
-                    error = f"HTTP {reply.status_code}: {reply.text[:300]}"
-            except requests.ConnectionError as exc:  # refused, reset, no route, a connect timeout
-                unreachable, error = True, f"{type(exc).__name__}: {exc}"
-            except requests.RequestException as exc:  # a read timeout: the server is there but slow
-                unreachable, error = False, f"{type(exc).__name__}: {exc}"
-            if unreachable:
-                down_since = time.monotonic() if down_since is None else down_since
-                down = time.monotonic() - down_since
-                if down >= self.patience:
-                    raise RewardUnavailable(
-                        f"the reward server {self.url} ({self.reward or 'remote'}) could not be reached for "
-                        f"{down:.0f} s ({attempts} attempts; {type(self).__name__}.patience = {self.patience:g} s): "
-                        f"{error}")
-                continue
-            down_since = None
-            if reply is None:
-                pass
-            elif reply.status_code == 200:
-                try:
-                    return self._parse(reply, n)
-                except (ValueError, TypeError) as exc:
-                    error = f"malformed reply: {exc}"
-            else:
-                error = f"HTTP {reply.status_code}: {reply.text[:300]}"
-                if 400 <= reply.status_code < 500:
-                    break  # the request itself is wrong: sending it again cannot help
-            failed_answers += 1
-            if failed_answers > self.retries:
-                break
+        scores, attempts, error = with_retries(
+            lambda: self.session.post(f"{self.url}/score", json=payload, timeout=self.timeout),
+            lambda reply: self._parse(reply, n), patience=self.patience, retries=self.retries,
+            backoff=self.backoff, max_backoff=self.max_backoff,
+            unavailable=lambda down, tries, err: (
+                f"the reward server {self.url} ({self.reward or 'remote'}) could not be reached for {down:.0f} s "
+                f"({tries} attempts; {type(self).__name__}.patience = {self.patience:g} s): {err}"))
+        if scores is not None:
+            return scores
         self.last_error = f"{self.url} after {attempts} attempt(s): {error}"
         warnings.warn(f"remote reward {self.reward or ''}@{self.url} failed on {n} images after {attempts} "
                       f"attempt(s) ({error}); they score NaN and are masked out", RuntimeWarning, stacklevel=3)

@@ -30,7 +30,6 @@ import io
 import math
 import re
 import threading
-import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +39,7 @@ import torch
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import Reward, RewardUnavailable
 from mixgrpo.plugins.rewards.preprocess import check_batch, to_uint8_levels
+from mixgrpo.plugins.rewards.remote import with_retries
 
 #: The default question (written for mixgrpo; bind ``VLMJudgeReward.template`` to a recipe's own).
 DEFAULT_TEMPLATE = (
@@ -52,8 +52,6 @@ DEFAULT_TEMPLATE = (
 #: then an answer that is a bare number.
 DEFAULT_PATTERNS = (r"final score\s*:?\s*\**\s*([-+]?\d+(?:\.\d+)?)", r"\A\s*([-+]?\d+(?:\.\d+)?)\s*\.?\s*\Z")
 NORMALIZE = ("max", "range", "none")
-#: HTTP answers of a proxy or load balancer whose server is down (as ``remote.UNREACHABLE_STATUS``)
-UNREACHABLE_STATUS = (502, 503, 504)
 
 
 def data_url(levels: torch.Tensor, size: int | None = None) -> str:
@@ -168,54 +166,19 @@ class VLMJudgeReward(Reward):
         return {"model": self.model, "messages": [{"role": "user", "content": content}],
                 "temperature": self.temperature, "max_tokens": self.max_tokens}
 
-    def _post(self, body: dict) -> tuple[bool, object, str]:
-        """``(unreachable, reply or None, error)`` of one attempt."""
-        import requests
-
-        try:
-            reply = self._session().post(self.endpoint, json=body, headers=self.headers, timeout=self.timeout)
-        except requests.ConnectionError as exc:  # refused, reset, no route, a connect timeout
-            return True, None, f"{type(exc).__name__}: {exc}"
-        except requests.RequestException as exc:  # a read timeout: the server is there but slow
-            return False, None, f"{type(exc).__name__}: {exc}"
-        if reply.status_code in UNREACHABLE_STATUS:
-            return True, reply, f"HTTP {reply.status_code}: {reply.text[:300]}"
-        return False, reply, "" if reply.status_code == 200 else f"HTTP {reply.status_code}: {reply.text[:300]}"
-
-    def _wait(self, waits: int, remaining: float | None) -> None:
-        pause = min(self.backoff * 2 ** min(waits, 30), self.max_backoff)
-        time.sleep(max(0.0, pause if remaining is None else min(pause, remaining)))
-
     def ask(self, body: dict) -> Outcome:
-        """One image's outcome, with ``remote``'s retry rules; ``RewardUnavailable`` when the server
-        could not be reached for ``patience`` seconds."""
-        attempts, failed_answers, down_since, error = 0, 0, None, ""
-        while True:
-            if attempts:
-                remaining = None if down_since is None else self.patience - (time.monotonic() - down_since)
-                self._wait(attempts - 1, remaining)
-            attempts += 1
-            unreachable, reply, error = self._post(body)
-            if unreachable:
-                down_since = time.monotonic() if down_since is None else down_since
-                down = time.monotonic() - down_since
-                if down >= self.patience:
-                    raise RewardUnavailable(
-                        f"the VLM judge {self.endpoint} ({self.model}) could not be reached for {down:.0f} s "
-                        f"({attempts} attempts; VLMJudgeReward.patience = {self.patience:g} s): {error}")
-                continue
-            down_since = None
-            if reply is not None and reply.status_code == 200:
-                try:
-                    return self._read(_content(reply.json()))
-                except (ValueError, TypeError, KeyError, IndexError) as exc:
-                    error = f"malformed reply: {type(exc).__name__}: {exc}"
-            elif reply is not None and 400 <= reply.status_code < 500:
-                break  # the request itself is wrong: sending it again cannot help
-            failed_answers += 1
-            if failed_answers > self.retries:
-                break
-        return Outcome(kind="request", reason=f"after {attempts} attempt(s): {error}")
+        """One image's outcome, with ``remote``'s retry rules (``remote.with_retries``);
+        ``RewardUnavailable`` when the server could not be reached for ``patience`` seconds."""
+        outcome, attempts, error = with_retries(
+            lambda: self._session().post(self.endpoint, json=body, headers=self.headers, timeout=self.timeout),
+            lambda reply: self._read(_content(reply.json())), patience=self.patience, retries=self.retries,
+            backoff=self.backoff, max_backoff=self.max_backoff,
+            unavailable=lambda down, tries, err: (
+                f"the VLM judge {self.endpoint} ({self.model}) could not be reached for {down:.0f} s ({tries} "
+                f"attempts; VLMJudgeReward.patience = {self.patience:g} s): {err}"))
+        if outcome is None:
+            return Outcome(kind="request", reason=f"after {attempts} attempt(s): {error}")
+        return outcome
 
     def _read(self, text: str) -> Outcome:
         """The normalised score of an answer, or why it has none."""
