@@ -155,13 +155,14 @@ def check_sources(c: TrainConfig, pm: PluginManager, prompt_set: Any) -> None:
     first = prompt_set("eval", 1, c.seed)
     edits = bool(first) and isinstance(first[0], EditPrompt)
     backbone = pm.get("backbone", c.backbone).factory
-    editing = isinstance(backbone, type) and issubclass(backbone, Backbone) and backbone.uses_source_images
+    declares = isinstance(backbone, type) and issubclass(backbone, Backbone)  # what a plain factory does is unknown
+    editing = declares and backbone.uses_source_images
     if first and editing and not edits:
         raise ValueError(f"TrainConfig.backbone = {c.backbone!r} edits a source image per prompt, but "
                          f"TrainConfig.prompt_set = {c.prompt_set!r} gives plain text prompts: use a prompt set whose "
                          "items carry a source image (TrainConfig.prompt_set = 'edit', a JSONL of "
                          f"{LINE_FORMAT} lines or a folder of images with same-named .txt instructions)")
-    if edits and isinstance(backbone, type) and issubclass(backbone, Backbone) and not editing:
+    if edits and declares and not editing:
         raise ValueError(f"TrainConfig.prompt_set = {c.prompt_set!r} gives edit prompts (an instruction with a source "
                          f"image), but TrainConfig.backbone = {c.backbone!r} generates from text alone and would "
                          "ignore the source images: use an editing backbone (one that declares uses_source_images, "
