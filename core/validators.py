@@ -37,6 +37,22 @@ def integer(minimum: int) -> Validator:
     return check
 
 
+def as_int_tuple(value: Any) -> tuple[int, ...]:
+    """Converter: one number or a sequence of them → a tuple, whole numbers as ``int`` (``as_integer``)."""
+    values = (value,) if isinstance(value, int | float) else tuple(value)
+    return tuple(as_integer(v) for v in values)
+
+
+def increasing_integers(minimum: int, empty: bool) -> Validator:
+    """A tuple of strictly increasing integers >= ``minimum`` (may be empty when ``empty``)."""
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: tuple[int, ...]) -> None:
+        if (not value and not empty) or list(value) != sorted(set(value)) or any(v < minimum for v in value):
+            raise ValueError(f"{attribute.name} must be {'' if empty else 'non-empty, '}increasing integers >= "
+                             f"{minimum}, got {value}")
+
+    return check
+
+
 def in_unit_interval(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
     """A number in [0, 1] (NaN is not)."""
     if not 0.0 <= value <= 1.0:

@@ -10,25 +10,13 @@ that branched there.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import attrs
 
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import WindowSchedule
 from mixgrpo.core.types import StepPlan
-from mixgrpo.core.validators import as_integer, integer
-
-
-def _optional_steps(value: Any) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    return tuple(as_integer(v) for v in ((value,) if isinstance(value, int | float) else value))
-
-
-def _increasing_or_none(instance: Any, attribute: attrs.Attribute, value: tuple[int, ...] | None) -> None:
-    if value is not None and (not value or list(value) != sorted(set(value)) or value[0] < 0):
-        raise ValueError(f"{attribute.name} must be non-empty increasing integers >= 0, or None, got {value}")
+from mixgrpo.core.validators import as_int_tuple, as_integer, increasing_integers, integer
 
 
 @attrs.frozen
@@ -48,8 +36,9 @@ class BranchPoints(WindowSchedule):
             ``timestep_fraction``).
     """
 
-    branch_steps: tuple[int, ...] | None = attrs.field(default=None, converter=_optional_steps,
-                                                       validator=_increasing_or_none)
+    branch_steps: tuple[int, ...] | None = attrs.field(
+        default=None, converter=attrs.converters.optional(as_int_tuple),
+        validator=attrs.validators.optional(increasing_integers(0, empty=False)))
     branches: int = attrs.field(default=6, converter=as_integer, validator=integer(2))
     train_fraction: float = attrs.field(default=0.99, converter=float)
 

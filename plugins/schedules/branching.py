@@ -22,24 +22,11 @@ import attrs
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import WindowSchedule
 from mixgrpo.core.types import StepPlan
-from mixgrpo.core.validators import as_integer, integer
-
-
-def _int_tuple(value: Any) -> tuple[int, ...]:
-    values = (value,) if isinstance(value, int | float) else tuple(value)
-    return tuple(as_integer(v) for v in values)
+from mixgrpo.core.validators import as_int_tuple, as_integer, increasing_integers, integer
 
 
 def _optional_int(value: Any) -> int | None:
     return None if value is None else as_integer(value)
-
-
-def _sorted_distinct(minimum: int, empty: bool) -> Any:
-    def check(instance: Any, attribute: attrs.Attribute, value: tuple[int, ...]) -> None:
-        if (not value and not empty) or list(value) != sorted(set(value)) or any(v < minimum for v in value):
-            raise ValueError(f"{attribute.name} must be {'' if empty else 'non-empty, '}increasing integers >= "
-                             f"{minimum}, got {value}")
-    return check
 
 
 def _at_least_or_none(minimum: int) -> Any:
@@ -71,11 +58,12 @@ class Branching(WindowSchedule):
             The shallowest depth the sliding may reach (None: the last branch step).
     """
 
-    branch_steps: tuple[int, ...] = attrs.field(default=(0, 3, 6, 9), converter=_int_tuple,
-                                                 validator=_sorted_distinct(0, empty=False))
+    branch_steps: tuple[int, ...] = attrs.field(default=(0, 3, 6, 9), converter=as_int_tuple,
+                                                 validator=increasing_integers(0, empty=False))
     branch_factor: int = attrs.field(default=2, converter=as_integer, validator=integer(2))
     mix_window: int | None = attrs.field(default=None, converter=_optional_int, validator=_at_least_or_none(1))
-    prune_depths: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple, validator=_sorted_distinct(1, True))
+    prune_depths: tuple[int, ...] = attrs.field(default=(), converter=as_int_tuple,
+                                                validator=increasing_integers(1, True))
     prune_slide_every: int | None = attrs.field(default=None, converter=_optional_int,
                                                 validator=_at_least_or_none(1))
     prune_stop_depth: int | None = attrs.field(default=None, converter=_optional_int, validator=_at_least_or_none(0))
