@@ -9,7 +9,9 @@ An editing backbone (``Backbone.uses_source_images``) draws from edits, an instr
 image each (``EditPrompt``), read from the files the ``edit`` prompt set reads: a JSONL file of
 ``{"image": ..., "instruction": ...}`` lines or a folder of images with same-named ``.txt``
 instructions. ``--height``/``--width`` draw at another size than the config's; on FLUX's dynamic σ grid
-the grid's ``mu`` then follows the size as the diffusers pipeline's does (``Backbone.pipeline_mu``).
+the grid's ``mu`` then follows the size as the diffusers pipeline's does (``Backbone.pipeline_mu``). A
+size the model cannot draw is refused before it loads where its folder's config files say what it
+needs (the backbone's ``pixel_multiple``), else by the backbone once loaded.
 """
 
 from __future__ import annotations
@@ -131,11 +133,48 @@ def _check_size(height: int | None, width: int | None) -> None:
             raise ExportError(f"{flag} must be a positive number of pixels, got {value!r}")
 
 
+def _bound_model_path(gin_name: str) -> str | None:
+    """The ``path`` the parsed config binds for the backbone ``gin_name`` (through its macros), or None
+    where it binds none or something else than a string (a ``@call()``, left for loading to run)."""
+    import gin
+
+    try:
+        value = gin.query_parameter(f"{gin_name}.path")
+        for _ in range(32):  # a macro may name another macro
+            if not (isinstance(value, gin.config.ConfigurableReference) and value.selector == "gin.macro"):
+                break
+            value = gin.query_parameter(f"%{value.scoped_selector.rsplit('/', 1)[0]}")
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _check_multiple(backbone: str, gin_name: str, factory: Any, size: dict[str, int]) -> None:
+    """Refuse before the model loads a size that is not a multiple of what the backbone draws: its
+    ``pixel_multiple(path)`` classmethod reads that from the model folder's config files (e.g. FLUX's
+    ``vae/`` and ``transformer/`` configs: the VAE's 8× downsampling, then 2×2 patches, so 16). A
+    backbone without one, or a folder whose files do not say, leaves the size to the check the
+    backbone makes after loading."""
+    rule = getattr(factory, "pixel_multiple", None)
+    path = _bound_model_path(gin_name) if callable(rule) else None
+    multiple = rule(path) if path is not None else None
+    if not multiple:
+        return
+    for name, value in size.items():
+        if value % multiple:
+            below = value // multiple * multiple
+            nearest = " or ".join(str(n) for n in (below, below + multiple) if n > 0)
+            raise ExportError(f"--{name} {value} is not a multiple of {multiple}: backbone {backbone!r} draws images "
+                              f"whose height and width are multiples of {multiple} pixels (the model in {path}, "
+                              f"from its config files); pass --{name} {nearest}")
+
+
 def _preflight(source: str | os.PathLike, bindings: Sequence[str], prompts: Sequence[str], spec: str,
                height: int | None, width: int | None) -> list[str]:
     """What can be checked before the model loads, from the config alone: the prompts fit the
-    backbone's registered class (``Backbone.uses_source_images``) and the backbone takes the size
-    (a ``height``/``width`` constructor argument). Returns the gin bindings that set the size."""
+    backbone's registered class (``Backbone.uses_source_images``), the backbone takes the size (a
+    ``height``/``width`` constructor argument), and the size is a multiple of what the model draws
+    where its folder's config files say (``_check_multiple``). Returns the gin bindings that set the size."""
     from mixgrpo.core.config import load_config
 
     src = Path(source)
@@ -156,6 +195,7 @@ def _preflight(source: str | os.PathLike, bindings: Sequence[str], prompts: Sequ
     if missing and not open_ended:
         raise ExportError(f"backbone {config.backbone!r} ({entry.gin_name}) has no {' or '.join(missing)} setting (its "
                           f"constructor takes none): it draws at one size, so --height and --width do not apply")
+    _check_multiple(config.backbone, entry.gin_name, factory, size)
     return [f"{entry.gin_name}.{name} = {value}" for name, value in size.items()]
 
 

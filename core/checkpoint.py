@@ -130,6 +130,8 @@ def save(trainer: Trainer, root: Path, iteration: int, keep_last: int = 0) -> Pa
         (tmp / OPTIMIZER_GROUPS).write_text(json.dumps({"param_groups": optim["param_groups"]}, indent=1))
         if ema is not None:
             _write_tensors({k: v.contiguous() for k, v in ema.items()}, tmp / EMA_FILE)
+        if trainer.replay is not None:  # an off-policy objective's buffer (core/replay.py)
+            trainer.replay.save(tmp)
         c = trainer.config
         state = {"format": FORMAT, "iteration": iteration, "seed": c.seed, "objective": c.objective,
                  "ema_steps": trainer.ema.num_steps if trainer.ema is not None else None}
@@ -252,6 +254,8 @@ def resume(trainer: Trainer, root: Path) -> int:
             group["betas"] = tuple(group["betas"])
     set_optimizer_state_dict(trainer.backbone.unwrapped(), _torch_optimizer(trainer),
                              {"state": per_param, "param_groups": groups}, options=_options())
+    if trainer.replay is not None:
+        trainer.replay.load(path)
     return int(state["iteration"])
 
 

@@ -18,7 +18,7 @@ import attrs
 import torch
 from torch import nn
 
-from mixgrpo.core.types import Conditioning, SolverHistory, StepPlan, StepResult
+from mixgrpo.core.types import Conditioning, ReplaySpec, SolverHistory, StepPlan, StepResult
 
 
 @attrs.frozen
@@ -374,6 +374,12 @@ class PolicyObjective(Objective):
         mean and the trainer calls ``loss(..., moments=StepMoments(mean_new, mean_old, std))``."""
         return False
 
+    @property
+    def replay(self) -> ReplaySpec | None:
+        """Off-policy replay (OP-GRPO): a ``ReplaySpec`` makes the trainer keep a buffer of past trajectories
+        and give one to each group whose prompt has one (``core/replay.py``); None (default): on-policy."""
+        return None
+
 
 class MatchingObjective(Objective):
     """A forward-process objective (DiffusionNFT, AWM): no log-probs and no SDE. The rollout walks the
@@ -424,15 +430,9 @@ class MatchingObjective(Objective):
 
 
 def check_objective_factory(factory: Callable[..., Any], name: str | None = None) -> None:
-    """Refuse an objective factory that breaks ``Objective``'s constructor contract: it must take
-    the keyword argument ``weights`` (or ``**kwargs``).
-
-    Args:
-        factory: the class (gin-configurable or not) or function a plugin registers.
-        name: its registered name, for the message.
-    Raises:
-        ValueError: naming the factory, the contract and the fix.
-    """
+    """Refuse an objective factory (the class or function a plugin registers as ``name``) that breaks
+    ``Objective``'s constructor contract, which says it takes the keyword argument ``weights`` (or
+    ``**kwargs``): a ValueError names the factory, the contract and the fix."""
     target = factory.__init__ if inspect.isclass(factory) else factory
     try:
         params = inspect.signature(target).parameters.values()

@@ -80,6 +80,13 @@ def policy_row(mean: Mapping[str, float], onpolicy_dev: float, grad_norms: list[
         NFE_TRAIN: nfe_train,
     }
 
+# -- off-policy replay (an objective with a ReplaySpec, core/replay.py; absent otherwise) ------------
+REPLAY_FRACTION = "replay/fraction"  # share of the iteration's samples that replayed a stored prefix
+REPLAY_WEIGHT_MEAN = "replay/weight_mean"  # their sequence-level importance weights (NaN when none replayed)
+REPLAY_WEIGHT_MAX = "replay/weight_max"
+REPLAY_BUFFER = "replay/buffer_size"  # prompts held in the buffer after the iteration
+REPLAY = (REPLAY_FRACTION, REPLAY_WEIGHT_MEAN, REPLAY_WEIGHT_MAX, REPLAY_BUFFER)
+
 # -- the window of the iteration's plan (-1, 0 without one) -----------------------------------------
 WINDOW_START = "window/start"
 WINDOW_SIZE = "window/size"
@@ -98,7 +105,7 @@ NAMES = (
     ITERATION, *(reward("<name>", s) for s in REWARD_STATS), *(evaluation("<name>", s) for s in EVAL_STATS),
     DIVERSITY_MEAN, DIVERSITY_SEM, KL_BASE_MEAN,
     RATIO_MEAN, CLIPFRAC, APPROX_KL, ONPOLICY_RATIO_DEV, GRAD_NORM, SKIPPED_STEPS, LOSS_POLICY, LOSS_KL,
-    WINDOW_START, WINDOW_SIZE, NFE_ROLLOUT, NFE_TRAIN, ROLLOUT_S, REWARD_S, TRAIN_S, ITERATION_S, PEAK_MEM_GB,
+    *REPLAY, WINDOW_START, WINDOW_SIZE, NFE_ROLLOUT, NFE_TRAIN, ROLLOUT_S, REWARD_S, TRAIN_S, ITERATION_S, PEAK_MEM_GB,
 )
 
 

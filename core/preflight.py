@@ -13,7 +13,14 @@ from typing import Any
 from mixgrpo.core import hacking, trackers
 from mixgrpo.core.config import TrainConfig
 from mixgrpo.core.edits import LINE_FORMAT
-from mixgrpo.core.interfaces import Backbone, MatchingObjective, Reward, Sampler, check_objective_factory
+from mixgrpo.core.interfaces import (
+    Backbone,
+    MatchingObjective,
+    PolicyObjective,
+    Reward,
+    Sampler,
+    check_objective_factory,
+)
 from mixgrpo.core.plugins import PluginManager
 from mixgrpo.core.types import EditPrompt
 
@@ -69,6 +76,8 @@ def check_plans(c: TrainConfig, pm: PluginManager, schedule: Any, sde_sampler: A
         if plan.trunk_branches:
             check_trunk(c, plan)
         setup.sigmas(plan)
+    if isinstance(objective, PolicyObjective) and objective.replay is not None:
+        check_replay(c, objective, [schedule.plan(k, c.num_steps, samples, seed=c.seed) for k in range(c.iterations)])
     if sde_sampler.supports_final_step:
         return
     for k in range(c.iterations):
@@ -116,6 +125,35 @@ def check_trunk(c: TrainConfig, plan: Any) -> None:
         raise ValueError(f"TrainConfig.schedule = {c.schedule!r} walks the whole grid with every branch, which a "
                          f"compressed grid (TrainConfig.compression = {c.compression}) does not have: set "
                          "TrainConfig.compression = None")
+
+
+def check_replay(c: TrainConfig, objective: PolicyObjective, plans: list[Any]) -> None:
+    """An off-policy objective (``PolicyObjective.replay``, core/replay.py) gives a group's last row a stored
+    trajectory whose steps 0 … τ−1 are reused: they must be SDE steps at every iteration (stored with
+    their log-probs), on a grid every iteration walks the same, outside any tree, trunk or shared prefix."""
+    name, tau = type(objective).__name__, objective.replay.truncate_step
+    what = f"TrainConfig.objective = {c.objective!r} ({name}) replays stored trajectories"
+    if c.group_size < 2:
+        raise ValueError(f"{what} in the last row of a group, which leaves no fresh sample with "
+                         f"TrainConfig.group_size = {c.group_size}: set TrainConfig.group_size >= 2")
+    if not 1 <= tau < c.num_steps:
+        raise ValueError(f"{what} up to {name}.truncate_step = {tau}, which must lie in 1 … {c.num_steps - 1} on the "
+                         f"grid of TrainConfig.num_steps = {c.num_steps} (the current policy draws steps τ … T−1)")
+    if objective.uses_step_moments:
+        raise ValueError(f"{what}, whose stored steps keep no step means, which GRPO-Guard and the noise-aware "
+                         f"weighting need: set {name}.guard = False and {name}.noise_weight = 0")
+    if c.shared_noise and c.share_prefix:
+        raise ValueError(f"{what}, whose replayed row does not walk its group's shared prefix: set "
+                         "TrainConfig.share_prefix = False (or TrainConfig.shared_noise = False)")
+    if c.compression is not None:
+        raise ValueError(f"{what} on one grid for every iteration: set TrainConfig.compression = None")
+    for k, plan in enumerate(plans):
+        missing = sorted(set(range(tau)) - set(plan.sde_steps))
+        if plan.branch_steps or plan.trunk_branches or missing:
+            why = (f"makes steps {missing} ODE steps" if missing else "walks a tree or a trunk")
+            raise ValueError(f"{what}, reusing steps 0 … {tau - 1} as SDE transitions, but TrainConfig.schedule = "
+                             f"{c.schedule!r} {why} at iteration {k + 1}: use a schedule whose SDE steps include "
+                             f"0 … {tau - 1} at every iteration (FlowGRPO's 'all'), or a smaller {name}.truncate_step")
 
 
 def _takes_final_sde_step(factory: Any) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,7 @@ from mixgrpo.core.metrics import format_value
 from mixgrpo.core.parallel import Parallel, make_accelerator, peak_mem_gb
 from mixgrpo.core.plugins import PluginManager, get_plugin_manager, make_sampler
 from mixgrpo.core.progress import progress_bar
+from mixgrpo.core.replay import ReplayBuffer
 from mixgrpo.core.rollout import SamplingSetup, keyed_generator, rollout
 from mixgrpo.core.scoring import ChunkScorer, RewardFailure, RewardWatch
 from mixgrpo.core.signals import stop_on_signals
@@ -76,6 +78,8 @@ class Trainer:
         self.objective = self.pm.create("objective", c.objective, weights=dict(c.rewards))
         # GRPO-Guard's loss takes the step moments: the rollout then keeps each SDE step's mean
         self.wants_moments = isinstance(self.objective, PolicyObjective) and self.objective.uses_step_moments
+        spec = self.objective.replay if isinstance(self.objective, PolicyObjective) else None
+        self.replay = ReplayBuffer(spec, type(self.objective).__name__) if spec is not None else None
         self.prompt_set = self.pm.create("prompt_set", c.prompt_set)
         self.setup = SamplingSetup(num_steps=c.num_steps, shift=c.shift, grid=c.grid, mu=c.mu,
                                    shift_terminal=c.shift_terminal, compression=c.compression,
@@ -87,6 +91,8 @@ class Trainer:
         records.check_writable(self.out)
         # then the models
         self.backbone = self.pm.create("backbone", c.backbone)
+        if self.replay is not None:  # its full size, before the reward models load
+            self.replay.check_memory(self.backbone.latent_shape(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         self.rewards = {name: self.pm.create("reward", name) for name in c.rewards}
         self.eval_only_rewards = {name: self.pm.create("reward", name) for name in c.eval_rewards
                                   if name not in self.rewards}
@@ -170,20 +176,25 @@ class Trainer:
         t0 = time.perf_counter()
         # 1. plan: this process's samples (whole groups), their SDE steps and trained steps
         prompts, group_ids, sample_ids = self.local_batch(k)
+        replayed = 0
+        if self.replay is not None:  # a group whose prompt has a stored trajectory replays it in its last row
+            prompts, group_ids, sample_ids, replayed = self.replay.arrange(prompts, group_ids, sample_ids, k)
         plan = self.plan(k, sample_ids)
         # 2. rollout: chunks of samples down the σ grid, SDE on the plan's steps and ODE elsewhere;
         # 3. reward: each chunk's images scored as soon as decoded (in the background with
         #    overlap_rewards, while the next chunk rolls out)
         self.backbone.module.eval()
         with ChunkScorer(self.rewards, prompts, background=c.overlap_rewards) as scorer:
-            traj = rollout(self.backbone, prompts, group_ids, sample_ids, plan, setup=self.setup,
-                           sde_sampler=self.sde_sampler, pre_solver=self.pre_solver,
-                           post_solver=self.post_solver, seed=c.seed, iteration=k,
-                           batch_size=c.rollout_batch_size, on_images=scorer.submit,
-                           keep_means=self.wants_moments)
+            if self.replay is None:
+                traj = self.rollout_rows(prompts, group_ids, sample_ids, plan, k, scorer.submit)
+            else:  # the fresh rows, then the replayed ones from their stored prefixes (core/replay.py)
+                traj = self.replay.rollout(self, prompts, group_ids, sample_ids, plan, replayed, k, scorer.submit)
             t1 = time.perf_counter()
             scores = scorer.wait()
         metrics = self.reward_statistics(scores, traj)
+        if self.replay is not None:
+            self.replay.admit(self, traj, scores, k)
+            metrics.update(self.replay.metrics(len(traj)))
         # 4. advantages: per group over every process's samples; this process's rows
         advantages = self.advantages(scores, traj)
         t2 = time.perf_counter()
@@ -224,6 +235,16 @@ class Trainer:
             plan = attrs.evolve(plan, train_steps=tuple(plan.train_steps[int(s)] for s in sample_ids))
         return plan
 
+    # == 2. rollout ==================================================================================
+    def rollout_rows(self, prompts: list[str], group_ids: torch.Tensor, sample_ids: torch.Tensor, plan: StepPlan,
+                     iteration: int, on_images: Callable[[torch.Tensor, slice], None] | None = None) -> Trajectories:
+        """``core.rollout.rollout`` of these samples under ``plan`` with the run's samplers and settings."""
+        c = self.config
+        return rollout(self.backbone, prompts, group_ids, sample_ids, plan, setup=self.setup,
+                       sde_sampler=self.sde_sampler, pre_solver=self.pre_solver, post_solver=self.post_solver,
+                       seed=c.seed, iteration=iteration, batch_size=c.rollout_batch_size, on_images=on_images,
+                       keep_means=self.wants_moments)
+
     # == 3. reward and 4. advantages ================================================================
     def reward_statistics(self, scores: dict[str, torch.Tensor], traj: Trajectories) -> dict[str, float]:
         """``reward/<name>/...`` over every process's samples (``mixgrpo.core.scoring.statistics``)."""
@@ -238,7 +259,10 @@ class Trainer:
         everywhere = {name: gather(s) if scoring.higher_is_better(self.rewards[name]) else -gather(s)
                       for name, s in scores.items()}
         adv = tree.advantages(self.objective, everywhere, gather(traj.group_ids), gather(traj.edge_ids))
-        return adv[local_rows(gather(traj.sample_ids), traj.sample_ids)]
+        adv = adv[local_rows(gather(traj.sample_ids), traj.sample_ids)]
+        if traj.weight is not None:  # a replayed sample's importance weight (core/replay.py)
+            adv = adv * traj.weight.reshape(-1, *[1] * (adv.dim() - 1)).to(adv)
+        return adv
 
     # == 5. optimize =================================================================================
     def optimize(self, traj: Trajectories, advantages: torch.Tensor, iteration: int) -> dict[str, float]:

@@ -198,6 +198,41 @@ class StepPlan:
         return sum(len(r) for r in self.train_steps) / max(len(self.train_steps), 1)  # type: ignore[arg-type]
 
 
+@attrs.frozen
+class ReplaySpec:
+    """What an off-policy objective asks of the trainer (``PolicyObjective.replay``; OP-GRPO): a buffer of
+    past trajectories, one per prompt, of which a group whose prompt has one gets one in place of its last
+    fresh sample (``core/replay.py`` says how they are drawn, weighted and kept).
+
+    Attributes:
+        truncate_step: τ ≥ 1: a replayed sample reuses its stored steps 0 … τ−1 (SDE steps of the plan) and
+            the current policy walks on from the stored x_τ; the late steps, whose off-policy ratios are
+            ill-conditioned, are always drawn anew.
+        capacity: the most prompts the buffer holds (the entry stored longest ago leaves first).
+        max_age: an entry stored more than ``max_age`` iterations ago is neither replayed nor kept.
+        weight: the sequence-level importance weight of a replayed sample over its reused steps:
+            ``"product"`` Π π_old/π_b (the exact correction) or ``"geometric"`` its τ-th root.
+        max_weight: a cap on that weight, or None.
+    """
+
+    truncate_step: int
+    capacity: int = 512
+    max_age: int = 10
+    weight: str = "product"
+    max_weight: float | None = None
+
+    def __attrs_post_init__(self) -> None:
+        for name, value in (("truncate_step", self.truncate_step), ("capacity", self.capacity),
+                            ("max_age", self.max_age)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ReplaySpec.{name} must be an integer >= 1, got {value!r}")
+        if self.weight not in ("product", "geometric"):
+            raise ValueError(f"ReplaySpec.weight must be 'product' or 'geometric', got {self.weight!r}")
+        if self.max_weight is not None and not self.max_weight >= 1.0:
+            raise ValueError(f"ReplaySpec.max_weight must be >= 1 (a cap below 1 would shrink every replayed "
+                             f"sample) or None, got {self.max_weight!r}")
+
+
 @attrs.define
 class Trajectories:
     """What a rollout returns: everything training needs, nothing it must recompute.
@@ -230,6 +265,8 @@ class Trajectories:
         edges: ``[N, K]`` long, a tree rollout's transition ``x_i → x_{i+1}`` of each row (the child
             node, named by its first leaf's sample id): rows with equal ids hold the same transition,
             trained once, by that first leaf; ``None``: every row's transitions are its own.
+        weight: ``[N]`` fp32, each sample's importance weight (a replayed sample's, ``core/replay.py``):
+            the trainer multiplies its advantages by it; ``None``: every sample's is 1.
     """
 
     prompts: list[str]
@@ -250,6 +287,7 @@ class Trajectories:
     mean: torch.Tensor | None = None
     nodes: torch.Tensor | None = None
     edges: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -28,6 +28,12 @@ def as_integer(value: Any) -> Any:
     return value
 
 
+def optional_int(value: Any) -> Any:
+    """Converter of an optional integer setting: None (its default) stays None, anything else goes
+    through ``as_integer`` and is left for the field's validator to check."""
+    return None if value is None else as_integer(value)
+
+
 def integer(minimum: int) -> Validator:
     """An ``int`` (not a bool) >= ``minimum``."""
     def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -97,4 +103,4 @@ def not_above(other: str) -> Validator:
 
 
 __all__ = ["as_integer", "finite_non_negative", "in_unit_interval", "integer", "non_negative", "not_above", "one_of",
-           "positive"]
+           "optional_int", "positive"]

@@ -29,18 +29,34 @@ class ShapesPrompts:
     Args:
         levels: difficulty levels to draw from (1 single object, 2 counting, 3 two objects,
             4 relative position).
+        pool: None (default): every training iteration draws new prompts. An integer P: training
+            draws from P prompts generated once under the run's seed (each iteration ``count`` of them,
+            distinct within the iteration), so prompts come back, as they do from a finite dataset
+            (what a replay buffer keyed by prompt needs). The held-out prompts are the same either way.
     """
 
-    def __init__(self, levels: tuple[int, ...] = (1, 2, 3, 4)) -> None:
+    def __init__(self, levels: tuple[int, ...] = (1, 2, 3, 4), pool: int | None = None) -> None:
         self.levels = tuple(levels)
+        if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
+            raise ValueError(f"ShapesPrompts.pool must be a positive integer (prompts to draw from) or None, got "
+                             f"{pool!r}")
+        self.pool = pool
 
     def __call__(self, split: str, count: int, seed: int, iteration: int | None = None) -> list[str]:
         """``count`` generated prompts; with ``iteration``, those of that iteration of run ``seed``."""
         _check_split(split)
         from mixgrpo.plugins.world.shapes import sample_prompts
 
-        if iteration is not None:
-            seed = int(torch.randint(2**31 - 1, (1,), generator=keyed_generator(seed, iteration, "prompts")))
+        if iteration is None:
+            return sample_prompts(split, count, seed, levels=self.levels)
+        if self.pool is not None:
+            if count > self.pool:
+                raise ValueError(f"ShapesPrompts.pool = {self.pool} holds fewer prompts than the {count} an iteration "
+                                 f"draws (TrainConfig.prompts_per_iteration): raise the pool or draw fewer")
+            pool = sample_prompts(split, self.pool, seed, levels=self.levels)
+            pick = torch.randperm(self.pool, generator=keyed_generator(seed, iteration, "pool"))[:count]
+            return [pool[k] for k in pick.tolist()]
+        seed = int(torch.randint(2**31 - 1, (1,), generator=keyed_generator(seed, iteration, "prompts")))
         return sample_prompts(split, count, seed, levels=self.levels)
 
 

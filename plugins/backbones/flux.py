@@ -33,6 +33,7 @@ from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import ModelFacts
 from mixgrpo.core.sigmas import flux_mu
 from mixgrpo.core.types import Conditioning
+from mixgrpo.plugins.backbones import sizes
 from mixgrpo.plugins.backbones.diffusers_base import DiffusersBackbone, component, read_defaults, tokenize
 
 
@@ -134,6 +135,23 @@ class FluxBackbone(DiffusersBackbone):
         self.clip_length = min(limit, tok_max) if tok_max and tok_max < 10**6 else limit
         if self.text_encoder_2 is None:
             self.clip_length = min(self.clip_length, self.max_sequence_length)
+
+    @classmethod
+    def pixel_multiple(cls, path: str | Path) -> int | None:
+        """The multiple of pixels ``height`` and ``width`` must be, 2× the VAE's downsampling (the patch
+        in pixel space, without ``vae/``), read from the config files of the model folder ``path``
+        before anything loads (``sizes``); None when they do not say, and ``_set_latent_layout`` checks
+        after loading."""
+        root = sizes.model_folder(path)
+        cfg = sizes.transformer_config(root, cls.transformer_class) if root else None
+        if cfg is None or cfg.get("patch_size", 1) != 1:
+            return None
+        if (root / "vae").is_dir():
+            scale = sizes.vae_downsampling(root)
+            return 2 * scale if scale else None
+        channels = sizes.positive_int(cfg.get("in_channels")) or 0
+        patch = math.isqrt(channels // 3)
+        return patch if patch and 3 * patch**2 == channels else None
 
     def _set_latent_layout(self, root: Path, height: int | None, width: int | None) -> None:
         cfg = self.config

@@ -39,7 +39,7 @@ import torch
 
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.types import Conditioning
-from mixgrpo.plugins.backbones import resolve_model_path
+from mixgrpo.plugins.backbones import resolve_model_path, sizes
 from mixgrpo.plugins.backbones.diffusers_base import (
     DiffusersBackbone,
     check_model_class,
@@ -202,6 +202,18 @@ class Flux2Backbone(DiffusersBackbone):
         if cfg.guidance_embeds:
             raise ValueError(f"{root}: the transformer embeds a guidance value (guidance_embeds = true, FLUX.2-dev's); "
                              "Flux2KleinPipeline passes none, so this is not a FLUX.2-klein transformer")
+
+    @classmethod
+    def pixel_multiple(cls, path: str | Path) -> int | None:
+        """The multiple of pixels ``height`` and ``width`` must be, 2× the VAE's downsampling (then 2×2
+        patches), read from the config files of the model folder ``path`` before anything loads
+        (``sizes``); None when they do not say, and ``_set_latent_layout`` checks after loading."""
+        root = sizes.model_folder(path)
+        cfg = sizes.transformer_config(root, cls.transformer_class) if root else None
+        if cfg is None or cfg.get("patch_size", 1) != 1:
+            return None
+        scale = sizes.vae_downsampling(root)
+        return 2 * scale if scale else None
 
     def _set_latent_layout(self, root: Path, height: int | None, width: int | None) -> None:
         cfg, vae_cfg = self.config, self.vae.config

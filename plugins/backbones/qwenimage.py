@@ -36,7 +36,7 @@ import torch
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import ModelFacts
 from mixgrpo.core.types import Conditioning
-from mixgrpo.plugins.backbones import resolve_model_path
+from mixgrpo.plugins.backbones import resolve_model_path, sizes
 from mixgrpo.plugins.backbones.diffusers_base import (
     DiffusersBackbone,
     check_model_class,
@@ -179,6 +179,20 @@ class QwenImageBackbone(DiffusersBackbone):
                              f"but the text encoder's hidden states have {width} features")
         file = root / "scheduler" / "scheduler_config.json"
         self.scheduler_config = {**SCHEDULER_DEFAULTS, **(json.loads(file.read_text()) if file.is_file() else {})}
+
+    @classmethod
+    def pixel_multiple(cls, path: str | Path) -> int | None:
+        """The multiple of pixels ``height`` and ``width`` must be, 2× the VAE's downsampling
+        (``2 ** len(temperal_downsample)``, then 2×2 patches), read from the config files of the model
+        folder ``path`` before anything loads (``sizes``); None when they do not say, and
+        ``_set_latent_layout`` checks after loading."""
+        root = sizes.model_folder(path)
+        cfg = sizes.transformer_config(root, cls.transformer_class) if root else None
+        vae = sizes.read_config(root, "vae") if root else None
+        stages = vae.get("temperal_downsample") if vae else None
+        if cfg is None or cfg.get("patch_size") != 2 or not isinstance(stages, list):
+            return None
+        return 2 * 2 ** len(stages)
 
     def _set_latent_layout(self, root: Path, height: int | None, width: int | None) -> None:
         cfg, vae_cfg = self.config, self.vae.config

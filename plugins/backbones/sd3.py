@@ -24,6 +24,7 @@ import torch
 
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.types import Conditioning
+from mixgrpo.plugins.backbones import sizes
 from mixgrpo.plugins.backbones.diffusers_base import (
     DiffusersBackbone,
     component,
@@ -112,6 +113,18 @@ class SD3Backbone(DiffusersBackbone):
             limit, tok_max = enc.config.max_position_embeddings, tok.model_max_length
             lengths.append(min(limit, tok_max) if tok_max and tok_max < 10**6 else limit)
         self.clip_length = min(lengths)  # both CLIP sequences are concatenated feature-wise
+
+    @classmethod
+    def pixel_multiple(cls, path: str | Path) -> int | None:
+        """The multiple of pixels ``height`` and ``width`` must be, the VAE's downsampling times the
+        transformer's patch size, read from the config files of the model folder ``path`` before
+        anything loads (``sizes``); None when they do not say, and ``_set_latent_layout`` checks after
+        loading."""
+        root = sizes.model_folder(path)
+        cfg = sizes.transformer_config(root, cls.transformer_class) if root else None
+        patch = sizes.positive_int(cfg.get("patch_size")) if cfg else None
+        scale = sizes.vae_downsampling(root) if patch else None
+        return scale * patch if scale and patch else None
 
     def _set_latent_layout(self, root: Path, height: int | None, width: int | None) -> None:
         cfg, vae_cfg = self.config, self.vae.config

@@ -44,6 +44,7 @@ import torch
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import ModelFacts
 from mixgrpo.core.types import Conditioning
+from mixgrpo.plugins.backbones import sizes
 from mixgrpo.plugins.backbones.diffusers_base import (
     DiffusersBackbone,
     component,
@@ -157,6 +158,19 @@ class ZImageBackbone(DiffusersBackbone):
         if width != self.config.cap_feat_dim:
             raise ValueError(f"{root}: the transformer's cap_feat_dim is {self.config.cap_feat_dim} but the text "
                              f"encoder's hidden states have {width} features")
+
+    @classmethod
+    def pixel_multiple(cls, path: str | Path) -> int | None:
+        """The multiple of pixels ``height`` and ``width`` must be, the VAE's downsampling times the
+        patch ZImagePipeline runs (``PATCH``), read from the config files of the model folder ``path``
+        before anything loads (``sizes``); None when they do not say, and ``_set_latent_layout`` checks
+        after loading."""
+        root = sizes.model_folder(path)
+        cfg = sizes.transformer_config(root, cls.transformer_class) if root else None
+        if cfg is None or PATCH not in cfg.get("all_patch_size", ()):
+            return None
+        scale = sizes.vae_downsampling(root)
+        return scale * PATCH if scale else None
 
     def _set_latent_layout(self, root: Path, height: int | None, width: int | None) -> None:
         cfg, vae_cfg = self.config, self.vae.config

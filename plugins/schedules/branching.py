@@ -22,11 +22,7 @@ import attrs
 from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import WindowSchedule
 from mixgrpo.core.types import StepPlan
-from mixgrpo.core.validators import as_int_tuple, as_integer, increasing_integers, integer
-
-
-def _optional_int(value: Any) -> int | None:
-    return None if value is None else as_integer(value)
+from mixgrpo.core.validators import as_int_tuple, as_integer, increasing_integers, integer, optional_int
 
 
 def _at_least_or_none(minimum: int) -> Any:
@@ -61,12 +57,12 @@ class Branching(WindowSchedule):
     branch_steps: tuple[int, ...] = attrs.field(default=(0, 3, 6, 9), converter=as_int_tuple,
                                                  validator=increasing_integers(0, empty=False))
     branch_factor: int = attrs.field(default=2, converter=as_integer, validator=integer(2))
-    mix_window: int | None = attrs.field(default=None, converter=_optional_int, validator=_at_least_or_none(1))
+    mix_window: int | None = attrs.field(default=None, converter=optional_int, validator=_at_least_or_none(1))
     prune_depths: tuple[int, ...] = attrs.field(default=(), converter=as_int_tuple,
                                                 validator=increasing_integers(1, True))
-    prune_slide_every: int | None = attrs.field(default=None, converter=_optional_int,
+    prune_slide_every: int | None = attrs.field(default=None, converter=optional_int,
                                                 validator=_at_least_or_none(1))
-    prune_stop_depth: int | None = attrs.field(default=None, converter=_optional_int, validator=_at_least_or_none(0))
+    prune_stop_depth: int | None = attrs.field(default=None, converter=optional_int, validator=_at_least_or_none(0))
 
     def leaves(self) -> int:
         """Leaves of one tree: the group size it needs."""

@@ -17,11 +17,7 @@ from mixgrpo.core.hookspecs import hookimpl
 from mixgrpo.core.interfaces import WindowSchedule
 from mixgrpo.core.rollout import keyed_generator
 from mixgrpo.core.types import StepPlan
-from mixgrpo.core.validators import as_integer, integer
-
-
-def _optional_int(value: object) -> int | None:
-    return None if value is None else as_integer(value)
+from mixgrpo.core.validators import as_integer, integer, optional_int
 
 
 def _at_least_one_or_none(instance: object, attribute: attrs.Attribute, value: int | None) -> None:
@@ -48,7 +44,7 @@ class FastWindow(WindowSchedule):
 
     window_size: int = attrs.field(default=2, converter=as_integer, validator=integer(1))
     range_start: int = attrs.field(default=0, converter=as_integer, validator=integer(0))
-    range_end: int | None = attrs.field(default=None, converter=_optional_int, validator=_at_least_one_or_none)
+    range_end: int | None = attrs.field(default=None, converter=optional_int, validator=_at_least_one_or_none)
 
     def window_range(self, num_steps: int) -> tuple[int, int]:
         """``(lo, hi)`` on a grid of ``num_steps`` steps, checked to hold a window."""

@@ -218,7 +218,7 @@ def test_another_size_draws_what_the_flux_pipeline_draws_at_that_size(tmp_path, 
 def test_a_size_the_backbone_cannot_draw_is_a_one_line_error(tmp_path, capsys, flux_dir):  # noqa: F811
     gin = flux_gin(tmp_path, flux_dir)
     cases = [
-        (gin, ["--height", "30"], ["height and width must be multiples of 4, got 30×32"]),
+        (gin, ["--height", "30"], ["--height 30 is not a multiple of 4", "pass --height 28 or 32"]),  # before loading
         (gin, ["--width", "0"], ["--width must be a positive number of pixels, got 0"]),
         (toy_config(tmp_path), ["--height", "16", "--width", "16"],
          ["backbone 'toy' (ToyBackbone) has no height or width setting", "--height and --width do not apply"]),
