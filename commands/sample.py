@@ -155,9 +155,9 @@ def _check_multiple(backbone: str, gin_name: str, factory: Any, size: dict[str, 
     ``vae/`` and ``transformer/`` configs: the VAE's 8× downsampling, then 2×2 patches, so 16). A
     backbone without one, or a folder whose files do not say, leaves the size to the check the
     backbone makes after loading."""
-    rule = getattr(factory, "pixel_multiple", None)
-    path = _bound_model_path(gin_name) if callable(rule) else None
-    multiple = rule(path) if path is not None else None
+    declared = isinstance(factory, type) and issubclass(factory, Backbone)
+    path = _bound_model_path(gin_name) if declared else None
+    multiple = factory.pixel_multiple(path) if path is not None else None
     if not multiple:
         return
     for name, value in size.items():

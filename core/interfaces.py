@@ -14,41 +14,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import attrs
 import torch
 from torch import nn
 
-from mixgrpo.core.types import Conditioning, ReplaySpec, SolverHistory, StepPlan, StepResult
-
-
-@attrs.frozen
-class ModelFacts:
-    """What a backbone tells the model card, ``mixgrpo export`` and ``mixgrpo sample`` about its model
-    (``Backbone.model_facts()``). Every field has a default, and ``ModelFacts()`` is the answer of a
-    backbone outside diffusers (``toy``): no pipeline loads its exports, so ``export`` refuses it and
-    the model card tells how to draw with ``mixgrpo sample`` instead.
-
-    Attributes:
-        pipeline: the name of the diffusers pipeline class that loads what ``Backbone.export`` writes
-            (e.g. ``"StableDiffusion3Pipeline"``), or None.
-        family: the model family, a tag of the model card (e.g. ``"sd3"``), or None.
-        base_model: the base model the backbone was loaded from (a local folder or a Hub id), or None.
-        height, width: the image size in pixels the backbone draws, or None.
-        guidance: the pipeline's ``guidance_scale`` that draws what the backbone draws, or None where
-            the pipeline takes none.
-        guidance_settings: the backbone's guidance settings by name with their current values (what
-            ``mixgrpo sample`` records in its manifest); empty when it has none.
-        lora_alpha: the LoRA alpha when ``lora_rank > 0``, else None.
-    """
-
-    pipeline: str | None = None
-    family: str | None = None
-    base_model: str | None = None
-    height: int | None = None
-    width: int | None = None
-    guidance: float | None = None
-    guidance_settings: Mapping[str, float] = attrs.field(factory=dict)
-    lora_alpha: float | None = None
+from mixgrpo.core.types import (
+    Conditioning,
+    ModelFacts,
+    ReplaySpec,
+    SolverHistory,
+    StepPlan,
+    StepResult,
+)
 
 
 class Backbone(ABC):
@@ -58,7 +34,7 @@ class Backbone(ABC):
     and nothing else is read (tests/core/test_contracts.py checks the core for it): the methods
     below, the trainable network ``module``, ``dtype``, ``lora_rank``, ``uses_source_images``, ``device``,
     ``calls_per_velocity``, the frozen reference, and what publishing a model needs
-    (``model_facts``, ``export``, ``load_snippet``, ``pipeline_mu``, ``set_guidance``).
+    (``model_facts``, ``export``, ``load_snippet``, ``pipeline_mu``, ``set_guidance``, ``pixel_multiple``).
     """
 
     #: the compute dtype of the network's forward (``velocity`` takes and returns fp32 whatever it
@@ -167,6 +143,12 @@ class Backbone(ABC):
         diffusers and draw ``prompt`` in ``num_steps`` steps (a fenced Python block, with a sentence
         before it where one is needed). The default: no lines (no pipeline loads this backbone)."""
         return []
+
+    @classmethod
+    def pixel_multiple(cls, path: str) -> int | None:
+        """What the image height and width must be a multiple of, read from the model folder ``path``
+        without loading it (``mixgrpo sample`` refuses a bad ``--height`` with it); None: unknown."""
+        return None
 
     def pipeline_mu(self, num_steps: int) -> float | None:
         """The ``mu`` of the dynamic σ grid (``TrainConfig.grid = 'dynamic'``) that the model's diffusers

@@ -133,9 +133,6 @@ def check_replay(c: TrainConfig, objective: PolicyObjective, plans: list[Any]) -
     their log-probs), on a grid every iteration walks the same, outside any tree, trunk or shared prefix."""
     name, tau = type(objective).__name__, objective.replay.truncate_step
     what = f"TrainConfig.objective = {c.objective!r} ({name}) replays stored trajectories"
-    if c.group_size < 2:
-        raise ValueError(f"{what} in the last row of a group, which leaves no fresh sample with "
-                         f"TrainConfig.group_size = {c.group_size}: set TrainConfig.group_size >= 2")
     if not 1 <= tau < c.num_steps:
         raise ValueError(f"{what} up to {name}.truncate_step = {tau}, which must lie in 1 … {c.num_steps - 1} on the "
                          f"grid of TrainConfig.num_steps = {c.num_steps} (the current policy draws steps τ … T−1)")

@@ -8,7 +8,7 @@ training recomputes log-probabilities (docs/algorithms.md §1).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -60,6 +60,36 @@ class Conditioning:
             mask=move(self.mask),
             extra={k: move(v) for k, v in self.extra.items()},
         )
+
+
+@attrs.frozen
+class ModelFacts:
+    """What a backbone tells the model card, ``mixgrpo export`` and ``mixgrpo sample`` about its model
+    (``Backbone.model_facts()``). Every field has a default, and ``ModelFacts()`` is the answer of a
+    backbone outside diffusers (``toy``): no pipeline loads its exports, so ``export`` refuses it and
+    the model card tells how to draw with ``mixgrpo sample`` instead.
+
+    Attributes:
+        pipeline: the name of the diffusers pipeline class that loads what ``Backbone.export`` writes
+            (e.g. ``"StableDiffusion3Pipeline"``), or None.
+        family: the model family, a tag of the model card (e.g. ``"sd3"``), or None.
+        base_model: the base model the backbone was loaded from (a local folder or a Hub id), or None.
+        height, width: the image size in pixels the backbone draws, or None.
+        guidance: the pipeline's ``guidance_scale`` that draws what the backbone draws, or None where
+            the pipeline takes none.
+        guidance_settings: the backbone's guidance settings by name with their current values (what
+            ``mixgrpo sample`` records in its manifest); empty when it has none.
+        lora_alpha: the LoRA alpha when ``lora_rank > 0``, else None.
+    """
+
+    pipeline: str | None = None
+    family: str | None = None
+    base_model: str | None = None
+    height: int | None = None
+    width: int | None = None
+    guidance: float | None = None
+    guidance_settings: Mapping[str, float] = attrs.field(factory=dict)
+    lora_alpha: float | None = None
 
 
 @attrs.frozen

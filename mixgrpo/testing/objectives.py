@@ -18,6 +18,8 @@ Checked (docs/algorithms.md §7, §8):
 - with ``kl_beta > 0``, ``kl`` is implemented: zero for equal step means, growing as they part;
 - ``stats`` has ``ratio``, ``clipped``, ``approx_kl``, ``policy`` and ``kl``, each a detached
   ``[M]`` tensor; at ratio 1: ratio 1, nothing clipped, approx_kl 0;
+- ``replay`` is None (on-policy) or a ``ReplaySpec`` (OP-GRPO's buffer, core/replay.py), the same on
+  every read (the trainer reads it once);
 - the constructor contract (``PolicyObjective``): the constructor takes the keyword ``weights``, keeps
   it as ``weights``, and the weights reach the advantages of several rewards. The objective is rebuilt
   with other weights by ``with_weights`` (``attrs.evolve`` for an attrs class, else
@@ -34,6 +36,7 @@ import attrs
 import torch
 
 from mixgrpo.core.interfaces import PolicyObjective, check_objective_factory
+from mixgrpo.core.types import ReplaySpec
 
 STAT_KEYS = ("ratio", "clipped", "approx_kl", "policy", "kl")
 
@@ -80,6 +83,13 @@ class ObjectiveContract:
         adv[0] = 0.0  # a zero advantage must give a zero policy term
         kl = torch.rand(m, generator=gen) if objective.kl_beta > 0 else None
         return old, adv, kl
+
+    # -- what the objective asks of the trainer ---------------------------------------------------
+    def test_replay_is_none_or_a_replay_spec(self):
+        objective = self.make_objective()
+        spec = objective.replay
+        assert spec is None or isinstance(spec, ReplaySpec), f"replay must be None or a ReplaySpec, got {spec!r}"
+        assert objective.replay == spec
 
     # -- the constructor contract ---------------------------------------------------------------
     def test_constructor_takes_reward_weights(self):
