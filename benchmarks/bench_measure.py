@@ -67,6 +67,8 @@ def time_iterations(trainer: Any, inst: Instruments, warmup: int, iterations: in
             "window_start": m[metrics.WINDOW_START],
             # optimizer steps the trainer skipped for non-finite gradients (their seconds would be missing)
             "skipped_steps": m.get(metrics.SKIPPED_STEPS, 0.0),
+            # the share of samples that replayed a stored trajectory (OP-GRPO; 0 for the on-policy presets)
+            "replay_fraction": m.get(metrics.REPLAY_FRACTION, 0.0),
         })
     out = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     out["peak_mem_gb"] = max(r["peak_mem_gb"] for r in rows)

@@ -16,11 +16,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The MixGRPO paper's Table 1 presets (the default rows), then the newer methods: Flow-GRPO-Fast and the
-# forward-process objectives (DiffusionNFT, AWM), timed on request (--methods).
+# The MixGRPO paper's Table 1 presets (the default rows), then the newer methods: Flow-GRPO-Fast, the
+# forward-process objectives (DiffusionNFT, AWM) and OP-GRPO's replay, timed on request (--methods).
 PAPER_METHODS = ["flowgrpo", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star"]
 METHODS = ["flowgrpo", "flowgrpo_fast", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star",
-           "diffusionnft", "awm"]
+           "diffusionnft", "awm", "op_grpo"]
 REFERENCE = "dancegrpo"
 REAL = tuple(architectures.ARCHS)  # flux-dev, sd35-medium, sd35-large, qwen-image, flux2-klein, z-image
 BACKBONES = ("toy", "shapes", *REAL)
@@ -105,8 +105,10 @@ class Run:
             "TrainConfig.tensorboard = False", "TrainConfig.progress = False", f"TrainConfig.output_dir = '{out}'",
             "TrainConfig.num_minibatches = 1", f"TrainConfig.overlap_rewards = {self.overlap_rewards}",
             f"TrainConfig.share_prefix = {self.share_prefix}",
-            "FlowGRPO.kl_beta = 0.0",  # the FLUX recipes compared in the paper train without KL
+            "FlowGRPO.kl_beta = 0.0", "OPGRPO.kl_beta = 0.0",  # the FLUX recipes of the paper train without KL
         ]
+        if method == "op_grpo":  # the same prompts every iteration: after the first, each group replays one sample
+            common.append(f"ShapesPrompts.pool = {self.prompts}")
         batches = []
         if self.rollout_batch:
             batches.append(f"TrainConfig.rollout_batch_size = {self.rollout_batch}")

@@ -16,8 +16,9 @@ family's gin file, built from ``benchmarks/configs/`` (see architectures.py; sma
 encoders, since the text side is encoded once per prompt and cached).
 
 Every method runs its preset (``experiments/methods/``) at the same T (default 25, as MixGRPO's
-Table 1): by default the paper's five, with ``--methods all`` also Flow-GRPO-Fast, DiffusionNFT and
-AWM. The GRPO presets train without KL (AWM keeps its preset's), with the ``shapes.preference``
+Table 1): by default the paper's five, with ``--methods all`` also Flow-GRPO-Fast, DiffusionNFT,
+AWM and OP-GRPO (drawing the same prompts every iteration, so that after the first each group replays
+one stored sample). The GRPO presets train without KL (AWM keeps its preset's), with the ``shapes.preference``
 reward (cheap: reward seconds are not those of HPSv2/PickScore/ImageReward). Per method and
 iteration it reports rollout, reward, training and optimizer seconds (the optimizer step is part of
 training), network evaluations per sample in the rollout and in training (counted at the network: a

@@ -10,14 +10,17 @@ The newer presets share no initial noise and compress no grid, so they walk all 
 in the rollout: Flow-GRPO-Fast trains its window of w = 2 SDE steps; the forward-process objectives
 re-noise each final sample at K drawn σ and call the network K times before the update (v_old, no
 grad), K times with grad (v_new) and, with a KL term, K times on the frozen reference (v_ref):
-DiffusionNFT K = 4 without KL (2·K = 8), AWM K = 6 with KL β = 1e-4 (3·K = 18)."""
+DiffusionNFT K = 4 without KL (2·K = 8), AWM K = 6 with KL β = 1e-4 (3·K = 18). OP-GRPO is FlowGRPO's
+preset with a replay buffer: a replayed sample walks T − τ steps and recomputes its τ reused steps'
+log-probs (no grad, during the rollout), so every sample costs T in the rollout, replayed or not, and
+trains FlowGRPO's T − 1 steps."""
 
 import math
 
 WINDOW = 4
 PAPER_METHODS = ("flowgrpo", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star")
 METHODS = ("flowgrpo", "flowgrpo_fast", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star",
-           "diffusionnft", "awm")
+           "diffusionnft", "awm", "op_grpo")
 SHARED_NOISE = ("dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star")
 FAST_WINDOW = 2  # Flow-GRPO-Fast: FastWindow.window_size
 # forward-process presets: (K σ draws per sample, network calls per draw: v_old + v_new [+ v_ref])
@@ -45,7 +48,7 @@ def trained_steps(method: str, T: int) -> int:
     if method in FORWARD:  # K draws × (v_old, v_new[, v_ref]): DiffusionNFT 2·4 = 8, AWM 3·6 = 18
         draws, calls = FORWARD[method]
         return draws * calls
-    if method == "flowgrpo":  # every step but the last (train_fraction 0.99)
+    if method in ("flowgrpo", "op_grpo"):  # every step but the last (train_fraction 0.99)
         return min(math.floor(0.99 * T + 1e-9), T - 1)
     if method == "dancegrpo":  # a random 60% of steps 0..T-2 per sample
         return math.floor(0.6 * (T - 1) + 1e-9)

@@ -229,6 +229,20 @@ def test_shapes_backbone_times_the_presets_own_window_schedules(bench, tmp_path,
     assert gin.query_parameter("FluxBackbone.path") == "shipped:shapes-flux"  # the world's model
 
 
+def test_op_grpo_replays_at_the_cost_of_a_fresh_sample(bench, tmp_path):
+    """After the untimed first iteration every group replays one stored sample: T − τ walked steps and
+    τ no-grad recomputations of the reused steps' log-probs, so T per sample as for FlowGRPO."""
+    out = tmp_path / "op.json"
+    bench.main(["--backbone", "toy", "--steps", "10", "--warmup", "1", "--iterations", "1", "--prompts", "2",
+                "--threads", "1", "--no-sweeps", "--methods", "flowgrpo,op_grpo", "--json", str(out)])
+    data = json.loads(out.read_text())
+    for method in ("flowgrpo", "op_grpo"):
+        assert data[method]["nfe_rollout"] == pytest.approx(rollout_calls(method, 10, group_size=4)) == 10
+        assert data[method]["nfe_train"] == pytest.approx(trained_calls(method, 10, group_size=4, groups=2)) == 9
+    assert data["op_grpo"]["trainer_nfe_rollout"] == pytest.approx(10)
+    assert (data["flowgrpo"]["replay_fraction"], data["op_grpo"]["replay_fraction"]) == (0.0, 0.25)  # 1 of 4
+
+
 def test_toy_backbone_json(bench, tmp_path):
     out = tmp_path / "toy.json"
     # two rollout chunks of 2 samples, scored in the background: the NFE counts see whole rollouts
@@ -245,11 +259,11 @@ def test_toy_backbone_json(bench, tmp_path):
         if method == "flowgrpo_fast":  # drawn each iteration from steps 0 .. T//2 − w
             assert 0 <= data[method]["window_start"] <= 10 // 2 - 2
         else:
-            assert data[method]["window_start"] == (-1 if method in ("flowgrpo", "dancegrpo", "diffusionnft", "awm")
-                                                    else 0)
+            assert data[method]["window_start"] == (-1 if method in ("flowgrpo", "dancegrpo", "diffusionnft", "awm",
+                                                                     "op_grpo") else 0)
     # AWM's KL runs the toy's frozen copy (a full fine-tune's reference): counted, as the trainer counts it
     assert data["awm"]["nfe_train"] == data["awm"]["trainer_nfe_train"] == 18
-    assert [data[m]["kl_beta"] for m in METHODS] == [0.0] * 7 + [1e-4]  # AWM alone keeps its preset's KL
+    assert [data[m]["kl_beta"] for m in METHODS] == [0.0] * 7 + [1e-4, 0.0]  # AWM alone keeps its preset's KL
     assert [p["value"] for p in data["sweeps"]["steps"]] == [6, 10]
     # the window axis at T = 10: its default starts that fit (0), which is the table's own window
     assert [(p["value"], p.get("from")) for p in data["sweeps"]["window"]] == [(0, "table")]
