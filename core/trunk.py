@@ -11,7 +11,9 @@ step's noise, so their rewards, normalized among them, are a reward for step j a
 returned name each (group, branch step) as a group of its own (``group_id·|B| + ⌊r / k⌋``), which is
 where every objective computes its advantages, and each sample trains its own branch step only.
 
-The trunk's own final image is not a sample and is not scored. Model calls per group: T for the trunk
+A sample stores one transition, that of its branch step: the ``K = |B|`` stored slots of its row in
+``Trajectories`` are views of it (``expand``, no copy), and only its own slot is ever trained. The
+trunk's own final image is not a sample and is not scored. Model calls per group: T for the trunk
 and ``k·(T − j − 1)`` for the children of step j. Training runs the model once per (group, branch
 step): the children share ``x_j`` (``Trajectories.nodes``).
 """
@@ -64,8 +66,9 @@ def trunk_rollout(backbone: Backbone, prompts: Sequence[str], group_ids: torch.T
     x_T = initial_noise(shape, group_ids, sample_ids, seed, iteration, True)
     trunks = first.unique(sorted=True)
     trunk = _Trunk(backbone, cond, x_T, trunks, sigmas, steps, post_solver, batch_size)
-    out = {"x": torch.zeros(n, len(steps), *shape), "x_next": torch.zeros(n, len(steps), *shape),
-           "log_prob": torch.zeros(n, len(steps)), "mean": torch.zeros(n, len(steps), *shape) if keep_means else None}
+    # each row's one transition (that of its branch step); its K slots are views of it (below)
+    out = {"x": torch.zeros(n, *shape), "x_next": torch.zeros(n, *shape), "log_prob": torch.zeros(n, len(steps)),
+           "mean": torch.zeros(n, *shape) if keep_means else None}
     latents, images = torch.zeros(n, *shape), None
     calls = num_steps * len(trunks)
     per_call = max(1, batch_size // k)
@@ -77,10 +80,10 @@ def trunk_rollout(backbone: Backbone, prompts: Sequence[str], group_ids: torch.T
             x, v, history = trunk.at(j, index)
             noise = step_noise(shape, sample_ids[rows], seed, iteration, j).to(device)
             res = sde_sampler.step(x, v, sigmas, j, history=history, noise=noise)
-            out["x"][rows, slot], out["x_next"][rows, slot] = x.float().cpu(), res.prev_sample.float().cpu()
+            out["x"][rows], out["x_next"][rows] = x.float().cpu(), res.prev_sample.float().cpu()
             out["log_prob"][rows, slot] = res.log_prob.float().cpu()
             if keep_means:
-                out["mean"][rows, slot] = res.mean.float().cpu()
+                out["mean"][rows] = res.mean.float().cpu()
             _record(history, res, x, v, sigmas, j)
             x, c = res.prev_sample, cond.select(rows)
             for i in range(j + 1, num_steps):
@@ -99,10 +102,15 @@ def trunk_rollout(backbone: Backbone, prompts: Sequence[str], group_ids: torch.T
     nodes = sample_ids[:, None].repeat(1, len(steps))
     nodes[torch.arange(n), branch] = sample_ids[first]  # the children of a branch step share the trunk's x_j
     branch_groups = group_ids * len(steps) + branch
+
+    def slots(own: torch.Tensor | None) -> torch.Tensor | None:  # [N, K, ...] without a copy: 1/K of the memory
+        return None if own is None else own.unsqueeze(1).expand(n, len(steps), *shape)
+
     return Trajectories(prompts=list(prompts), group_ids=branch_groups, sample_ids=sample_ids, sigmas=sigmas,
-                        plan=plan, sde_steps=steps, x=out["x"], x_next=out["x_next"], log_prob=out["log_prob"],
-                        latents=latents, images=images if images is not None else latents.new_zeros(0, 3, 1, 1),
-                        cond=cond, nfe=calls / max(n, 1) * backbone.calls_per_velocity, seed=seed, mean=out["mean"],
+                        plan=plan, sde_steps=steps, x=slots(out["x"]), x_next=slots(out["x_next"]),
+                        log_prob=out["log_prob"], latents=latents,
+                        images=images if images is not None else latents.new_zeros(0, 3, 1, 1), cond=cond,
+                        nfe=calls / max(n, 1) * backbone.calls_per_velocity, seed=seed, mean=slots(out["mean"]),
                         nodes=nodes)
 
 

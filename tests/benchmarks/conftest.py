@@ -28,3 +28,8 @@ def bench():
 @pytest.fixture(scope="session")
 def archs():
     return _load("architectures")
+
+
+@pytest.fixture(scope="session")
+def offpolicy():
+    return _load("offpolicy_ratios")

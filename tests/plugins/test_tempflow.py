@@ -139,6 +139,10 @@ def test_branches_leave_one_trunk_and_each_equals_its_own_single_sample_walk(tra
         torch.testing.assert_close(single.x_next[0, 0], traj.x_next[row, slot], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(single.log_prob[0, 0], traj.log_prob[row, slot], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(single.latents[0], traj.latents[row], rtol=1e-5, atol=1e-5)
+    # each sample stores its one transition: the K = 9 slots of a row are views of it, not 9 copies
+    for stored in (traj.x, traj.x_next, traj.mean):
+        assert stored.shape[:2] == (108, 9)
+        assert stored.untyped_storage().nbytes() == 108 * stored[0, 0].numel() * 4
     # one trunk of T calls per group, and 6 (T − j − 1) calls for the children of step j
     assert traj.nfe == pytest.approx((10 + 6 * sum(10 - j - 1 for j in range(9))) / 54)
 
