@@ -20,6 +20,8 @@ from tests.core.conftest import TOY  # noqa: E402
 def main(method: str, out: Path) -> None:
     bindings = [*TOY, "TrainConfig.prompts_per_iteration = 4", "TrainConfig.group_size = 3",
                 "TrainConfig.num_minibatches = 1", f"TrainConfig.output_dir = '{out}/run'"]
+    if method == "op_grpo":  # the same 4 prompts every iteration: the second replays from the buffer
+        bindings += ["ShapesPrompts.pool = 4", "OPGRPO.kl_beta = 0.0"]
     cfg, pm = load_config(ROOT / "experiments" / "methods" / f"{method}.gin", bindings)
     trainer = Trainer(cfg, pm)
     acc = trainer.accelerator
@@ -33,11 +35,13 @@ def main(method: str, out: Path) -> None:
                    seed=cfg.seed, iteration=0, batch_size=cfg.rollout_batch_size)
     rewards = score(trainer.rewards, traj.images, prompts)
     advantages = trainer.advantages(rewards, traj)
-    trainer.iteration(0)
+    rows = [trainer.iteration(k) for k in range(2 if trainer.replay is not None else 1)]
     weights = [p.detach().cpu().clone() for p in trainer.backbone.trainable_parameters()]
+    buffer = None if trainer.replay is None else {
+        str(p): (e.reward, e.iteration, e.states, e.log_prob) for p, e in trainer.replay.entries.items()}
     torch.save({"sample_ids": sample_ids, "group_ids": group_ids, "advantages": advantages,
-                "rewards": rewards, "weights": weights, "world": acc.num_processes},
-               out / f"rank{acc.process_index}.pt")
+                "rewards": rewards, "weights": weights, "world": acc.num_processes, "buffer": buffer,
+                "replayed": rows[-1].get("replay/fraction")}, out / f"rank{acc.process_index}.pt")
     trainer.close()
 
 

@@ -19,7 +19,7 @@ def _run(cmd, tmp):
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-@pytest.mark.parametrize("method", ["mixgrpo", "flowgrpo"])
+@pytest.mark.parametrize("method", ["mixgrpo", "flowgrpo", "op_grpo"])
 def test_two_processes_match_one(tmp_path, method):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
@@ -40,3 +40,12 @@ def test_two_processes_match_one(tmp_path, method):
     for w0, w1, ws in zip(ranks[0]["weights"], ranks[1]["weights"], single["weights"]):
         torch.testing.assert_close(w0, w1)  # DDP kept the replicas identical
         torch.testing.assert_close(w0, ws, atol=1e-5, rtol=1e-4)  # and equal to one process
+    if method == "op_grpo":  # OP-GRPO's second iteration replayed one sample per group from the buffer,
+        assert single["replayed"] == ranks[0]["replayed"] == pytest.approx(1 / 3)
+        for r in ranks:  # which every process holds whole, as one process would
+            assert list(r["buffer"]) == list(single["buffer"])
+            for prompt, (reward, iteration, states, log_prob) in r["buffer"].items():
+                reward1, iteration1, states1, log_prob1 = single["buffer"][prompt]
+                assert (iteration, reward) == (iteration1, pytest.approx(reward1, abs=1e-5))
+                torch.testing.assert_close(states, states1, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(log_prob, log_prob1, atol=1e-4, rtol=1e-4)
