@@ -32,12 +32,12 @@ def _variants():
 def test_the_families_comparison_holds_every_family_on_one_budget():
     _, cfg, _, plans = _variants()
     assert {"DanceGRPO", "MixGRPO", "MixGRPO-Flash*", "Flow-GRPO-Fast", "GRPO-Guard", "BranchGRPO", "BranchGRPO-Mix",
-            "DiffusionNFT", "AWM", "TempFlow-GRPO"} <= set(plans)
+            "DiffusionNFT", "AWM", "TempFlow-GRPO", "FlowGRPO", "OP-GRPO"} <= set(plans)
     assert cfg.metric == "shapes.composition" and cfg.seeds == (0,)
 
 
 @pytest.mark.parametrize("label", ["MixGRPO", "Flow-GRPO-Fast", "GRPO-Guard", "BranchGRPO", "BranchGRPO-Mix",
-                                   "DiffusionNFT", "AWM", "TempFlow-GRPO"])
+                                   "DiffusionNFT", "AWM", "TempFlow-GRPO", "OP-GRPO"])
 def test_each_variant_builds_with_the_shared_budget_and_no_reference_model(tmp_path, label):
     pm, _, base, plans = _variants()
     files, extra = plans[label]
@@ -49,4 +49,26 @@ def test_each_variant_builds_with_the_shared_budget_and_no_reference_model(tmp_p
     assert not trainer.objective.uses_reference  # the comparison runs no reference model
     kind = MatchingObjective if label in ("DiffusionNFT", "AWM") else PolicyObjective
     assert isinstance(trainer.objective, kind)
+    # OP-GRPO (and FlowGRPO beside it) draw from a pool of 16 prompts, so that its buffer is used
+    assert (trainer.replay is not None) == (label == "OP-GRPO")
+    assert trainer.prompt_set.pool == (16 if label == "OP-GRPO" else None)
     gin.clear_config()
+
+
+def test_the_offpolicy_comparison_pairs_op_grpo_with_flowgrpo_on_one_pool(tmp_path):
+    pm = get_plugin_manager()
+    gin.clear_config()
+    file = ROOT / "experiments" / "shapes" / "compare_offpolicy.gin"
+    parse_gin([file], [], pm)
+    cfg = _compare_config(file, False)
+    search = _search_paths(file)
+    base = _resolve(cfg.base, search)
+    assert set(cfg.variants) == {"FlowGRPO", "OP-GRPO"} and cfg.seeds == (0, 1, 2)
+    for label, value in cfg.variants.items():
+        files, extra = _split_variant(label, value, search)
+        config = _train_config([*files, base, file], extra, 1, tmp_path / label, pm)
+        assert (config.group_size, config.prompts_per_iteration, config.iterations, config.eval_every) == (8, 4, 40, 10)
+        trainer = Trainer(config, pm)
+        assert trainer.prompt_set.pool == 16 and not trainer.objective.uses_reference
+        assert (trainer.replay is not None) == (label == "OP-GRPO")
+        gin.clear_config()
