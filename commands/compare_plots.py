@@ -14,6 +14,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def style(i: int) -> dict[str, Any]:
+    """The line style of the i-th run: matplotlib's ten colors, then the same colors dashed, dotted and
+    dash-dotted with other markers, so that more than ten runs stay apart."""
+    return {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[i // 10 % 4], "marker": "os^D"[i // 10 % 4]}
+
+
 def plot_curves(table: dict[str, dict], metric: str, path: Path) -> None:
     """Reward against iterations, wall-clock and NFE. One seed: its curve ± the evaluation SE.
     Several: the mean over seeds, a band of ± SE over seeds, and each seed as a thin line."""
@@ -23,7 +29,8 @@ def plot_curves(table: dict[str, dict], metric: str, path: Path) -> None:
         curves = [c for c in row["curves"] if c]
         if not curves:
             continue
-        color = f"C{i % 10}"
+        look = style(i)
+        color = look["color"]
         n = min(len(c) for c in curves)
         columns = [[c[k] for c in curves] for k in range(n)]
         xs_iter = [points[0][0] for points in columns]
@@ -35,12 +42,12 @@ def plot_curves(table: dict[str, dict], metric: str, path: Path) -> None:
             es = [stdev(p[1] for p in points) / math.sqrt(len(points)) for points in columns]
             for c in curves:
                 for ax, x in zip(axes, (0, 3, 4)):
-                    ax.plot([p[x] for p in c[:n]], [p[1] for p in c[:n]], color=color, lw=0.7, alpha=0.45)
+                    ax.plot([p[x] for p in c[:n]], [p[1] for p in c[:n]], color=color, linestyle=look["linestyle"],
+                            lw=0.7, alpha=0.45)
         else:
             ys, es = [p[0][1] for p in columns], [p[0][2] for p in columns]
         for ax, xs in zip(axes, (xs_iter, xs_wall, xs_nfe)):
-            ax.plot(xs, ys, marker="o", ms=3, color=color, label=f"{label} ({len(curves)} seeds)" if len(curves) > 1
-                    else label)
+            ax.plot(xs, ys, ms=3, **look, label=f"{label} ({len(curves)} seeds)" if len(curves) > 1 else label)
             ax.fill_between(xs, [y - e for y, e in zip(ys, es)], [y + e for y, e in zip(ys, es)], color=color,
                             alpha=0.15)
     for ax, xlabel in zip(axes, ("iteration", "training wall-clock (s)", "model calls per sample (cumulative)")):
@@ -79,7 +86,7 @@ def plot_measures(curves: dict[str, list[dict[str, Any]]], path: Path) -> bool:
                       if isinstance(r.get(mean_key), (int, float)) and math.isfinite(r[mean_key])]
             if points:
                 xs, ys, es = zip(*points)
-                ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2, color=f"C{i % 10}", label=label)
+                ax.errorbar(xs, ys, yerr=es, ms=3, capsize=2, **style(i), label=label)
         ax.set_xlabel("iteration")
         ax.set_ylabel(f"held-out {ylabel}")
         ax.grid(alpha=0.3)

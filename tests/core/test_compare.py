@@ -324,3 +324,14 @@ def test_the_base_model_is_evaluated_once_per_identical_setting(tmp_path, monkey
     row = {"iteration": 0}
     base_eval.evaluate_base(alone, row, None)
     assert {k: v for k, v in row.items()} == {k: v for k, v in _rows(out, "MixGRPO", 0)[0].items()}
+
+
+def test_more_than_ten_runs_keep_apart_in_the_plots(tmp_path):
+    from mixgrpo.commands.compare_plots import plot_curves, style
+
+    looks = [style(i) for i in range(25)]
+    assert len({(s["color"], s["linestyle"]) for s in looks}) == 25  # colors repeat only with another line
+    table = {f"run {i}": {"curves": [[(0, 0.4, 0.01, 0.0, 0.0), (10, 0.4 + i / 100, 0.01, 5.0, 100.0)]]}
+             for i in range(12)}
+    plot_curves(table, "shapes.composition", tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
