@@ -80,6 +80,11 @@ class Trainer:
         self.wants_moments = isinstance(self.objective, PolicyObjective) and self.objective.uses_step_moments
         spec = self.objective.replay if isinstance(self.objective, PolicyObjective) else None
         self.replay = ReplayBuffer(spec, type(self.objective).__name__) if spec is not None else None
+        if self.replay is not None and self.parallel.sharded and self.parallel.num_processes > 1:
+            raise ValueError(
+                f"TrainConfig.objective = {c.objective!r} replays stored trajectories, so processes roll out "
+                "different numbers of fresh and replayed samples, but FSDP needs every process to make the same "
+                "model calls: train it with DDP (TrainConfig.parallelism = 'ddp', experiments/accelerate/ddp.yaml)")
         self.prompt_set = self.pm.create("prompt_set", c.prompt_set)
         self.setup = SamplingSetup(num_steps=c.num_steps, shift=c.shift, grid=c.grid, mu=c.mu,
                                    shift_terminal=c.shift_terminal, compression=c.compression,

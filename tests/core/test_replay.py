@@ -203,6 +203,16 @@ def test_bad_replay_settings_are_refused_before_the_model_loads(tmp_path, bindin
         make_trainer(tmp_path, *extra)
 
 
+def test_fsdp_over_several_processes_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    from mixgrpo.core.parallel import Parallel
+
+    monkeypatch.setattr(Parallel, "num_processes", property(lambda self: 2))  # as if launched on two
+    with pytest.raises(ValueError, match=re.escape("FSDP needs every process to make the same model calls: train "
+                                                   "it with DDP (TrainConfig.parallelism = 'ddp'")):
+        make_trainer(tmp_path, "TrainConfig.parallelism = 'fsdp'", "TrainConfig.backbone = 'flux'",
+                     "FluxBackbone.path = '/nonexistent/flux'")
+
+
 def test_a_buffer_larger_than_memory_is_refused_before_the_rewards_load(tmp_path):
     with pytest.raises(ValueError, match=r"OPGRPO.capacity = 1000000000000 stored trajectories of .* MiB each "
                                          r"\(τ \+ 1 = 6 latents of shape .* need .* GiB, more than half of the .* GiB "
