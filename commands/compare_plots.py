@@ -70,12 +70,27 @@ def plot_curves(table: dict[str, dict], metric: str, path: Path) -> None:
 HACKING_FIGURE = "hacking_curves.png"
 
 
-def plot_measures(curves: dict[str, list[dict[str, Any]]], path: Path) -> bool:
-    """Per run (``{label: metrics rows}``), the held-out diversity (± SE) and the drift from the base
-    against iterations, one panel each; False when no run recorded either."""
-    from mixgrpo.commands.report import MEASURES
+def untrained_rewards(rows: list[dict[str, Any]]) -> list[str]:
+    """The rewards a run evaluated on held-out prompts but never trained on (``eval/<name>/mean`` without
+    ``reward/<name>/mean``): where reward hacking shows first."""
+    from mixgrpo.core import metrics
 
-    panels = [(label, mean, sem) for label, mean, sem in MEASURES
+    keys = {k for r in rows for k in r}
+    names = sorted({k.split("/")[1] for k in keys if k.startswith("eval/") and k.endswith("/mean")})
+    return [n for n in names if metrics.evaluation(n, "mean") in keys and metrics.reward(n, "mean") not in keys
+            and n not in ("diversity", "kl_base")]
+
+
+def plot_measures(curves: dict[str, list[dict[str, Any]]], path: Path) -> bool:
+    """Per run (``{label: metrics rows}``), against iterations, one panel each: every held-out reward the
+    runs were not trained on (± SE), the held-out diversity (± SE) and the drift from the base; False
+    when no run recorded any."""
+    from mixgrpo.commands.report import MEASURES
+    from mixgrpo.core import metrics
+
+    untrained = sorted({n for rows in curves.values() for n in untrained_rewards(rows)})
+    measures = [(f"{n} (not trained)", metrics.evaluation(n, "mean"), metrics.evaluation(n, "sem")) for n in untrained]
+    panels = [(label, mean, sem) for label, mean, sem in (*measures, *MEASURES)
               if any(mean in r for rows in curves.values() for r in rows)]
     if not panels:
         return False
@@ -101,7 +116,8 @@ def hacking_section(runs: dict[str, list[Path]], out: Path) -> list[str]:
     """The report's "Reward hacking" section: for every run, each sign of reward hacking in words
     (``hacking.hacking_signals``: a trained reward rose while a held-out reward or the diversity fell
     by more than its SE, base → latest evaluation), or that there is none; and the figure of the
-    held-out diversity and drift from the base of every run (``out/hacking_curves.png``)."""
+    held-out rewards it was not trained on, diversity and drift from the base of every run
+    (``out/hacking_curves.png``)."""
     from mixgrpo.commands.compare_report import _dedupe, _read_jsonl  # a cut line (a killed run) reads as nothing
     from mixgrpo.commands.report import run_signals
 
@@ -115,5 +131,5 @@ def hacking_section(runs: dict[str, list[Path]], out: Path) -> list[str]:
     for label, found in signals.items():
         lines += [f"- **{label}**: possible reward hacking: {s}" for s in found] or [f"- **{label}**: no sign"]
     if plot_measures(curves, out / HACKING_FIGURE):
-        lines += ["", f"![held-out diversity and drift from the base]({HACKING_FIGURE})"]
+        lines += ["", f"![held-out rewards not trained on, diversity and drift from the base]({HACKING_FIGURE})"]
     return lines

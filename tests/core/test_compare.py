@@ -335,3 +335,18 @@ def test_more_than_ten_runs_keep_apart_in_the_plots(tmp_path):
              for i in range(12)}
     plot_curves(table, "shapes.composition", tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_the_hacking_figure_shows_the_held_out_rewards_never_trained_on(tmp_path):
+    from mixgrpo.commands.compare_plots import plot_measures, untrained_rewards
+
+    rows = [{"iteration": k, "reward/shapes.composition/mean": 0.5, "eval/shapes.composition/mean": 0.44,
+             "eval/shapes.preference/mean": 0.48 - k / 100, "eval/shapes.preference/sem": 0.01,
+             "eval/diversity/mean": 1.2, "eval/diversity/sem": 0.01} for k in (0, 10, 20)]
+    assert untrained_rewards(rows) == ["shapes.preference"]  # the trained reward and the diversity are not
+    assert plot_measures({"a": rows, "b": rows}, tmp_path / "hacking.png")
+    import matplotlib.image
+
+    height, width = matplotlib.image.imread(tmp_path / "hacking.png").shape[:2]
+    assert width > 2.5 * height  # two panels side by side: the preference score and the diversity
+    assert not plot_measures({"a": [{"iteration": 0, "reward/x/mean": 1.0}]}, tmp_path / "none.png")
