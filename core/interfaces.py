@@ -339,10 +339,18 @@ class PolicyObjective(Objective):
             ``approx_kl``, ``policy`` and ``kl`` to detached ``[M]`` tensors the trainer averages.
         """
 
-    def step_advantages(self, rewards: dict, group_ids: torch.Tensor, edge_ids: torch.Tensor) -> torch.Tensor:
+    def step_advantages(self, rewards: dict, group_ids: torch.Tensor, edge_ids: torch.Tensor,
+                        log_prob: torch.Tensor | None = None) -> torch.Tensor:
         """``[N, K]`` per (sample, stored SDE step); rows with equal ``edge_ids`` ``[N, K]`` share a transition.
-        NaN leaves that transition out of training (BranchGRPO's width pruning)."""
+        NaN leaves that transition out of training (BranchGRPO's width pruning). ``log_prob`` ``[N, K]``: the
+        rollout's log-probs of those transitions, passed only when ``advantages_use_log_probs``."""
         return self.advantages(rewards, group_ids)[:, None].repeat(1, edge_ids.shape[1])  # default: per sample
+
+    @property
+    def advantages_use_log_probs(self) -> bool:
+        """Whether ``step_advantages`` weighs rewards by the rollout's log-probs (BranchGRPO's probability-
+        weighted fusion): then the trainer passes them, gathered from every process."""
+        return False
 
     def kl(self, policy: StepResult, reference: StepResult, sigmas: torch.Tensor, index: int) -> torch.Tensor:
         """The KL term ``[B]`` between the policy's and the frozen reference's Gaussians of step

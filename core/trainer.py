@@ -263,7 +263,8 @@ class Trainer:
         gather = self.parallel.gather
         everywhere = {name: gather(s) if scoring.higher_is_better(self.rewards[name]) else -gather(s)
                       for name, s in scores.items()}
-        adv = tree.advantages(self.objective, everywhere, gather(traj.group_ids), gather(traj.edge_ids))
+        adv = tree.advantages(self.objective, everywhere, gather(traj.group_ids), gather(traj.edge_ids),
+                              log_prob=lambda: gather(traj.log_prob))
         adv = adv[local_rows(gather(traj.sample_ids), traj.sample_ids)]
         if traj.weight is not None:  # a replayed sample's importance weight (core/replay.py)
             adv = adv * traj.weight.reshape(-1, *[1] * (adv.dim() - 1)).to(adv)

@@ -157,10 +157,16 @@ class _TreeWalk:
 
 
 def advantages(objective: PolicyObjective | MatchingObjective, rewards: dict[str, torch.Tensor],
-               group_ids: torch.Tensor, edge_ids: torch.Tensor) -> torch.Tensor:
+               group_ids: torch.Tensor, edge_ids: torch.Tensor,
+               log_prob: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """The trainer's advantages: ``[N, K]`` per (sample, stored step) from a ``PolicyObjective``
-    (``step_advantages``, which a tree's objective makes per node), ``[N]`` from a
-    ``MatchingObjective`` (it trains final samples, not transitions)."""
+    (``step_advantages``, which a tree's objective makes per node; with the rollout's log-probs, which
+    ``log_prob()`` gathers, when it asks for them), ``[N]`` from a ``MatchingObjective`` (it trains final
+    samples, not transitions)."""
     if isinstance(objective, MatchingObjective):
         return objective.advantages(rewards, group_ids)
+    if objective.advantages_use_log_probs:
+        if log_prob is None:
+            raise ValueError(f"{type(objective).__name__} weighs rewards by the rollout's log-probs: pass log_prob")
+        return objective.step_advantages(rewards, group_ids, edge_ids, log_prob=log_prob())
     return objective.step_advantages(rewards, group_ids, edge_ids)

@@ -18,6 +18,7 @@ Checked (docs/algorithms.md §7, §8):
 - with ``kl_beta > 0``, ``kl`` is implemented: zero for equal step means, growing as they part;
 - ``stats`` has ``ratio``, ``clipped``, ``approx_kl``, ``policy`` and ``kl``, each a detached
   ``[M]`` tensor; at ratio 1: ratio 1, nothing clipped, approx_kl 0;
+- ``advantages_use_log_probs`` is a bool, and when True ``step_advantages`` takes ``log_prob=``;
 - ``replay`` is None (on-policy) or a ``ReplaySpec`` (OP-GRPO's buffer, core/replay.py), the same on
   every read (the trainer reads it once);
 - the constructor contract (``PolicyObjective``): the constructor takes the keyword ``weights``, keeps
@@ -85,6 +86,15 @@ class ObjectiveContract:
         return old, adv, kl
 
     # -- what the objective asks of the trainer ---------------------------------------------------
+    def test_step_advantages_take_the_log_probs_when_they_ask_for_them(self):
+        objective = self.make_objective()
+        assert isinstance(objective.advantages_use_log_probs, bool)
+        if objective.advantages_use_log_probs:
+            rewards, group_ids = self.batch(objective)
+            edges = torch.arange(len(group_ids))[:, None].repeat(1, 3)
+            adv = objective.step_advantages(rewards, group_ids, edges, log_prob=torch.zeros(len(group_ids), 3))
+            assert adv.shape == (len(group_ids), 3)
+
     def test_replay_is_none_or_a_replay_spec(self):
         objective = self.make_objective()
         spec = objective.replay
@@ -156,7 +166,8 @@ class ObjectiveContract:
         objective = self.make_objective()
         rewards, group_ids = self.batch(objective)
         edge_ids = torch.arange(len(group_ids))[:, None].repeat(1, 3)
-        per_step = objective.step_advantages(rewards, group_ids, edge_ids)
+        extra = {"log_prob": torch.zeros(edge_ids.shape)} if objective.advantages_use_log_probs else {}
+        per_step = objective.step_advantages(rewards, group_ids, edge_ids, **extra)
         assert per_step.shape == (len(group_ids), 3)
         torch.testing.assert_close(per_step, objective.advantages(rewards, group_ids)[:, None].expand(-1, 3),
                                    atol=1e-6, rtol=1e-6)

@@ -11,6 +11,10 @@ At the leaves' depth this is the per-group advantage every GRPO objective comput
 Width pruning (the reference's ``--width_pruning_mode`` 1 and 2 with ``--width_pruning_ratio``, off in
 its script) trains only part of the transitions after the last split, chosen by advantage; the others
 get a NaN advantage, which leaves them out of training (``PolicyObjective.step_advantages``).
+
+Probability-weighted fusion (``prob_weighted``, the reference's ``--tree_prob_weighted``, off in its
+script) replaces the mean of a node's leaves by a bottom-up fusion: a node with one child takes the
+child's reward, a node that splits the softmax of its children's edge log-probs times their rewards.
 """
 
 from __future__ import annotations
@@ -38,6 +42,37 @@ def node_rewards(reward: torch.Tensor, which: torch.Tensor, nodes: int) -> torch
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
 
 
+def fused_node_rewards(reward: torch.Tensor, edge_ids: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` float64: the probability-weighted reward of the node each leaf's transition at stored
+    step k leads into, bottom-up: at the last step the mean of its leaves; above, a node with one child
+    takes the child's reward and a node with several ``Σ_c softmax(log_prob_c)·R(c)`` over its children c
+    (``log_prob_c``: the log-prob of the edge into c). Children with a NaN (failed) reward are left out
+    of the softmax; a node with none is NaN."""
+    r = reward.detach().to(torch.float64).cpu()
+    edges, lp = edge_ids.cpu(), log_prob.detach().to(torch.float64).cpu()
+    n, k_steps = edges.shape
+    out = torch.full((n, k_steps), float("nan"), dtype=torch.float64)
+    if not k_steps:
+        return out
+    ids, _, which = first_of_each(edges[:, -1])
+    value = node_rewards(r, which, len(ids))[which]
+    out[:, -1] = value
+    for k in range(k_steps - 2, -1, -1):
+        fused = torch.empty(n, dtype=torch.float64)
+        for node in torch.unique(edges[:, k]).tolist():
+            rows = (edges[:, k] == node).nonzero().flatten()
+            _, first, _ = first_of_each(edges[rows, k + 1])
+            children, weights = value[rows[first]], lp[rows[first], k + 1]
+            ok = ~torch.isnan(children)
+            if len(first) == 1 or not bool(ok.any()):
+                fused[rows] = children[0] if len(first) == 1 else float("nan")
+            else:
+                fused[rows] = (torch.softmax(weights[ok], 0) * children[ok]).sum()
+        value = fused
+        out[:, k] = value
+    return out
+
+
 @attrs.frozen(field_transformer=in_base_order)
 class BranchGRPO(ClippedGRPO):
     """BranchGRPO: ``ClippedGRPO`` (per-group, unbiased std, eps 1e-8, clamp ±5, no KL) whose advantage
@@ -53,21 +88,36 @@ class BranchGRPO(ClippedGRPO):
             Ties keep the reference's order: leaves in order, steps ascending.
         width_ratio (`float`, defaults to 0.5):
             The share kept (the reference's ``--width_pruning_ratio``), in (0, 1].
+        prob_weighted (`bool`, defaults to False):
+            A node's reward is the probability-weighted fusion of its children's (``fused_node_rewards``,
+            the reference's ``--tree_prob_weighted``) instead of the mean of its leaves.
     """
 
     clip_range: float = clip_range_field(1e-3)
     width_pruning: str = attrs.field(default="none", validator=attrs.validators.in_(WIDTH_PRUNING))
     width_ratio: float = attrs.field(default=0.5, converter=float)
+    prob_weighted: bool = attrs.field(default=False, converter=bool)
+
+    @property
+    def advantages_use_log_probs(self) -> bool:
+        return self.prob_weighted
 
     def __attrs_post_init__(self) -> None:
         if not 0 < self.width_ratio <= 1:
             raise ValueError(f"width_ratio must be in (0, 1], got {self.width_ratio}")
 
     def step_advantages(self, rewards: dict[str, torch.Tensor], group_ids: torch.Tensor,
-                        edge_ids: torch.Tensor) -> torch.Tensor:
+                        edge_ids: torch.Tensor, log_prob: torch.Tensor | None = None) -> torch.Tensor:
         """``[N, K]``: column k holds, for each leaf, the advantage of its transition's child node at
-        stored step k (``edge_ids[:, k]`` names the nodes; equal ids share a node)."""
-        columns = [self._depth(rewards, group_ids, edge_ids[:, k]) for k in range(edge_ids.shape[1])]
+        stored step k (``edge_ids[:, k]`` names the nodes; equal ids share a node); ``log_prob`` ``[N, K]``
+        (the rollout's, of the same transitions) is what ``prob_weighted`` weighs by."""
+        fused = None
+        if self.prob_weighted:
+            if log_prob is None:
+                raise ValueError("BranchGRPO.prob_weighted weighs node rewards by the edges' log-probs: pass log_prob")
+            fused = {name: fused_node_rewards(r, edge_ids, log_prob) for name, r in rewards.items()}
+        columns = [self._depth(rewards, group_ids, edge_ids[:, k], None if fused is None else
+                               {name: f[:, k] for name, f in fused.items()}) for k in range(edge_ids.shape[1])]
         adv = torch.stack(columns, 1) if columns else torch.zeros(len(group_ids), 0)
         return adv if self.width_pruning == "none" else self._prune(adv, last_layer(group_ids, edge_ids))
 
@@ -92,10 +142,13 @@ class BranchGRPO(ClippedGRPO):
         out[:, after:] = torch.where(keep.to(adv.device), tail, torch.full_like(tail, float("nan")))
         return out
 
-    def _depth(self, rewards: dict[str, torch.Tensor], group_ids: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-        """``[N]``: one depth's node advantages, given to each of the node's leaves."""
+    def _depth(self, rewards: dict[str, torch.Tensor], group_ids: torch.Tensor, edges: torch.Tensor,
+               fused: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``[N]``: one depth's node advantages, given to each of the node's leaves (the node rewards: the
+        mean of the leaves, or ``fused``'s per leaf)."""
         ids, first, which = first_of_each(edges.cpu())
-        rewards = {name: node_rewards(r, which, len(ids)) for name, r in rewards.items()}
+        rewards = ({name: node_rewards(r, which, len(ids)) for name, r in rewards.items()} if fused is None else
+                   {name: f[first] for name, f in fused.items()})
         adv = group_advantages(rewards, group_ids.cpu()[first], std=self.std, ddof=self.ddof, eps=self.eps,
                                weights=self.weights, aggregate=self.aggregate, clip=self.adv_clip)
         return adv[which].to(group_ids.device)

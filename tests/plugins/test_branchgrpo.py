@@ -19,6 +19,7 @@ from mixgrpo.core.plugins import PluginManager
 from mixgrpo.core.rollout import SamplingSetup, rollout
 from mixgrpo.core.trainer import Trainer
 from mixgrpo.core.tree import level_ids
+from mixgrpo.core.types import first_of_each
 from mixgrpo.plugins.objectives import branchgrpo
 from mixgrpo.plugins.objectives.branchgrpo import BranchGRPO
 from mixgrpo.plugins.schedules import branching
@@ -213,6 +214,11 @@ class TestBranchGRPOContract(ObjectiveContract):
         return BranchGRPO()
 
 
+class TestProbWeightedBranchGRPOContract(ObjectiveContract):
+    def make_objective(self):
+        return BranchGRPO(prob_weighted=True)
+
+
 # -- the presets train ----------------------------------------------------------------------------
 TOY = ["include 'backbones/toy.gin'", "TrainConfig.num_steps = 8", "TrainConfig.group_size = 4",
        "Branching.branch_steps = (1, 3)", "TrainConfig.prompts_per_iteration = 2",
@@ -244,3 +250,64 @@ def test_presets_train_two_iterations_on_policy_with_hand_counted_nfe(tmp_path, 
         assert row["policy/skipped_steps"] == 0.0
     after = trainer.backbone.trainable_parameters()
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+# -- probability-weighted fusion (--tree_prob_weighted), against the reference ------------------
+# Written by make_branchgrpo_fusion_reference.py: the reference's own TreeNode,
+# compute_node_rewards_from_leaves(use_prob_weighted=True) and compute_hierarchical_advantages_by_depth.
+FUSION = json.loads((Path(__file__).parent / "data" / "branchgrpo_fusion_reference.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(FUSION["cases"]))
+def test_probability_weighted_fusion_is_the_references(name):
+    from mixgrpo.plugins.objectives.branchgrpo import fused_node_rewards
+
+    assert FUSION["source"]["commit"] == REFERENCE["source"]["commit"]
+    case = FUSION["cases"][name]
+    edges, log_prob = torch.tensor(case["edges"]), torch.tensor(case["log_prob"])
+    rewards = torch.tensor(case["leaf_rewards"])
+    nodes = fused_node_rewards(rewards, edges, log_prob)
+    torch.testing.assert_close(nodes, torch.tensor(case["node_rewards"], dtype=torch.float64), rtol=1e-6, atol=1e-7)
+    objective = BranchGRPO(prob_weighted=True)
+    assert objective.advantages_use_log_probs and not BranchGRPO().advantages_use_log_probs
+    got = objective.step_advantages({"reward": rewards}, torch.zeros(len(rewards), dtype=torch.long), edges,
+                                    log_prob=log_prob)
+    want = torch.tensor(case["advantages"])
+    assert want.abs().max() > 0.5
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the weighting is not the mean: above the last split a node's reward differs from its leaves' mean
+    from mixgrpo.plugins.objectives.branchgrpo import node_rewards
+
+    ids, first, which = first_of_each(edges[:, 0])
+    mean = node_rewards(rewards, which, len(ids))[which]
+    assert (nodes[:, 0] - mean).abs().max() > 1e-3
+
+
+def test_fusion_leaves_failed_children_out_and_needs_the_log_probs():
+    from mixgrpo.plugins.objectives.branchgrpo import fused_node_rewards
+
+    edges = torch.tensor([[0, 0], [0, 1], [2, 2], [2, 3]])  # two splits: (0 | 2) at step 0, then each in two
+    log_prob = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 2.0], [1.0, 0.0]])
+    nodes = fused_node_rewards(torch.tensor([1.0, float("nan"), 0.0, 1.0]), edges, log_prob)
+    e = torch.softmax(torch.tensor([2.0, 0.0], dtype=torch.float64), 0)
+    assert float(nodes[0, 0]) == 1.0  # its one scored child
+    assert float(nodes[2, 0]) == pytest.approx(float(e[1]))  # softmax(2, 0) · (0, 1)
+    assert torch.isnan(nodes[1, 1]) and float(nodes[3, 1]) == 1.0
+    with pytest.raises(ValueError, match="pass log_prob"):
+        BranchGRPO(prob_weighted=True).step_advantages({"r": torch.ones(4)}, torch.zeros(4, dtype=torch.long), edges)
+
+
+def test_the_trainer_gives_the_fusion_the_rollouts_log_probs(tmp_path):
+    config, pm = load_config(ROOT / "experiments" / "methods" / "branchgrpo.gin",
+                             [*TOY, f"TrainConfig.output_dir = '{tmp_path}'", "TrainConfig.iterations = 1",
+                              "BranchGRPO.prob_weighted = True"], pm=plugin_manager())
+    trainer = Trainer(config, pm)
+    prompts, group_ids, sample_ids = trainer.local_batch(0)
+    traj = trainer.rollout_rows(prompts, group_ids, sample_ids, trainer.plan(0, sample_ids), 0)
+    scores = {"shapes.preference": torch.linspace(0.1, 0.9, len(traj))}
+    got = trainer.advantages(scores, traj)
+    want = trainer.objective.step_advantages(scores, traj.group_ids, traj.edge_ids, log_prob=traj.log_prob)
+    torch.testing.assert_close(got, want)
+    (row,) = trainer.train()
+    gin.clear_config()
+    assert row["policy/onpolicy_ratio_dev"] < 1e-5 and row["policy/skipped_steps"] == 0.0
