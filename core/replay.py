@@ -37,7 +37,7 @@ import torch
 from mixgrpo.core import metrics as m
 from mixgrpo.core import scoring
 from mixgrpo.core.rollout import _ChunkStart, _rollout_chunk, _solver_per_step, encode_unique
-from mixgrpo.core.types import EditPrompt, ReplaySpec, StepPlan, Trajectories
+from mixgrpo.core.types import Conditioning, EditPrompt, ReplaySpec, StepPlan, Trajectories
 
 if TYPE_CHECKING:
     from mixgrpo.core.trainer import Trainer
@@ -95,7 +95,8 @@ class ReplayBuffer:
         entry) after the fresh ones, and the number of replayed rows."""
         last = {int(g): n for n, g in enumerate(group_ids.tolist())}
         replayed = [n for n in last.values() if self.live(prompts[n], iteration) is not None]
-        order = [n for n in range(len(prompts)) if n not in set(replayed)] + replayed
+        chosen = set(replayed)
+        order = [n for n in range(len(prompts)) if n not in chosen] + replayed
         index = torch.tensor(order, dtype=torch.long)
         return [prompts[n] for n in order], group_ids[index], sample_ids[index], len(replayed)
 
@@ -117,7 +118,9 @@ class ReplayBuffer:
         entries = [self.live(p, iteration) for p in prompts[rows]]
         if any(e is None for e in entries):
             raise RuntimeError("a replayed row's entry left the buffer between arrange() and rollout()")
-        part = self._walk(trainer, list(prompts[rows]), sample_ids[rows], entries, _rows_of(plan, rows), iteration,
+        cond = encode_unique(trainer.backbone, prompts)  # every row's: the replayed rows' and the result's
+        part = self._walk(trainer, cond.select(torch.arange(fresh_rows, n)), sample_ids[rows], entries,
+                          _rows_of(plan, rows), iteration,
                           None if on_images is None else lambda images, r: on_images(images, _shift(r, fresh_rows)))
         self.weights = part.weight
         calls = (fresh.sigmas.numel() - 1) * trainer.backbone.calls_per_velocity  # the walk from τ, π_old's τ
@@ -125,16 +128,16 @@ class ReplayBuffer:
             prompts=list(prompts), group_ids=group_ids, sample_ids=sample_ids, sigmas=fresh.sigmas, plan=plan,
             sde_steps=fresh.sde_steps, x=torch.cat([fresh.x, part.x]), x_next=torch.cat([fresh.x_next, part.x_next]),
             log_prob=torch.cat([fresh.log_prob, part.log_prob]), latents=torch.cat([fresh.latents, part.latents]),
-            images=torch.cat([fresh.images, part.images]), cond=encode_unique(trainer.backbone, prompts),
+            images=torch.cat([fresh.images, part.images]), cond=cond,
             nfe=(fresh.nfe * fresh_rows + calls * replayed) / n, seed=fresh.seed,
             weight=torch.cat([torch.ones(fresh_rows), part.weight]))
 
     @torch.no_grad()
-    def _walk(self, trainer: Trainer, prompts: list[str], sample_ids: torch.Tensor, entries: list[Entry],
+    def _walk(self, trainer: Trainer, cond: Conditioning, sample_ids: torch.Tensor, entries: list[Entry],
               plan: StepPlan, iteration: int, on_images: Callable[[torch.Tensor, slice], None] | None) -> _Replayed:
-        """The replayed rows: stored steps 0 … τ−1, the current policy's walk from x_τ, π_old and w."""
+        """The replayed rows (``cond``: their conditioning): stored steps 0 … τ−1, the current policy's walk
+        from x_τ, π_old and w."""
         backbone, c, tau = trainer.backbone, trainer.config, self.spec.truncate_step
-        cond = encode_unique(backbone, prompts)
         sigmas = trainer.setup.sigmas(plan)
         steps = tuple(sorted(set(plan.sde_steps)))
         solvers = _solver_per_step(sigmas.numel() - 1, plan, steps, trainer.pre_solver, trainer.post_solver)
@@ -143,9 +146,9 @@ class ReplayBuffer:
         old = torch.empty_like(behaviour)
         xs, x_nexts, log_probs, latents, images = [], [], [], [], []
         size, device = c.rollout_batch_size, backbone.device
-        for start in range(0, len(prompts), size):
-            rows = slice(start, min(start + size, len(prompts)))
-            chunk_cond = cond.select(torch.arange(len(prompts))[rows])
+        for start in range(0, len(entries), size):
+            rows = slice(start, min(start + size, len(entries)))
+            chunk_cond = cond.select(torch.arange(len(entries))[rows])
             begin = _ChunkStart(x=states[rows, tau], step=tau)  # the stored x_τ
             walked = _rollout_chunk(backbone, begin, chunk_cond, sample_ids[rows], sigmas, solvers, trainer.sde_sampler,
                                     c.seed, iteration)
