@@ -20,6 +20,23 @@ def style(i: int) -> dict[str, Any]:
     return {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[i // 10 % 4], "marker": "os^D"[i // 10 % 4]}
 
 
+SEED_SEPARATOR = " · "  # a run's label when its variant has several seeds: "<variant> · seed_<k>"
+
+
+def run_styles(labels: list[str]) -> dict[str, dict[str, Any]]:
+    """A line style per run label: the runs of one variant share its color and marker (``style``) and
+    differ in line style, seed by seed."""
+    variants = list(dict.fromkeys(label.split(SEED_SEPARATOR)[0] for label in labels))
+    seen: dict[str, int] = {}
+    looks = {}
+    for label in labels:
+        variant = label.split(SEED_SEPARATOR)[0]
+        k = seen[variant] = seen.get(variant, -1) + 1
+        look = style(variants.index(variant))
+        looks[label] = {**look, "linestyle": ("-", "--", ":", "-.")[k % 4]} if k else look
+    return looks
+
+
 def plot_curves(table: dict[str, dict], metric: str, path: Path) -> None:
     """Reward against iterations, wall-clock and NFE. One seed: its curve ± the evaluation SE.
     Several: the mean over seeds, a band of ± SE over seeds, and each seed as a thin line."""
@@ -95,13 +112,14 @@ def plot_measures(curves: dict[str, list[dict[str, Any]]], path: Path) -> bool:
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
+    looks = run_styles(list(curves))
     for ax, (ylabel, mean_key, sem_key) in zip(axes[0], panels):
-        for i, (label, rows) in enumerate(curves.items()):
+        for label, rows in curves.items():
             points = [(r["iteration"], r[mean_key], (r.get(sem_key) if sem_key else 0.0) or 0.0) for r in rows
                       if isinstance(r.get(mean_key), (int, float)) and math.isfinite(r[mean_key])]
             if points:
                 xs, ys, es = zip(*points)
-                ax.errorbar(xs, ys, yerr=es, ms=3, capsize=2, **style(i), label=label)
+                ax.errorbar(xs, ys, yerr=es, ms=3, capsize=2, **looks[label], label=label)
         ax.set_xlabel("iteration")
         ax.set_ylabel(f"held-out {ylabel}")
         ax.grid(alpha=0.3)
@@ -121,7 +139,8 @@ def hacking_section(runs: dict[str, list[Path]], out: Path) -> list[str]:
     from mixgrpo.commands.compare_report import _dedupe, _read_jsonl  # a cut line (a killed run) reads as nothing
     from mixgrpo.commands.report import run_signals
 
-    curves = {(label if len(dirs) == 1 else f"{label} · {d.name}"): _dedupe(_read_jsonl(d / "metrics.jsonl"))
+    curves = {(label if len(dirs) == 1 else f"{label}{SEED_SEPARATOR}{d.name}"):
+              _dedupe(_read_jsonl(d / "metrics.jsonl"))
               for label, dirs in runs.items() for d in dirs if (d / "metrics.jsonl").is_file()}
     signals = {label: run_signals(rows) for label, rows in curves.items()}
     lines = ["", "## Reward hacking", "",

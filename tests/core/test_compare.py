@@ -350,3 +350,12 @@ def test_the_hacking_figure_shows_the_held_out_rewards_never_trained_on(tmp_path
     height, width = matplotlib.image.imread(tmp_path / "hacking.png").shape[:2]
     assert width > 2.5 * height  # two panels side by side: the preference score and the diversity
     assert not plot_measures({"a": [{"iteration": 0, "reward/x/mean": 1.0}]}, tmp_path / "none.png")
+
+
+def test_the_seeds_of_a_variant_share_its_color_and_differ_in_line():
+    from mixgrpo.commands.compare_plots import run_styles
+
+    looks = run_styles(["A · seed_0", "A · seed_1", "A · seed_2", "B · seed_0", "B · seed_1", "C"])
+    assert len({looks[f"A · seed_{k}"]["color"] for k in range(3)}) == 1
+    assert len({looks[f"A · seed_{k}"]["linestyle"] for k in range(3)}) == 3
+    assert looks["B · seed_0"]["color"] != looks["A · seed_0"]["color"] != looks["C"]["color"]
