@@ -17,10 +17,29 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 # The MixGRPO paper's Table 1 presets (the default rows), then the newer methods: Flow-GRPO-Fast, the
-# forward-process objectives (DiffusionNFT, AWM) and OP-GRPO's replay, timed on request (--methods).
+# forward-process objectives (DiffusionNFT, AWM), OP-GRPO's replay, BranchGRPO's trees (pure and mixed)
+# and TempFlow-GRPO's trunk, timed on request (--methods).
 PAPER_METHODS = ["flowgrpo", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star"]
 METHODS = ["flowgrpo", "flowgrpo_fast", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star",
-           "diffusionnft", "awm", "op_grpo"]
+           "diffusionnft", "awm", "op_grpo", "branchgrpo", "branchgrpo_mix", "tempflow_grpo"]
+TREES = ("branchgrpo", "branchgrpo_mix")
+REFERENCE_SPLITS, REFERENCE_STEPS = (0, 3, 6, 9), 20  # BranchGRPO's script: splits at 0, 3, 6, 9 of 20 steps
+TRUNK_BRANCHES = 6  # TempFlow-GRPO's preset: 6 samples off the trunk at each branch step
+
+
+def tree_splits(steps: int, group_size: int) -> tuple[int, ...]:
+    """BranchGRPO's split steps for a tree of ``group_size`` leaves (two children per split) on a grid of
+    ``steps``: the first log2(group_size) of the reference's splits, scaled to the grid."""
+    depth = group_size.bit_length() - 1
+    if group_size < 2 or 2**depth != group_size or depth > len(REFERENCE_SPLITS):
+        raise ValueError(f"BranchGRPO's tree has 2, 4, 8 or 16 leaves, so it times with --group-size 2, 4, 8 or 16, "
+                         f"not {group_size}")
+    return tuple(round(s * steps / REFERENCE_STEPS) for s in REFERENCE_SPLITS[:depth])
+
+
+def trunk_group(steps: int) -> int:
+    """TempFlow-GRPO's samples per prompt at ``steps``: 6 off the trunk at each of steps 0 … ⌊0.99·T⌋ − 1."""
+    return TRUNK_BRANCHES * int(0.99 * steps)
 REFERENCE = "dancegrpo"
 REAL = tuple(architectures.ARCHS)  # flux-dev, sd35-medium, sd35-large, qwen-image, flux2-klein, z-image
 BACKBONES = ("toy", "shapes", *REAL)
@@ -109,6 +128,10 @@ class Run:
         ]
         if method == "op_grpo":  # the same prompts every iteration: after the first, each group replays one sample
             common.append(f"ShapesPrompts.pool = {self.prompts}")
+        if method in TREES:  # the tree's leaves are the group
+            common.append(f"Branching.branch_steps = {tree_splits(steps, group_size)}")
+        if method == "tempflow_grpo":  # its own group: the trunk's branches
+            common.append(f"TrainConfig.group_size = {trunk_group(steps)}")
         batches = []
         if self.rollout_batch:
             batches.append(f"TrainConfig.rollout_batch_size = {self.rollout_batch}")

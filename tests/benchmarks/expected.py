@@ -13,14 +13,42 @@ grad), K times with grad (v_new) and, with a KL term, K times on the frozen refe
 DiffusionNFT K = 4 without KL (2·K = 8), AWM K = 6 with KL β = 1e-4 (3·K = 18). OP-GRPO is FlowGRPO's
 preset with a replay buffer: a replayed sample walks T − τ steps and recomputes its τ reused steps'
 log-probs (no grad, during the rollout), so every sample costs T in the rollout, replayed or not, and
-trains FlowGRPO's T − 1 steps."""
+trains FlowGRPO's T − 1 steps. BranchGRPO's trees (its reference's splits 0, 3, 6, 9 of 20 steps scaled
+to T, as many as the group's leaves need) walk each node once and train each node once per trained
+step; TempFlow-GRPO's group is its trunk's 6·⌊0.99·T⌋ branches, whatever the run's group size."""
 
 import math
 
 WINDOW = 4
 PAPER_METHODS = ("flowgrpo", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star")
 METHODS = ("flowgrpo", "flowgrpo_fast", "dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star",
-           "diffusionnft", "awm", "op_grpo")
+           "diffusionnft", "awm", "op_grpo", "branchgrpo", "branchgrpo_mix", "tempflow_grpo")
+TREES = ("branchgrpo", "branchgrpo_mix")
+MIX_WINDOW = 4  # BranchGRPO-Mix: SDE steps 0 .. 3 and the split steps
+
+
+def splits(T: int, group_size: int) -> list[int]:
+    """BranchGRPO's split steps in the benchmark: the reference's 0, 3, 6, 9 of 20 steps scaled to T,
+    as many as a tree of group_size leaves (two children each) needs."""
+    return [round(s * T / 20) for s in (0, 3, 6, 9)][:group_size.bit_length() - 1]
+
+
+def tree_nodes(T: int, group_size: int) -> list[int]:
+    """Model rows per group at each step of a tree: 2 to the number of splits before the step."""
+    cut = splits(T, group_size)
+    return [2 ** sum(s < i for s in cut) for i in range(T)]
+
+
+def tree_trained(method: str, T: int, group_size: int) -> list[int]:
+    """The SDE (trained) steps of a tree preset: every step, or (Mix) the window 0 .. 3 and the splits."""
+    if method == "branchgrpo":
+        return list(range(T))
+    return sorted(set(range(MIX_WINDOW)) | set(splits(T, group_size)))
+
+
+def trunk_steps(T: int) -> int:
+    """TempFlow-GRPO's branch steps: 0 .. ⌊0.99·T⌋ − 1, 6 samples each (its group: 6 per step)."""
+    return int(0.99 * T)
 SHARED_NOISE = ("dancegrpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star")
 FAST_WINDOW = 2  # Flow-GRPO-Fast: FastWindow.window_size
 # forward-process presets: (K σ draws per sample, network calls per draw: v_old + v_new [+ v_ref])
@@ -70,7 +98,13 @@ def shared_calls(method: str, T: int, iteration: int = 0) -> int:
 
 
 def rollout_calls(method: str, T: int, group_size: int, iteration: int = 0) -> float:
-    """Model calls per sample in the rollout: the grid walked, less what a group shares."""
+    """Model calls per sample in the rollout: the grid walked, less what a group shares. A tree: its
+    rows per step over its leaves. A trunk: T for the trunk and 6·(T − j − 1) for the children of step j."""
+    if method in TREES:
+        return sum(tree_nodes(T, group_size)) / group_size
+    if method == "tempflow_grpo":
+        b = trunk_steps(T)
+        return (T + 6 * sum(T - j - 1 for j in range(b))) / (6 * b)
     return rollout_steps(method, T, iteration) - shared_calls(method, T, iteration) * (1 - 1 / group_size)
 
 
@@ -78,6 +112,11 @@ def trained_calls(method: str, T: int, group_size: int, groups: int, iteration: 
     """Model calls per sample in training (one minibatch): at the first SDE step one per group that
     trains it, elsewhere one per (sample, trained step)."""
     samples = groups * group_size
+    if method in TREES:  # each node once at each trained step
+        nodes = tree_nodes(T, group_size)
+        return sum(nodes[i] for i in tree_trained(method, T, group_size)) / group_size
+    if method == "tempflow_grpo":  # the 6 children of a branch step share one call
+        return 1 / 6
     if method not in SHARED_NOISE:
         return trained_steps(method, T)
     if method != "dancegrpo":  # every sample trains its window, whose first step the group shares

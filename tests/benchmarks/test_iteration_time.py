@@ -229,6 +229,29 @@ def test_shapes_backbone_times_the_presets_own_window_schedules(bench, tmp_path,
     assert gin.query_parameter("FluxBackbone.path") == "shipped:shapes-flux"  # the world's model
 
 
+def test_trees_and_trunks_time_with_their_own_groups(bench, tmp_path):
+    """BranchGRPO's tree has the run's group as leaves (splits scaled from the reference's 0, 3, 6, 9 of
+    20 steps); TempFlow-GRPO's group is its trunk's 6 branches per step whatever the run's."""
+    from bench_settings import tree_splits, trunk_group
+
+    assert tree_splits(25, 8) == (0, 4, 8) and tree_splits(20, 16) == (0, 3, 6, 9) and tree_splits(10, 2) == (0,)
+    assert trunk_group(10) == 54 and trunk_group(25) == 144
+    with pytest.raises(ValueError, match="--group-size 2, 4, 8 or 16, not 3"):
+        tree_splits(25, 3)
+    out = tmp_path / "trees.json"
+    bench.main(["--backbone", "toy", "--steps", "25", "--warmup", "0", "--iterations", "1", "--prompts", "1",
+                "--group-size", "8", "--threads", "1", "--no-sweeps", "--methods",
+                "dancegrpo,branchgrpo,branchgrpo_mix,tempflow_grpo", "--json", str(out)])
+    data = json.loads(out.read_text())
+    # by hand at T = 25, splits 0, 4, 8: rows per step 1, then 2 over steps 1-4, 4 over 5-8, 8 over 9-24
+    assert data["branchgrpo"]["nfe_rollout"] == pytest.approx((1 + 2 * 4 + 4 * 4 + 8 * 16) / 8)
+    assert data["branchgrpo"]["nfe_train"] == data["branchgrpo"]["nfe_rollout"]  # every step trained
+    # Mix trains its SDE steps 0-3 and the splits 4 and 8: rows 1, 2, 2, 2, 2 (step 4's input: 2 nodes), 4
+    assert data["branchgrpo_mix"]["nfe_train"] == pytest.approx((1 + 2 + 2 + 2 + 2 + 4) / 8)
+    assert data["tempflow_grpo"]["nfe_rollout"] == pytest.approx((25 + 6 * 300) / 144)  # 24 branch steps
+    assert data["tempflow_grpo"]["nfe_train"] == pytest.approx(1 / 6)
+
+
 def test_op_grpo_replays_at_the_cost_of_a_fresh_sample(bench, tmp_path):
     """After the untimed first iteration every group replays one stored sample: T − τ walked steps and
     τ no-grad recomputations of the reused steps' log-probs, so T per sample as for FlowGRPO."""
@@ -260,10 +283,11 @@ def test_toy_backbone_json(bench, tmp_path):
             assert 0 <= data[method]["window_start"] <= 10 // 2 - 2
         else:
             assert data[method]["window_start"] == (-1 if method in ("flowgrpo", "dancegrpo", "diffusionnft", "awm",
-                                                                     "op_grpo") else 0)
+                                                                     "op_grpo", "branchgrpo", "branchgrpo_mix",
+                                                                     "tempflow_grpo") else 0)
     # AWM's KL runs the toy's frozen copy (a full fine-tune's reference): counted, as the trainer counts it
     assert data["awm"]["nfe_train"] == data["awm"]["trainer_nfe_train"] == 18
-    assert [data[m]["kl_beta"] for m in METHODS] == [0.0] * 7 + [1e-4, 0.0]  # AWM alone keeps its preset's KL
+    assert [data[m]["kl_beta"] for m in METHODS] == [0.0] * 7 + [1e-4] + [0.0] * 4  # AWM alone keeps its KL
     assert [p["value"] for p in data["sweeps"]["steps"]] == [6, 10]
     # the window axis at T = 10: its default starts that fit (0), which is the table's own window
     assert [(p["value"], p.get("from")) for p in data["sweeps"]["window"]] == [(0, "table")]
