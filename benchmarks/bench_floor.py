@@ -88,10 +88,11 @@ def add_floors(table: dict[str, dict], costs: dict[str, Any]) -> None:
     """``floor_s`` for every method, in place: samples × ((NFE roll + NFE train without gradients) ×
     one forward + the other NFE train × one forward+backward), each per evaluation and sample. The
     training calls without gradients are the forward-process presets' velocities before the update
-    and any reference model's (the KL term)."""
+    and any reference model's (the KL term). The samples are the method's own (TempFlow-GRPO's group is
+    its trunk's branches), else the run's."""
     for row in table.values():
         nograd = row.get("nfe_train_nograd", 0.0)
-        row["floor_s"] = costs["samples"] * ((row["nfe_rollout"] + nograd) * costs["forward_s"]
+        row["floor_s"] = row.get("samples", costs["samples"]) * ((row["nfe_rollout"] + nograd) * costs["forward_s"]
                                              + (row["nfe_train"] - nograd) * costs["forward_backward_s"])
 
 

@@ -69,6 +69,8 @@ def time_iterations(trainer: Any, inst: Instruments, warmup: int, iterations: in
             "skipped_steps": m.get(metrics.SKIPPED_STEPS, 0.0),
             # the share of samples that replayed a stored trajectory (OP-GRPO; 0 for the on-policy presets)
             "replay_fraction": m.get(metrics.REPLAY_FRACTION, 0.0),
+            # the iteration's samples: the run's prompts x group, or a preset's own group (TempFlow-GRPO's trunk)
+            "samples": float(samples),
         })
     out = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     out["peak_mem_gb"] = max(r["peak_mem_gb"] for r in rows)

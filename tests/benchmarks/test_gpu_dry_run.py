@@ -52,7 +52,9 @@ def test_json_has_every_method_with_preset_nfe_and_consistent_arithmetic(dry_run
         assert row["trainer_nfe_train"] == pytest.approx(trained * s["calls_per_velocity"]), method
         nograd = trained_calls_without_grad(method) * cfg  # priced as forwards in the floor
         assert row["nfe_train_nograd"] == pytest.approx(nograd), method
-        floor = s["samples"] * ((row["nfe_rollout"] + nograd) * s["per_eval_forward_s"]
+        # priced at the method's own samples: the run's, or TempFlow-GRPO's trunk group (6 x 24 at T = 25)
+        assert row["samples"] == (144 if method == "tempflow_grpo" else s["samples"])
+        floor = row["samples"] * ((row["nfe_rollout"] + nograd) * s["per_eval_forward_s"]
                                 + (row["nfe_train"] - nograd) * s["per_eval_forward_backward_s"])
         assert row["floor_s"] == pytest.approx(floor, rel=1e-12)
         assert row["ratio_to_dancegrpo"] == pytest.approx(row["iteration_s"] / dance["iteration_s"], rel=1e-12)

@@ -191,6 +191,10 @@ def test_floor_prices_training_calls_without_gradients_as_forwards(bench):
     _load("bench_floor").add_floors(table, costs)
     assert table["dancegrpo"]["floor_s"] == pytest.approx(8 * (25 * 0.01 + 14 * 0.03))
     assert table["awm"]["floor_s"] == pytest.approx(8 * (37 * 0.01 + 6 * 0.03))  # 25 + 12 forwards, 6 backwards
+    # a preset with its own group (TempFlow-GRPO's trunk) is priced at its own samples
+    trunk = {"tempflow_grpo": {"nfe_rollout": 12.0, "nfe_train": 0.5, "samples": 54.0}}
+    _load("bench_floor").add_floors(trunk, costs)
+    assert trunk["tempflow_grpo"]["floor_s"] == pytest.approx(54 * (12 * 0.01 + 0.5 * 0.03))
 
 
 def test_methods_and_speed_options_reach_the_run(bench, tmp_path):
@@ -250,6 +254,7 @@ def test_trees_and_trunks_time_with_their_own_groups(bench, tmp_path):
     assert data["branchgrpo_mix"]["nfe_train"] == pytest.approx((1 + 2 + 2 + 2 + 2 + 4) / 8)
     assert data["tempflow_grpo"]["nfe_rollout"] == pytest.approx((25 + 6 * 300) / 144)  # 24 branch steps
     assert data["tempflow_grpo"]["nfe_train"] == pytest.approx(1 / 6)
+    assert (data["tempflow_grpo"]["samples"], data["branchgrpo"]["samples"]) == (144.0, 8.0)
 
 
 def test_op_grpo_replays_at_the_cost_of_a_fresh_sample(bench, tmp_path):
