@@ -312,6 +312,11 @@ class Objective(ABC):
         """Whether training runs the frozen reference model (for the KL term): ``kl_beta > 0``."""
         return self.kl_beta > 0
 
+    def at_iteration(self, iteration: int) -> Objective:
+        """The objective iteration ``iteration`` (0-based) trains with: ``self`` by default; one whose options
+        end during training (BranchGRPO's ``prune_until``) returns itself without them from then on."""
+        return self
+
 
 class PolicyObjective(Objective):
     """Rewards → advantages; per-transition log-probs → the clipped policy loss (the constructor

@@ -201,7 +201,7 @@ class Trainer:
             self.replay.admit(self, traj, scores, k)
             metrics.update(self.replay.metrics(len(traj)))
         # 4. advantages: per group over every process's samples; this process's rows
-        advantages = self.advantages(scores, traj)
+        advantages = self.advantages(scores, traj, k)
         t2 = time.perf_counter()
         # 5. optimize: minibatches of (sample, trained step) pairs, one optimizer step each
         self.backbone.module.train()
@@ -256,14 +256,17 @@ class Trainer:
         gather = self.parallel.gather
         return scoring.statistics({name: gather(s) for name, s in scores.items()}, gather(traj.group_ids))
 
-    def advantages(self, scores: dict[str, torch.Tensor], traj: Trajectories) -> torch.Tensor:
+    def advantages(self, scores: dict[str, torch.Tensor], traj: Trajectories, iteration: int | None = None
+                   ) -> torch.Tensor:
         """The objective's advantages over every process's samples (groups are compared whole), then
-        this process's rows, in the order of ``traj``. A reward that declares ``higher_is_better =
-        False`` enters negated: training always raises the advantage."""
+        this process's rows, in the order of ``traj`` (the objective of ``iteration``, 0-based, when given:
+        ``Objective.at_iteration``). A reward that declares ``higher_is_better = False`` enters negated:
+        training always raises the advantage."""
         gather = self.parallel.gather
         everywhere = {name: gather(s) if scoring.higher_is_better(self.rewards[name]) else -gather(s)
                       for name, s in scores.items()}
-        adv = tree.advantages(self.objective, everywhere, gather(traj.group_ids), gather(traj.edge_ids),
+        objective = self.objective if iteration is None else self.objective.at_iteration(iteration)
+        adv = tree.advantages(objective, everywhere, gather(traj.group_ids), gather(traj.edge_ids),
                               log_prob=lambda: gather(traj.log_prob))
         adv = adv[local_rows(gather(traj.sample_ids), traj.sample_ids)]
         if traj.weight is not None:  # a replayed sample's importance weight (core/replay.py)
@@ -280,7 +283,7 @@ class Trainer:
         A minibatch whose loss or gradient norm is not finite takes no optimizer step (its gradient
         never reaches the weights or the optimizer state) and is counted in ``policy/skipped_steps``.
         """
-        c, objective = self.config, self.objective
+        c, objective = self.config, self.objective.at_iteration(iteration)
         if isinstance(objective, MatchingObjective):  # trains on final samples, not on transitions
             return matching.optimize(self, traj, advantages, iteration)
         n = len(traj)

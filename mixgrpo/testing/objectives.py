@@ -18,6 +18,7 @@ Checked (docs/algorithms.md §7, §8):
 - with ``kl_beta > 0``, ``kl`` is implemented: zero for equal step means, growing as they part;
 - ``stats`` has ``ratio``, ``clipped``, ``approx_kl``, ``policy`` and ``kl``, each a detached
   ``[M]`` tensor; at ratio 1: ratio 1, nothing clipped, approx_kl 0;
+- ``at_iteration(k)`` is an objective of the same class at every iteration;
 - ``advantages_use_log_probs`` is a bool, and when True ``step_advantages`` takes ``log_prob=``;
 - ``replay`` is None (on-policy) or a ``ReplaySpec`` (OP-GRPO's buffer, core/replay.py), the same on
   every read (the trainer reads it once);
@@ -94,6 +95,11 @@ class ObjectiveContract:
             edges = torch.arange(len(group_ids))[:, None].repeat(1, 3)
             adv = objective.step_advantages(rewards, group_ids, edges, log_prob=torch.zeros(len(group_ids), 3))
             assert adv.shape == (len(group_ids), 3)
+
+    def test_the_objective_of_every_iteration_is_one_of_its_kind(self):
+        objective = self.make_objective()
+        for k in (0, 1, 1000):
+            assert isinstance(objective.at_iteration(k), type(objective))
 
     def test_replay_is_none_or_a_replay_spec(self):
         objective = self.make_objective()

@@ -91,12 +91,23 @@ class BranchGRPO(ClippedGRPO):
         prob_weighted (`bool`, defaults to False):
             A node's reward is the probability-weighted fusion of its children's (``fused_node_rewards``,
             the reference's ``--tree_prob_weighted``) instead of the mean of its leaves.
+        prune_until (`int`, defaults to None):
+            The last iteration (1-based) whose width pruning applies; later ones train every transition
+            (None: every iteration prunes). The reference's ``--pruning_step_ratio r`` of a run of n
+            iterations is ``int(r·n)``, for ``Branching.prune_until`` too.
     """
 
     clip_range: float = clip_range_field(1e-3)
     width_pruning: str = attrs.field(default="none", validator=attrs.validators.in_(WIDTH_PRUNING))
     width_ratio: float = attrs.field(default=0.5, converter=float)
     prob_weighted: bool = attrs.field(default=False, converter=bool)
+    prune_until: int | None = attrs.field(default=None, converter=attrs.converters.optional(int))
+
+    def at_iteration(self, iteration: int) -> BranchGRPO:
+        """Without width pruning after ``prune_until`` (the reference's ``should_prune``)."""
+        if self.width_pruning != "none" and self.prune_until is not None and iteration + 1 > self.prune_until:
+            return attrs.evolve(self, width_pruning="none", prune_until=None)
+        return self
 
     @property
     def advantages_use_log_probs(self) -> bool:
@@ -105,6 +116,8 @@ class BranchGRPO(ClippedGRPO):
     def __attrs_post_init__(self) -> None:
         if not 0 < self.width_ratio <= 1:
             raise ValueError(f"width_ratio must be in (0, 1], got {self.width_ratio}")
+        if self.prune_until is not None and self.prune_until < 0:
+            raise ValueError(f"BranchGRPO.prune_until must be an iteration >= 0 or None, got {self.prune_until}")
 
     def step_advantages(self, rewards: dict[str, torch.Tensor], group_ids: torch.Tensor,
                         edge_ids: torch.Tensor, log_prob: torch.Tensor | None = None) -> torch.Tensor:

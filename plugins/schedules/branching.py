@@ -52,6 +52,10 @@ class Branching(WindowSchedule):
             Move the pruned depths up by one every this many iterations (None: they stay).
         prune_stop_depth (`int`, defaults to None):
             The shallowest depth the sliding may reach (None: the last branch step).
+        prune_until (`int`, defaults to None):
+            The last iteration (1-based) that prunes; later ones train every depth (None: all prune). The
+            reference's ``--pruning_step_ratio r`` of a run of n iterations is ``int(r·n)``; bind
+            ``BranchGRPO.prune_until`` to the same for its width pruning.
     """
 
     branch_steps: tuple[int, ...] = attrs.field(default=(0, 3, 6, 9), converter=as_int_tuple,
@@ -63,6 +67,7 @@ class Branching(WindowSchedule):
     prune_slide_every: int | None = attrs.field(default=None, converter=optional_int,
                                                 validator=_at_least_or_none(1))
     prune_stop_depth: int | None = attrs.field(default=None, converter=optional_int, validator=_at_least_or_none(0))
+    prune_until: int | None = attrs.field(default=None, converter=optional_int, validator=_at_least_or_none(0))
 
     def leaves(self) -> int:
         """Leaves of one tree: the group size it needs."""
@@ -76,6 +81,8 @@ class Branching(WindowSchedule):
     def pruned_depths(self, iteration: int) -> tuple[int, ...]:
         """The depths left out of training at ``iteration`` (0-based; the reference counts training
         steps from 1, so its step k + 1 is our iteration k)."""
+        if self.prune_until is not None and iteration + 1 > self.prune_until:
+            return ()
         if not self.prune_depths or self.prune_slide_every is None:
             return self.prune_depths
         stop = self.branch_steps[-1] if self.prune_stop_depth is None else self.prune_stop_depth

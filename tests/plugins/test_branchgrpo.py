@@ -311,3 +311,23 @@ def test_the_trainer_gives_the_fusion_the_rollouts_log_probs(tmp_path):
     (row,) = trainer.train()
     gin.clear_config()
     assert row["policy/onpolicy_ratio_dev"] < 1e-5 and row["policy/skipped_steps"] == 0.0
+
+
+def test_pruning_stops_after_prune_until_as_the_references_pruning_step_ratio(tmp_path):
+    # the reference prunes while its training step k + 1 <= int(n · --pruning_step_ratio): here 1 of 2
+    objective = BranchGRPO(width_pruning="per_branch", prune_until=1)
+    assert objective.at_iteration(0) is objective
+    assert objective.at_iteration(1) == BranchGRPO(width_pruning="none")
+    assert BranchGRPO().at_iteration(5) == BranchGRPO()
+    schedule = Branching(branch_steps=(1, 3), prune_depths=(5,), prune_until=1)
+    assert 4 not in schedule.plan(0, 8).train_steps and schedule.plan(1, 8).train_steps == tuple(range(8))
+    config, pm = load_config(ROOT / "experiments" / "methods" / "branchgrpo.gin",
+                             [*TOY, f"TrainConfig.output_dir = '{tmp_path}'", "TrainConfig.iterations = 2",
+                              "BranchGRPO.width_pruning = 'per_branch'", "BranchGRPO.prune_until = 1"],
+                             pm=plugin_manager())
+    rows = Trainer(config, pm).train()
+    gin.clear_config()
+    # iteration 1 prunes (2 of each leaf's 4 transitions after the last split), iteration 2 trains them all
+    assert [r["perf/nfe_train"] for r in rows] == [pytest.approx((6 + 4 * 2) / 4), pytest.approx(22 / 4)]
+    with pytest.raises(ValueError, match="BranchGRPO.prune_until must be an iteration >= 0"):
+        BranchGRPO(prune_until=-1)
