@@ -40,8 +40,8 @@ def main(parallelism: str, flux_dir: str, run: Path, iterations: int, flags: lis
     advantages: dict[int, float] = {}
     compute = trainer.advantages
 
-    def record(rewards, traj):
-        adv = compute(rewards, traj)
+    def record(rewards, traj, *iteration):
+        adv = compute(rewards, traj, *iteration)
         if not advantages:  # the first iteration this run trains; per sample (every step's column is
             # the sample's advantage when the group is no tree: ObjectiveContract checks it)
             advantages.update(zip(traj.sample_ids.tolist(), (adv if adv.dim() == 1 else adv[:, 0]).tolist()))

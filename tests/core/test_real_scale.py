@@ -160,6 +160,9 @@ class _Poisoned:
     def __getattr__(self, name):
         return getattr(self.objective, name)
 
+    def at_iteration(self, iteration):  # every iteration's objective is this poisoned one
+        return self
+
     def loss(self, *args, **kwargs):
         terms, stats = self.objective.loss(*args, **kwargs)
         n, self.seen = self.seen, self.seen + 1
