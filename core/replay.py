@@ -185,8 +185,7 @@ class ReplayBuffer:
     def admit(self, trainer: Trainer, traj: Trajectories, scores: dict[str, torch.Tensor], iteration: int) -> None:
         """Store each group's best fresh sample of ``iteration`` (0-based), gathered from every process."""
         tau, weights = self.spec.truncate_step, trainer.objective.weights or dict.fromkeys(scores, 1.0)
-        value = sum(float(weights.get(name, 1.0)) * (s if scoring.higher_is_better(trainer.rewards[name]) else -s)
-                    for name, s in scores.items())
+        value = sum(float(weights.get(name, 1.0)) * s for name, s in scoring.oriented(trainer.rewards, scores).items())
         fresh = len(traj) - self.replayed
         groups = list(dict.fromkeys(traj.group_ids.tolist()))
         shape = traj.x.shape[2:]

@@ -35,12 +35,18 @@ class RewardFailure(RuntimeError):
 
 
 __all__ = ["ChunkScorer", "RewardFailure", "RewardUnavailable", "RewardWatch", "call_reward", "evaluate", "score",
-           "source_images", "statistics"]
+           "oriented", "source_images", "statistics"]
 
 
 def higher_is_better(reward: Reward | Any) -> bool:
     """A ``Reward`` says; a plain callable used as a reward scores higher for better images."""
     return reward.higher_is_better if isinstance(reward, Reward) else True
+
+
+def oriented(rewards: Mapping[str, Reward | Any], scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``scores`` by reward name, each turned so that higher is better (a reward that declares
+    ``higher_is_better = False`` enters negated): what training raises."""
+    return {name: s if higher_is_better(rewards[name]) else -s for name, s in scores.items()}
 
 
 def _as_scores(raw: Any, name: str, count: int) -> torch.Tensor:

@@ -263,8 +263,7 @@ class Trainer:
         ``Objective.at_iteration``). A reward that declares ``higher_is_better = False`` enters negated:
         training always raises the advantage."""
         gather = self.parallel.gather
-        everywhere = {name: gather(s) if scoring.higher_is_better(self.rewards[name]) else -gather(s)
-                      for name, s in scores.items()}
+        everywhere = scoring.oriented(self.rewards, {name: gather(s) for name, s in scores.items()})
         objective = self.objective if iteration is None else self.objective.at_iteration(iteration)
         adv = tree.advantages(objective, everywhere, gather(traj.group_ids), gather(traj.edge_ids),
                               log_prob=lambda: gather(traj.log_prob))
