@@ -34,15 +34,20 @@ EVAL_FIELDS = ("backbone", "eval_solver", "prompt_set", "rewards", "eval_rewards
 def signature(trainer: Trainer) -> str:
     """A hash of the settings the base evaluation depends on: the fields above and every binding of
     the backbone, prompt set, evaluation solver and reward classes (macros included), unscoped or in
-    the evaluation solver's scope ``eval/`` (a ``post/`` binding configures another role's solver)."""
+    the evaluation solver's scope ``eval/`` (a ``post/`` binding configures another role's solver),
+    except the prompt set's parameters it declares ``training_only`` (they change only what training
+    draws, e.g. ``ShapesPrompts.pool``)."""
     c, pm = trainer.config, trainer.pm
-    classes = {pm.get("backbone", c.backbone).gin_name, pm.get("prompt_set", c.prompt_set).gin_name,
-               pm.get("sampler", c.eval_solver).gin_name}
+    prompt_class = pm.get("prompt_set", c.prompt_set).gin_name
+    classes = {pm.get("backbone", c.backbone).gin_name, prompt_class, pm.get("sampler", c.eval_solver).gin_name}
     classes |= {pm.get("reward", name).gin_name for name in [*c.rewards, *c.eval_rewards]}
+    training_only = {(prompt_class, name) for name in getattr(trainer.prompt_set, "training_only", ())}
 
     def applies(key: str) -> bool:
         scope, _, binding = key.rpartition("/")
-        return key.startswith("%") or (scope in ("", "eval") and binding.rsplit(".", 2)[-2] in classes)
+        owner, name = binding.rsplit(".", 2)[-2:] if binding.count(".") else ("", binding)
+        return key.startswith("%") or (scope in ("", "eval") and owner in classes
+                                       and (owner, name) not in training_only)
 
     bindings = {k: v for k, v in records.snapshot().items() if applies(k)}
     fields = {name: repr(getattr(c, name)) for name in EVAL_FIELDS}

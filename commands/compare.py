@@ -63,6 +63,10 @@ class CompareConfig:
             threads. On a small model, two one-thread processes on two cores train nearly twice as
             many runs per minute as one two-thread process; every run still sees the same
             conditions, so timings stay comparable within the comparison.
+        start_first: labels of variants whose runs start before the others', in this order (the
+            rest follow in ``variants``' order). With several workers, list the longest runs: a long
+            run started last keeps one worker busy while the others idle. The report keeps the
+            variants' order.
 
     Precedence of a run's gin, later winning: the variant's files < ``base`` < the compare file's
     own bindings (any binding in it that is not ``CompareConfig``'s applies to every run) < the
@@ -75,6 +79,7 @@ class CompareConfig:
     output_dir: str = "runs/compare"
     metric: str | None = None
     workers: int = 1
+    start_first: tuple[str, ...] = ()
 
 
 def _resolve(name: str, search: Sequence[Path]) -> Path:
@@ -214,6 +219,15 @@ def _compare_config(config_file: Path, have_variants: bool) -> CompareConfig:
                           "CompareConfig.seeds = (0,) or (0, 1, 2)")
     if not isinstance(cfg.workers, int) or cfg.workers < 1:
         raise ConfigError(f"CompareConfig.workers must be >= 1, got {cfg.workers!r}")
+    first = cfg.start_first
+    if not isinstance(first, (list, tuple)) or not all(isinstance(label, str) for label in first):
+        raise ConfigError(f"CompareConfig.start_first = {first!r}: a tuple of variant labels, e.g. "
+                          "('TempFlow-GRPO', 'GRPO-Guard')")
+    unknown = [label for label in first if label not in cfg.variants]
+    if unknown and cfg.variants:
+        raise ConfigError(f"CompareConfig.start_first names {', '.join(repr(u) for u in unknown)}, not a label of "
+                          f"CompareConfig.variants ({', '.join(repr(v) for v in cfg.variants)}): fix the label or "
+                          "drop it")
     if cfg.metric is not None and not isinstance(cfg.metric, str):
         raise ConfigError(f"CompareConfig.metric = {cfg.metric!r}: a reward's name, e.g. 'shapes.composition'")
     if not isinstance(cfg.output_dir, str) or not cfg.output_dir:
@@ -290,6 +304,7 @@ def run_compare(config_file: str | Path, bindings: Sequence[str] = (), output: s
             checks.append((label, seed, _train_config(run_files, [*extra, *bindings], seed, run_dir, pm)))
             jobs.append((label, seed, (run_files, [*extra, *bindings], seed, run_dir)))
     metric = _check_runs(checks, cfg.metric, config_file)
+    jobs = start_order(jobs, cfg.start_first)
     cache = out / BASE_CACHE  # the base model's evaluation, computed once for all runs that share it
     if cfg.workers == 1 or len(jobs) <= 1:
         for label, seed, job in jobs:
@@ -306,9 +321,17 @@ def run_compare(config_file: str | Path, bindings: Sequence[str] = (), output: s
     return write_report(out, runs, metric=metric, side_by_side=side)
 
 
+def start_order(jobs: list, first: Sequence[str]) -> list:
+    """``jobs`` (label first) with those of the ``first`` labels moved to the front, in that order;
+    the rest, and the seeds within a label, keep their order."""
+    rank = {label: k for k, label in enumerate(first)}
+    return sorted(jobs, key=lambda job: rank.get(job[0], len(rank)))  # sorted is stable
+
+
 def _run_parallel(jobs: list, workers: int, cache: Path) -> None:
     """Run the jobs in ``workers`` spawned processes, the CPU threads split evenly between them; the
-    first job's base evaluation runs first, alone, so that no two runs compute it at once."""
+    first job's base evaluation runs first, alone and on every core, so that no two runs compute it at
+    once (the thread count does not change its numbers: tests/core/test_compare.py)."""
     import concurrent.futures
     import multiprocessing
     import os
@@ -320,8 +343,8 @@ def _run_parallel(jobs: list, workers: int, cache: Path) -> None:
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         files, bindings, seed, _ = jobs[0][2]
-        seconds = pool.submit(_run_one, files, bindings, seed, cache / "run", threads=threads,
-                              base_cache=cache, base_only=True).result()
+        seconds = pool.submit(_run_one, files, bindings, seed, cache / "run", threads=os.cpu_count() or 1,
+                              base_cache=cache, base_only=True).result()  # alone: every core
         print(f"[compare] base model evaluated once for all runs in {seconds:.0f} s")
         futures = {pool.submit(_run_one, *job, threads=threads, base_cache=cache): (label, seed)
                    for label, seed, job in jobs}

@@ -9,6 +9,7 @@ iteration and gets the same prompts every time.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -34,6 +35,10 @@ class ShapesPrompts:
             distinct within the iteration), so prompts come back, as they do from a finite dataset
             (what a replay buffer keyed by prompt needs). The held-out prompts are the same either way.
     """
+
+    #: parameters that change only the training draws (``iteration`` given), never the held-out prompts:
+    #: runs that differ only in them share the base model's evaluation in a comparison
+    training_only: ClassVar[tuple[str, ...]] = ("pool",)
 
     def __init__(self, levels: tuple[int, ...] = (1, 2, 3, 4), pool: int | None = None) -> None:
         self.levels = tuple(levels)

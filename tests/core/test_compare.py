@@ -359,3 +359,86 @@ def test_the_seeds_of_a_variant_share_its_color_and_differ_in_line():
     assert len({looks[f"A · seed_{k}"]["color"] for k in range(3)}) == 1
     assert len({looks[f"A · seed_{k}"]["linestyle"] for k in range(3)}) == 3
     assert looks["B · seed_0"]["color"] != looks["A · seed_0"]["color"] != looks["C"]["color"]
+
+
+def test_the_longest_runs_named_in_start_first_start_first_and_the_report_keeps_its_order(comparison, tmp_path,
+                                                                                          capsys):
+    from mixgrpo.commands.compare import start_order
+
+    jobs = [(label, seed, None) for label in ("a", "b", "c") for seed in (0, 1)]
+    assert [j[:2] for j in start_order(jobs, ("c", "a"))] == [("c", 0), ("c", 1), ("a", 0), ("a", 1), ("b", 0),
+                                                               ("b", 1)]
+    tmp, _ = comparison
+    capsys.readouterr()
+    report = run_compare(tmp / "compare.gin", ["CompareConfig.seeds = (0,)", "CompareConfig.start_first = ('MixGRPO',)"],
+                         output=str(tmp_path))
+    started = re.findall(r"\[compare\] (.+) seed 0 →", capsys.readouterr().out)
+    assert started == ["MixGRPO", "DanceGRPO", "MixGRPO w=1"]
+    text = Path(report).read_text()
+    assert text.index("| DanceGRPO") < text.index("| MixGRPO ") < text.index("| MixGRPO w=1")
+
+
+def test_a_start_first_label_that_is_not_a_variant_is_refused_before_any_run(comparison, tmp_path):
+    tmp, _ = comparison
+    with pytest.raises(ValueError, match=r"start_first names 'MixGRPO-Flash', not a label of CompareConfig.variants"):
+        run_compare(tmp / "compare.gin", ["CompareConfig.start_first = ('MixGRPO-Flash',)"], output=str(tmp_path))
+    assert not any(tmp_path.iterdir())
+
+
+def test_runs_that_differ_only_in_training_draws_share_the_base_evaluation(tmp_path):
+    """``ShapesPrompts.pool`` changes the training prompts only (declared ``training_only``): the base
+    evaluation's signature ignores it, and the held-out prompts are indeed the same; ``levels``
+    changes them, and the signature."""
+    import gin
+
+    from mixgrpo.commands import base_eval
+    from mixgrpo.core.config import parse_gin
+    from mixgrpo.core.trainer import Trainer
+
+    (tmp_path / "world.gin").write_text(WORLD)
+
+    def trainer(*bindings):  # and its signature, taken as a run takes it: under the run's own gin
+        gin.clear_config()
+        pm = parse_gin([EXP / "methods/mixgrpo.gin", tmp_path / "world.gin"],
+                       [f"TrainConfig.output_dir = '{tmp_path / 'run'}'", *bindings])
+        made = Trainer(TrainConfig(), pm)
+        return made, base_eval.signature(made)
+
+    (plain, key), (pooled, pooled_key) = trainer(), trainer("ShapesPrompts.pool = 4")
+    easy, easy_key = trainer("ShapesPrompts.levels = (1,)")
+    gin.clear_config()
+    assert pooled.prompt_set.pool == 4 and "pool" in pooled.prompt_set.training_only
+    assert plain.prompt_set("eval", 8, 1) == pooled.prompt_set("eval", 8, 1)
+    assert plain.prompt_set("train", 2, 0, iteration=1) != pooled.prompt_set("train", 2, 0, iteration=1)
+    assert key == pooled_key
+    assert plain.prompt_set("eval", 8, 1) != easy.prompt_set("eval", 8, 1)
+    assert key != easy_key
+
+
+def test_the_base_evaluation_on_every_core_equals_one_thread(tmp_path):
+    """A parallel comparison evaluates the base model alone on every core, its runs on one thread
+    each: on the shapes world the thread count leaves every number and image as it is."""
+    import gin
+    import torch
+
+    from mixgrpo.core import evaluation
+    from mixgrpo.core.config import parse_gin
+    from mixgrpo.core.trainer import Trainer
+
+    gin.clear_config()
+    pm = parse_gin([EXP / "methods/mixgrpo.gin", EXP / "shapes/world.gin"],
+                   [f"TrainConfig.output_dir = '{tmp_path / 'run'}'", "TrainConfig.eval_prompts = 32",
+                    "TrainConfig.progress = False"])
+    trainer = Trainer(TrainConfig(), pm)
+    threads = torch.get_num_threads()
+    rows, scores = [], []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            scores.append({})
+            rows.append(evaluation.evaluate(trainer, scores[-1]))
+    finally:
+        torch.set_num_threads(threads)
+        gin.clear_config()
+    assert rows[0] == rows[1] and scores[0] == scores[1]
+    assert len(scores[0]["shapes.composition"]) == 64

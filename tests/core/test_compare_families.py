@@ -32,8 +32,10 @@ def _variants():
 def test_the_families_comparison_holds_every_family_on_one_budget():
     _, cfg, _, plans = _variants()
     assert {"DanceGRPO", "MixGRPO", "MixGRPO-Flash*", "Flow-GRPO-Fast", "GRPO-Guard", "BranchGRPO", "BranchGRPO-Mix",
-            "DiffusionNFT", "AWM", "TempFlow-GRPO", "FlowGRPO", "OP-GRPO"} <= set(plans)
-    assert cfg.metric == "shapes.composition" and cfg.seeds == (0,)
+            "DiffusionNFT", "AWM", "TempFlow-GRPO", "OP-GRPO"} <= set(plans)
+    assert cfg.metric == "shapes.composition" and cfg.seeds == (0,) and cfg.workers == 2
+    # the dearest runs start first (25 minutes on 2 cores: docs/families.md), each one a variant
+    assert cfg.start_first[:2] == ("OP-GRPO", "TempFlow-GRPO") and set(cfg.start_first) <= set(plans)
 
 
 @pytest.mark.parametrize("label", ["MixGRPO", "Flow-GRPO-Fast", "GRPO-Guard", "BranchGRPO", "BranchGRPO-Mix",
@@ -44,12 +46,13 @@ def test_each_variant_builds_with_the_shared_budget_and_no_reference_model(tmp_p
     config = _train_config([*files, base, FAMILIES], extra, 0, tmp_path / "run", pm)
     group = 54 if label == "TempFlow-GRPO" else 8  # 6 samples off the trunk at each of 9 branch steps
     assert (config.num_steps, config.prompts_per_iteration, config.group_size, config.iterations) == (10, 4, group, 40)
+    assert config.eval_every == 40 and (config.eval_prompts, config.eval_seeds) == (384, 2)  # base and final
     assert config.learning_rate == 3e-5 and config.method == label
     trainer = Trainer(config, pm)  # every check before any model loads, then the shipped model
     assert not trainer.objective.uses_reference  # the comparison runs no reference model
     kind = MatchingObjective if label in ("DiffusionNFT", "AWM") else PolicyObjective
     assert isinstance(trainer.objective, kind)
-    # OP-GRPO (and FlowGRPO beside it) draw from a pool of 16 prompts, so that its buffer is used
+    # OP-GRPO draws from a pool of 16 prompts, so that its buffer is used
     assert (trainer.replay is not None) == (label == "OP-GRPO")
     assert trainer.prompt_set.pool == (16 if label == "OP-GRPO" else None)
     gin.clear_config()
