@@ -1,6 +1,6 @@
 """How off-policy each denoising step's ratio gets: why OP-GRPO reuses only the early steps.
 
-    .venv/bin/python benchmarks/offpolicy_ratios.py runs/compare_families_v2/FlowGRPO/seed_0
+    .venv/bin/python benchmarks/offpolicy_ratios.py runs/compare_offpolicy/FlowGRPO/seed_0
     .venv/bin/python benchmarks/offpolicy_ratios.py RUN_DIR --checkpoint 20 --prompts 32 --json out.json
 
 Takes a finished run (its config and a checkpoint, by default the latest). The base model (the

@@ -370,8 +370,8 @@ def test_the_longest_runs_named_in_start_first_start_first_and_the_report_keeps_
                                                                ("b", 1)]
     tmp, _ = comparison
     capsys.readouterr()
-    report = run_compare(tmp / "compare.gin", ["CompareConfig.seeds = (0,)", "CompareConfig.start_first = ('MixGRPO',)"],
-                         output=str(tmp_path))
+    bindings = ["CompareConfig.seeds = (0,)", "CompareConfig.start_first = ('MixGRPO',)"]
+    report = run_compare(tmp / "compare.gin", bindings, output=str(tmp_path))
     started = re.findall(r"\[compare\] (.+) seed 0 →", capsys.readouterr().out)
     assert started == ["MixGRPO", "DanceGRPO", "MixGRPO w=1"]
     text = Path(report).read_text()
