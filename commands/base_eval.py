@@ -11,6 +11,7 @@ and evaluates for itself, so sharing never changes a number.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import shutil
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mixgrpo.core import evaluation, records
+from mixgrpo.core.interfaces import PromptSet
 
 if TYPE_CHECKING:
     from mixgrpo.core.trainer import Trainer
@@ -35,13 +37,15 @@ def signature(trainer: Trainer) -> str:
     """A hash of the settings the base evaluation depends on: the fields above and every binding of
     the backbone, prompt set, evaluation solver and reward classes (macros included), unscoped or in
     the evaluation solver's scope ``eval/`` (a ``post/`` binding configures another role's solver),
-    except the prompt set's parameters it declares ``training_only`` (they change only what training
-    draws, e.g. ``ShapesPrompts.pool``)."""
+    except the parameters a ``PromptSet`` class declares ``training_only`` (they change only what
+    training draws, e.g. ``ShapesPrompts.pool``)."""
     c, pm = trainer.config, trainer.pm
     prompt_class = pm.get("prompt_set", c.prompt_set).gin_name
     classes = {pm.get("backbone", c.backbone).gin_name, prompt_class, pm.get("sampler", c.eval_solver).gin_name}
     classes |= {pm.get("reward", name).gin_name for name in [*c.rewards, *c.eval_rewards]}
-    training_only = {(prompt_class, name) for name in getattr(trainer.prompt_set, "training_only", ())}
+    factory = pm.get("prompt_set", c.prompt_set).factory
+    declared = factory.training_only if inspect.isclass(factory) and issubclass(factory, PromptSet) else ()
+    training_only = {(prompt_class, name) for name in declared}
 
     def applies(key: str) -> bool:
         scope, _, binding = key.rpartition("/")

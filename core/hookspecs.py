@@ -66,7 +66,8 @@ def register_prompt_sets(register: Register) -> None:
 
     A prompt set is called as ``prompts(split, count, seed, iteration=None) -> list[str]`` with split
     ``"train"`` or ``"eval"``; the trainer asks for iteration k's training prompts of the run ``seed``
-    with ``iteration=k`` (a stream without repeats within an epoch, for a finite set).
+    with ``iteration=k`` (a stream without repeats within an epoch, for a finite set). A factory that
+    subclasses ``interfaces.PromptSet`` may also declare ``training_only``.
     """
 
 

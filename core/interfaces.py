@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,6 +24,7 @@ from mixgrpo.core.types import (
     StepPlan,
     StepResult,
 )
+from mixgrpo.core.validators import check_objective_factory as check_objective_factory
 
 
 class Backbone(ABC):
@@ -253,6 +253,19 @@ class WindowSchedule(ABC):
         """
 
 
+class PromptSet(ABC):
+    """Prompts by split, called ``prompts(split, count, seed, iteration=None)`` (``register_prompt_sets``).
+    A plain function is a prompt set too; a subclass of this one can declare what follows."""
+
+    #: names of its parameters that change only the training draws (``iteration`` given), never the
+    #: held-out prompts (a pool size): runs that differ only in them share the base model's evaluation
+    training_only: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def __call__(self, split: str, count: int, seed: int, iteration: int | None = None) -> list[str]:
+        """``count`` prompts of ``split`` (``"train"``/``"eval"``) of run ``seed``; training passes ``iteration``."""
+
+
 class RewardUnavailable(RuntimeError):
     """Raised by a reward that cannot score anything and will not soon: a reward server unreachable
     for longer than the reward's patience. The run then stops at once, after checkpointing its last
@@ -422,24 +435,3 @@ class MatchingObjective(Objective):
             the number of (sample, σ draw) pairs of the optimizer step; ``stats`` maps ``ratio``,
             ``clipped``, ``approx_kl``, ``policy`` and ``kl`` to detached ``[B]`` tensors.
         """
-
-
-def check_objective_factory(factory: Callable[..., Any], name: str | None = None) -> None:
-    """Refuse an objective factory (the class or function a plugin registers as ``name``) that breaks
-    ``Objective``'s constructor contract, which says it takes the keyword argument ``weights`` (or
-    ``**kwargs``): a ValueError names the factory, the contract and the fix."""
-    target = factory.__init__ if inspect.isclass(factory) else factory
-    try:
-        params = inspect.signature(target).parameters.values()
-    except (TypeError, ValueError):  # no signature to read (a builtin): the call itself will tell
-        return
-    if any(p.kind is p.VAR_KEYWORD or (p.name == "weights" and p.kind is not p.POSITIONAL_ONLY) for p in params):
-        return
-    label = getattr(factory, "__qualname__", repr(factory))
-    raise ValueError(
-        f"{f'objective {name!r} ({label})' if name else label} breaks the objectives' constructor contract "
-        "(Objective): it must take the keyword argument weights (a dict {reward name: weight}, or None for equal "
-        "weights), with which the trainer builds every objective (weights=dict(TrainConfig.rewards)); add "
-        "`weights: Mapping[str, float] | None = None` to its constructor, keep it as self.weights and combine "
-        "the rewards in advantages() with it"
-    )

@@ -4,11 +4,13 @@ The built-in schedules and objectives are ``attrs`` classes whose arguments are 
 a plugin may use them too. Every check raises ``ValueError`` naming the argument, what is valid and
 the value it got, e.g. ``window_size must be an integer >= 1, got 0``. attrs runs converters before
 validators, and the validators of all fields after every field is set, so a validator may compare
-its field with another (``not_above``).
+its field with another (``not_above``). ``check_objective_factory`` checks a registered objective
+factory's constructor the same way (re-exported by ``core/interfaces.py``, whose contract it checks).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -102,5 +104,26 @@ def not_above(other: str) -> Validator:
     return check
 
 
-__all__ = ["as_integer", "finite_non_negative", "in_unit_interval", "integer", "non_negative", "not_above", "one_of",
-           "optional_int", "positive"]
+__all__ = ["as_integer", "check_objective_factory", "finite_non_negative", "in_unit_interval", "integer",
+           "non_negative", "not_above", "one_of", "optional_int", "positive"]
+
+
+def check_objective_factory(factory: Callable[..., Any], name: str | None = None) -> None:
+    """Refuse an objective factory (the class or function a plugin registers as ``name``) that breaks
+    ``Objective``'s constructor contract, which says it takes the keyword argument ``weights`` (or
+    ``**kwargs``): a ValueError names the factory, the contract and the fix."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): the call itself will tell
+        return
+    if any(p.kind is p.VAR_KEYWORD or (p.name == "weights" and p.kind is not p.POSITIONAL_ONLY) for p in params):
+        return
+    label = getattr(factory, "__qualname__", repr(factory))
+    raise ValueError(
+        f"{f'objective {name!r} ({label})' if name else label} breaks the objectives' constructor contract "
+        "(Objective): it must take the keyword argument weights (a dict {reward name: weight}, or None for equal "
+        "weights), with which the trainer builds every objective (weights=dict(TrainConfig.rewards)); add "
+        "`weights: Mapping[str, float] | None = None` to its constructor, keep it as self.weights and combine "
+        "the rewards in advantages() with it"
+    )

@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 
 from mixgrpo.core.hookspecs import hookimpl
+from mixgrpo.core.interfaces import PromptSet
 from mixgrpo.core.rollout import keyed_generator
 
 SPLITS = ("train", "eval")
@@ -24,7 +25,7 @@ def _check_split(split: str) -> None:
         raise ValueError(f"unknown prompt split {split!r}; splits: {', '.join(SPLITS)}")
 
 
-class ShapesPrompts:
+class ShapesPrompts(PromptSet):
     """Prompts of the procedural shapes world (GenEval-like), generated under a seed.
 
     Args:
@@ -36,9 +37,7 @@ class ShapesPrompts:
             (what a replay buffer keyed by prompt needs). The held-out prompts are the same either way.
     """
 
-    #: parameters that change only the training draws (``iteration`` given), never the held-out prompts:
-    #: runs that differ only in them share the base model's evaluation in a comparison
-    training_only: ClassVar[tuple[str, ...]] = ("pool",)
+    training_only: ClassVar[tuple[str, ...]] = ("pool",)  # PromptSet.training_only
 
     def __init__(self, levels: tuple[int, ...] = (1, 2, 3, 4), pool: int | None = None) -> None:
         self.levels = tuple(levels)
@@ -65,7 +64,7 @@ class ShapesPrompts:
         return sample_prompts(split, count, seed, levels=self.levels)
 
 
-class FilePrompts:
+class FilePrompts(PromptSet):
     """Prompts read from text files, one per line (e.g. the HPDv2 train and test prompts).
 
     Args:

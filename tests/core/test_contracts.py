@@ -42,7 +42,7 @@ ALLOWED: dict[tuple[str, str], str] = {
         "gin internals: marks gin's file-exists checks that were already wrapped",
     ("core/interfaces.py", 'hasattr(module, "module")'):
         "Backbone.unwrapped() peels torch wrappers (DDP) off an nn.Module: no plugin object",
-    ("core/interfaces.py", 'getattr(factory, "__qualname__", repr(factory))'):
+    ("core/validators.py", 'getattr(factory, "__qualname__", repr(factory))'):
         "Python's name of a registered factory (any callable), for an error message",
     ("core/plugins.py", 'getattr(self.factory, "__name__", self.name)'):
         "Python's name of a registered factory (any callable): its gin name",

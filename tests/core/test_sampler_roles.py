@@ -8,16 +8,18 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
+import attrs
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from mixgrpo import PromptSet, hookimpl
 from mixgrpo.commands import base_eval
 from mixgrpo.commands.cli import main
 from mixgrpo.commands.sample import image_name, run_sample
 from mixgrpo.core.config import ConfigError, load_config, parse_gin
-from mixgrpo.core.plugins import SAMPLER_ROLES, make_sampler
+from mixgrpo.core.plugins import SAMPLER_ROLES, PluginManager, make_sampler
 from mixgrpo.core.rollout import SamplingSetup, sample_ode
 from mixgrpo.core.trainer import Trainer
 from mixgrpo.plugins.samplers.dpm_solver import DPMSolverPP
@@ -119,3 +121,40 @@ def test_mixgrpo_sample_draws_with_the_eval_role(tmp_path):
     for n in range(len(prompts)):
         saved = np.asarray(Image.open(tmp_path / "out" / image_name(n, 0)).convert("RGB"))
         assert torch.equal(torch.from_numpy(saved.copy()).int(), levels[1][n])
+
+
+def _words(split, count, seed, iteration=None, stem="word"):  # a prompt set that is a plain function
+    return [f"{split} {stem} {seed + k}" for k in range(count)]
+
+
+class _PooledWords(PromptSet):
+    training_only = ("pool",)
+
+    def __init__(self, pool=None, stem="word"):
+        self.pool, self.stem = pool, stem
+
+    def __call__(self, split, count, seed, iteration=None):
+        return [f"{split} {self.stem} {seed + k}" for k in range(count)]
+
+
+class _WordPlugin:
+    @hookimpl
+    def register_prompt_sets(self, register):
+        register("words", _words)
+        register("pooled_words", _PooledWords)
+
+
+def test_the_base_evaluation_signature_skips_what_a_prompt_set_class_declares_training_only(toy_config):
+    """A ``PromptSet`` subclass's ``training_only`` parameters leave the signature as it is, its
+    other parameters change it; a prompt set that is a plain function declares nothing and works."""
+    pm = PluginManager(plugins=[_WordPlugin()])  # makes both gin-configurable
+
+    def signature(prompt_set, *bindings):
+        cfg, _ = toy_config("mixgrpo", *bindings)
+        return base_eval.signature(SimpleNamespace(config=attrs.evolve(cfg, prompt_set=prompt_set), pm=pm))
+
+    assert signature("words") != signature("pooled_words")  # the prompt set itself counts
+    plain = signature("pooled_words")
+    assert signature("pooled_words", "_PooledWords.pool = 3") == plain
+    assert signature("pooled_words", "_PooledWords.stem = 'term'") != plain
+    assert signature("words", "_words.stem = 'term'") != signature("words")  # a function's bindings all count
