@@ -40,12 +40,11 @@ def signature(trainer: Trainer) -> str:
     except the parameters a ``PromptSet`` class declares ``training_only`` (they change only what
     training draws, e.g. ``ShapesPrompts.pool``)."""
     c, pm = trainer.config, trainer.pm
-    prompt_class = pm.get("prompt_set", c.prompt_set).gin_name
-    classes = {pm.get("backbone", c.backbone).gin_name, prompt_class, pm.get("sampler", c.eval_solver).gin_name}
+    prompts = pm.get("prompt_set", c.prompt_set)
+    classes = {pm.get("backbone", c.backbone).gin_name, prompts.gin_name, pm.get("sampler", c.eval_solver).gin_name}
     classes |= {pm.get("reward", name).gin_name for name in [*c.rewards, *c.eval_rewards]}
-    factory = pm.get("prompt_set", c.prompt_set).factory
-    declared = factory.training_only if inspect.isclass(factory) and issubclass(factory, PromptSet) else ()
-    training_only = {(prompt_class, name) for name in declared}
+    declares = inspect.isclass(prompts.factory) and issubclass(prompts.factory, PromptSet)
+    training_only = {(prompts.gin_name, name) for name in (prompts.factory.training_only if declares else ())}
 
     def applies(key: str) -> bool:
         scope, _, binding = key.rpartition("/")

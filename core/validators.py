@@ -104,10 +104,6 @@ def not_above(other: str) -> Validator:
     return check
 
 
-__all__ = ["as_integer", "check_objective_factory", "finite_non_negative", "in_unit_interval", "integer",
-           "non_negative", "not_above", "one_of", "optional_int", "positive"]
-
-
 def check_objective_factory(factory: Callable[..., Any], name: str | None = None) -> None:
     """Refuse an objective factory (the class or function a plugin registers as ``name``) that breaks
     ``Objective``'s constructor contract, which says it takes the keyword argument ``weights`` (or
@@ -127,3 +123,7 @@ def check_objective_factory(factory: Callable[..., Any], name: str | None = None
         "`weights: Mapping[str, float] | None = None` to its constructor, keep it as self.weights and combine "
         "the rewards in advantages() with it"
     )
+
+
+__all__ = ["as_integer", "check_objective_factory", "finite_non_negative", "in_unit_interval", "integer",
+           "non_negative", "not_above", "one_of", "optional_int", "positive"]
